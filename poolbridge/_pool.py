@@ -1,0 +1,534 @@
+"""The public face: :class:`Pool` and the per-call views made by ``pool.options(...)``.
+
+Every operation goes through :meth:`_Api._prepare`, the one place where a session id is resolved
+(``resolve_session``), turned into a slot, and written into the payload — the three values the
+invariant says must agree are one variable there.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import concurrent.futures
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from ._errors import (
+    ERRORS_BY_CODE,
+    CallTimeoutError,
+    PoolClosedError,
+    RemoteError,
+    RemoteTraceback,
+    SessionLostError,
+    SessionMismatchError,
+    WorkerCrashedError,
+)
+from ._handles import Ref, Stream
+from ._hashing import slot_for
+from ._protocol import (
+    OK,
+    OP_CALL,
+    OP_CLOSE_SESSION,
+    OP_GETATTR,
+    OP_HELPER,
+    OP_METHOD,
+    OP_RELEASE,
+    OP_SETATTR,
+    OP_STATS,
+    OP_STREAM_CLOSE,
+    OP_STREAM_NEXT,
+    OP_STREAM_OPEN,
+    RET_AUTO,
+    RET_REF,
+    RET_VALUE,
+    WireRef,
+    make_unpacker,
+    pack_plain,
+    pack_value,
+    unpack_plain,
+)
+from ._router import Router, Sink
+from ._session import resolve_session, session_scope, validate_session_id
+
+__all__ = ["Pool", "PoolStats", "SlotStats"]
+
+log = logging.getLogger("poolbridge")
+
+_RET = {"auto": RET_AUTO, "ref": RET_REF, "value": RET_VALUE}
+DEFAULT_BATCH = 1024
+_FAILED = -1
+
+
+class _Options:
+    """Per-call options. Plain slots, not a dataclass: ``options()`` sits on hot paths."""
+
+    __slots__ = ("batch", "ret", "session", "timeout")
+
+    def __init__(
+        self, session: str | None = None, timeout: float | None = None, ret: int = RET_AUTO, batch: int = DEFAULT_BATCH
+    ) -> None:
+        self.session = session
+        self.timeout = timeout
+        self.ret = ret
+        self.batch = batch
+
+
+@dataclass(frozen=True)
+class SlotStats:
+    """One worker slot, as seen at the moment :meth:`Pool.stats` asked."""
+
+    slot: int
+    pid: int
+    generation: int
+    alive: bool
+    restarts: int
+    in_flight: int
+    sessions: int
+    refs: int
+    streams: int
+    calls: int
+    rss: int
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    workers: int
+    slots: tuple[SlotStats, ...]
+
+    @property
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self.slots)
+
+    @property
+    def sessions(self) -> int:
+        return sum(s.sessions for s in self.slots)
+
+    @property
+    def refs(self) -> int:
+        return sum(s.refs for s in self.slots)
+
+    @property
+    def streams(self) -> int:
+        return sum(s.streams for s in self.slots)
+
+
+# -- reply sinks ---------------------------------------------------------------------------------
+
+
+class _Waiter(Sink):
+    """A reply slot for a caller that blocks: a pre-acquired lock the reader releases."""
+
+    __slots__ = ("_lock", "body", "status")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.status: int | None = None
+        self.body: Any = None
+
+    def deliver(self, status: int, body: Any) -> None:
+        self.status = status
+        self.body = body
+        self._lock.release()
+
+    def fail(self, exc: BaseException) -> None:
+        self.deliver(_FAILED, exc)
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._lock.acquire(True, -1 if timeout is None else timeout)
+
+
+class _FutureSink(Sink):
+    __slots__ = ("decode", "future")
+
+    def __init__(self, decode: Callable[[int, Any], Any]) -> None:
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.decode = decode
+
+    def deliver(self, status: int, body: Any) -> None:
+        try:
+            value = self.decode(status, body)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            _settle(self.future, exc=exc)
+        else:
+            _settle(self.future, value=value)
+
+    def fail(self, exc: BaseException) -> None:
+        _settle(self.future, exc=exc)
+
+
+class _Discard(Sink):
+    """For fire-and-forget releases: the reply is not wanted."""
+
+    __slots__ = ()
+
+    def deliver(self, status: int, body: Any) -> None:
+        pass
+
+    def fail(self, exc: BaseException) -> None:
+        pass
+
+
+_DISCARD = _Discard()
+
+
+def _settle(future: concurrent.futures.Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+    except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+        pass
+
+
+def rebuild_error(body: bytes) -> BaseException:
+    """The exception an error reply stands for: the original type where it can be rebuilt."""
+    code, type_name, message, tb, pickled = unpack_plain(body)
+    exc: Any = None
+    if pickled is not None:
+        try:
+            exc = cloudpickle.loads(pickled)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        cls = ERRORS_BY_CODE.get(code)
+        exc = cls(message) if cls is not None else RemoteError(type_name, message, tb)
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+# -- the API, shared by Pool and its option views ---------------------------------------------
+
+
+class _Api:
+    __slots__ = ("_opts", "_pool")
+
+    def __init__(self, pool: Pool, opts: _Options) -> None:
+        self._pool = pool
+        self._opts = opts
+
+    # The one boundary: session resolved once; slot and payload both come from that one value.
+    def _prepare(self, op: str, ref: WireRef | None, fields: list[Any]) -> tuple[int, int, bytes]:
+        pool = self._pool
+        session_id = resolve_session(ref.session_id if ref is not None else None, self._opts.session)
+        slot = pool._router.slot_for(session_id)
+        if ref is not None:
+            if isinstance(ref, Ref) and ref._api._pool is not pool:
+                raise ValueError(f"{ref!r} belongs to another pool")
+            if ref.slot != slot:  # only a forged ref can get here
+                raise SessionMismatchError(f"{ref!r} claims slot {ref.slot}; its session maps to {slot}")
+            if ref.generation != pool._router.generation(slot):
+                raise SessionLostError(
+                    f"{ref!r} outlived its worker: slot {slot} is now generation "
+                    f"{pool._router.generation(slot)}; the session's objects are gone"
+                )
+        body = pack_value(fields, session_id)
+        req_id = pool._router.next_id()
+        return slot, req_id, pack_plain([req_id, op, session_id, body])
+
+    def _run(self, op: str, ref: WireRef | None, fields: list[Any], decode: Callable[[int, Any], Any]) -> Any:
+        pool = self._pool
+        slot, req_id, data = self._prepare(op, ref, fields)
+        pool._flush_discards()
+        waiter = _Waiter()
+        channel = pool._router.send(slot, req_id, data, waiter)
+        timeout = self._opts.timeout
+        if not waiter.wait(timeout):
+            if channel.pending.pop(req_id, None) is not None:
+                raise CallTimeoutError(f"{op} did not finish within {timeout}s (slot {slot})")
+            waiter.wait(None)  # the reply raced the timeout and is being delivered
+        if waiter.status == _FAILED:
+            raise waiter.body
+        return decode(waiter.status, waiter.body)
+
+    def _submit(self, op: str, ref: WireRef | None, fields: list[Any], decode: Callable[[int, Any], Any]) -> Any:
+        pool = self._pool
+        slot, req_id, data = self._prepare(op, ref, fields)
+        pool._flush_discards()
+        sink = _FutureSink(decode)
+        # Written to the worker at once, so it counts as running: cancel() returns False.
+        sink.future.set_running_or_notify_cancel()
+        pool._router.send(slot, req_id, data, sink)
+        return sink.future
+
+    def _value(self, status: int, body: Any) -> Any:
+        if status == OK:
+            return self._pool._unpack(body)
+        raise rebuild_error(body)
+
+    @staticmethod
+    def _fn(fn: Any) -> Any:
+        if isinstance(fn, str) or isinstance(fn, WireRef):
+            return fn
+        if callable(fn):
+            return fn  # pickled by value (cloudpickle) by the codec
+        raise TypeError(f"expected a dotted path, a callable or a Ref, got {type(fn).__name__}")
+
+    # -- public operations -------------------------------------------------------------
+
+    def options(
+        self,
+        *,
+        session: str | None = None,
+        timeout: float | None = None,
+        ret: str | None = None,
+        batch: int | None = None,
+    ) -> _Api:
+        """A view of the pool whose calls use these options (unset ones are inherited)."""
+        old = self._opts
+        opts = _Options(old.session, old.timeout, old.ret, old.batch)
+        if session is not None:
+            opts.session = validate_session_id(session)
+        if timeout is not None:
+            if timeout <= 0:
+                raise ValueError(f"timeout must be positive, got {timeout}")
+            opts.timeout = float(timeout)
+        if ret is not None:
+            if ret not in _RET:
+                raise ValueError(f"ret must be one of {sorted(_RET)}, got {ret!r}")
+            opts.ret = _RET[ret]
+        if batch is not None:
+            if batch < 1:
+                raise ValueError(f"batch must be at least 1, got {batch}")
+            opts.batch = int(batch)
+        return _Api(self._pool, opts)
+
+    def call(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in the session's worker. ``fn``: dotted path, callable or Ref."""
+        ref = fn if isinstance(fn, WireRef) else None
+        return self._run(OP_CALL, ref, [self._fn(fn), list(args), kwargs, self._opts.ret], self._value)
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """Like :meth:`call`, returning a ``concurrent.futures.Future``."""
+        ref = fn if isinstance(fn, WireRef) else None
+        return self._submit(OP_CALL, ref, [self._fn(fn), list(args), kwargs, self._opts.ret], self._value)
+
+    def create(self, cls: Any, /, *args: Any, **kwargs: Any) -> Ref:
+        """Call ``cls(*args, **kwargs)`` in the worker and keep the result there; returns a :class:`Ref`."""
+        return self._run(OP_CALL, None, [self._fn(cls), list(args), kwargs, RET_REF], self._value)  # type: ignore[no-any-return]
+
+    def getattr(self, target: str | Ref, name: str | None = None) -> Any:
+        """``pool.getattr("math.pi")`` reads a module attribute; ``pool.getattr(ref, "x")`` a ref's."""
+        if isinstance(target, WireRef):
+            if not isinstance(name, str):
+                raise TypeError("getattr(ref, name) needs the attribute name")
+            return self._run(OP_GETATTR, target, [target, name, self._opts.ret], self._value)
+        if not isinstance(target, str) or name is not None:
+            raise TypeError("getattr takes a dotted path, or a Ref and an attribute name")
+        return self._run(OP_GETATTR, None, [target, None, self._opts.ret], self._value)
+
+    def setattr(self, ref: Ref, name: str, value: Any) -> None:
+        self._run(OP_SETATTR, ref, [ref, name, value], self._value)
+
+    def method(self, ref: Ref, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call method ``name`` of the object behind ``ref``."""
+        return self._run(OP_METHOD, ref, [ref, name, list(args), kwargs, self._opts.ret], self._value)
+
+    def submit_method(self, ref: Ref, name: str, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        return self._submit(OP_METHOD, ref, [ref, name, list(args), kwargs, self._opts.ret], self._value)
+
+    def helper(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call a function registered with ``@poolbridge.helper`` in a module listed in ``helpers=``."""
+        return self._run(OP_HELPER, None, [name, list(args), kwargs, self._opts.ret], self._value)
+
+    def release(self, ref: Ref) -> None:
+        self._run(OP_RELEASE, ref, [ref.key()], self._value)
+
+    def stream(self, fn: Any, /, *args: Any, **kwargs: Any) -> Stream:
+        """Iterate ``fn(*args, **kwargs)`` in the session's worker; items arrive in batches."""
+        batch = self._opts.batch
+
+        def opened(status: int, body: Any) -> Stream:
+            if status != OK:
+                raise rebuild_error(body)
+            stream_id, items, done = unpack_plain(body)
+            key = WireRef(session_id, stream_id, slot, generation)
+            return Stream(self, key, self._pool._unpack(items), done, batch)
+
+        # _prepare is called inside _run; the key needs the same resolved values, so resolve here
+        # through the same function and pass the result on as the override.
+        session_id = resolve_session(None, self._opts.session)
+        slot = self._pool._router.slot_for(session_id)
+        generation = self._pool._router.generation(slot)
+        pinned = self.options(session=session_id)
+        return pinned._run(OP_STREAM_OPEN, None, [self._fn(fn), list(args), kwargs, batch], opened)  # type: ignore[no-any-return]
+
+    def _stream_next(self, key: WireRef, n: int) -> Any:
+        return self._submit(OP_STREAM_NEXT, key, [key.key(), n], self._stream_items)
+
+    def _stream_items(self, status: int, body: Any) -> tuple[list[Any], bool]:
+        if status != OK:
+            raise rebuild_error(body)
+        items, done = unpack_plain(body)
+        return self._pool._unpack(items), done
+
+    @staticmethod
+    def _stream_result(pending: concurrent.futures.Future[Any]) -> tuple[list[Any], bool]:
+        return pending.result()  # type: ignore[no-any-return]
+
+    def _stream_close(self, key: WireRef) -> None:
+        self._run(OP_STREAM_CLOSE, key, [key.key()], self._value)
+
+    def close_session(self, session_id: str | None = None) -> int:
+        """Drop every ref, stream and helper state of a session (default: the current one).
+
+        Returns how many refs and streams were dropped.
+        """
+        api = self if session_id is None else self.options(session=session_id)
+        return api._run(OP_CLOSE_SESSION, None, [], self._value)  # type: ignore[no-any-return]
+
+    def session(self, session_id: str) -> AbstractContextManager[str]:
+        """``with pool.session("user-42"): ...`` — the context session for the block."""
+        return session_scope(session_id)
+
+    def slot_for(self, session_id: str) -> int:
+        """The worker slot ``session_id`` maps to (a pure function of the id and the worker count)."""
+        return slot_for(validate_session_id(session_id), self._pool.workers)
+
+
+# -- the pool ------------------------------------------------------------------------------------
+
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_pools() -> None:
+    # A pool nobody closed: its workers would exit on pipe EOF anyway; this makes it orderly.
+    for pool in list(_live_pools):
+        pool.close(cancel=True)
+
+
+class Pool(_Api):
+    """A pool of worker processes with per-session affinity.
+
+    ``workers``: number of slots (default ``os.cpu_count()``). ``helpers``: modules imported in every
+    worker, whose ``@poolbridge.helper`` functions become callable by name. ``session_ttl``: seconds
+    after which an idle session's state is dropped. ``max_refs_per_session``: cap on refs and streams
+    a session may hold.
+    """
+
+    __slots__ = ("__weakref__", "_discards", "_router", "_unpack", "workers")
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        helpers: list[str] | tuple[str, ...] = (),
+        session_ttl: float | None = None,
+        max_refs_per_session: int | None = None,
+        _wire: bool = False,
+    ) -> None:
+        super().__init__(self, _Options())
+        self.workers = int(workers if workers is not None else (os.cpu_count() or 1))
+        self._unpack = make_unpacker(self._make_ref)
+        self._discards: collections.deque[tuple[list[Any], str]] = collections.deque()
+        self._router = Router(
+            self.workers,
+            worker_options={
+                "helpers": list(helpers),
+                "session_ttl": session_ttl,
+                "max_refs_per_session": max_refs_per_session,
+                "wire": _wire,
+                "log_level": logging.getLogger("poolbridge").getEffectiveLevel(),
+            },
+        )
+        _live_pools.add(self)
+
+    def _make_ref(self, key: list[Any]) -> Ref:
+        session_id, ref_id, slot, generation = key
+        return Ref(self, session_id, ref_id, slot, generation)
+
+    def _discard(self, key: list[Any], op: str) -> None:
+        # Called from __del__, possibly inside another send on this thread: only queue here.
+        if not self._router.closing:
+            self._discards.append((key, op))
+
+    def _flush_discards(self) -> None:
+        discards = self._discards
+        while discards:
+            try:
+                key, op = discards.popleft()
+            except IndexError:
+                return
+            session_id, _, slot, generation = key
+            if generation != self._router.generation(slot):
+                continue  # that worker is gone, and the object with it
+            req_id = self._router.next_id()
+            body = pack_plain([req_id, op, session_id, pack_plain([key])])
+            try:
+                self._router.send(slot, req_id, body, _DISCARD)
+            except (WorkerCrashedError, PoolClosedError):
+                pass
+
+    def stats(self) -> PoolStats:
+        """A frozen snapshot of every slot: pid, generation, sessions, refs, streams, in-flight."""
+        waiters = []
+        for slot in range(self.workers):
+            waiter = _Waiter()
+            req_id = self._router.next_id()
+            try:
+                ch = self._router.send(slot, req_id, pack_plain([req_id, OP_STATS, None, b""]), waiter)
+            except (WorkerCrashedError, PoolClosedError):
+                ch = None
+            waiters.append((slot, ch, waiter))
+        slots = []
+        for slot, ch, waiter in waiters:
+            worker: dict[str, Any] = {}
+            if ch is not None and waiter.wait(10.0) and waiter.status == OK:
+                worker = unpack_plain(waiter.body)
+            slots.append(
+                SlotStats(
+                    slot=slot,
+                    pid=ch.pid if ch is not None else -1,
+                    generation=ch.generation if ch is not None else -1,
+                    alive=bool(worker),
+                    restarts=self._router.restarts(slot),
+                    in_flight=max(0, len(ch.pending)) if ch is not None else 0,
+                    sessions=worker.get("sessions", 0),
+                    refs=worker.get("refs", 0),
+                    streams=worker.get("streams", 0),
+                    calls=worker.get("calls", 0),
+                    rss=worker.get("rss", 0),
+                )
+            )
+        return PoolStats(workers=self.workers, slots=tuple(slots))
+
+    def pids(self) -> list[int]:
+        """The current worker pid of every slot, by slot."""
+        return [ch.pid if ch is not None else -1 for ch in self._router.channels()]
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop the workers. In-flight calls finish first unless ``cancel=True``. Idempotent."""
+        if not self._router.closing:
+            self._router.close(cancel=cancel)
+        _live_pools.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._router.closing
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "running"
+        in_flight = sum(len(ch.pending) for ch in self._router.channels() if ch is not None)
+        return (
+            f"<Pool workers={self.workers} "
+            f"state={state} in_flight={in_flight}>"
+        )
+
+    def __iter__(self) -> Iterator[Any]:  # pragma: no cover - guard against `for x in pool`
+        raise TypeError("Pool is not iterable; did you mean pool.stream(...)?")

@@ -1,0 +1,239 @@
+"""The wire format shared by the router (parent) and the workers (children).
+
+Frame: a 4-byte big-endian unsigned length, then that many bytes of one msgpack object — the layout
+of Erlang's ``{packet, 4}``. Between router and worker (private, may change between versions):
+
+    request  [id, op, session, body]      body = msgpack bytes of the op's field list
+    reply    [id, status, body]           status OK: body = the value; ERROR: [code, type, message,
+                                          traceback, pickled exception or nil]
+
+The body is packed separately so a worker can read ``id`` and ``session`` even when the body fails to
+decode (a bad pickle, a ref of another session): the failure becomes that request's error reply
+instead of a lost reply and a hung caller. The Port protocol (docs/protocol.md) is a separate,
+public, map-based format spoken by ``poolbridge serve``.
+
+Values (embedded mode) are msgpack with three extension types:
+
+    EXT_PICKLE  cloudpickle bytes of anything msgpack cannot carry natively (embedded only)
+    EXT_TUPLE   a tuple, so tuples survive the trip as tuples
+    EXT_REF     [session, ref_id, slot, generation] — a ref passed as an argument
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+import msgpack
+
+from ._errors import FrameTooLargeError, SessionMismatchError
+
+__all__ = [
+    "EXT_PICKLE",
+    "EXT_REF",
+    "EXT_TUPLE",
+    "FrameReader",
+    "OversizedFrame",
+    "WireRef",
+    "encode_frame",
+]
+
+HEADER = struct.Struct(">I")
+MAX_FRAME_DEFAULT = 256 * 1024 * 1024  # far above any sane single value; bounds a corrupt header
+
+EXT_PICKLE = 1
+EXT_TUPLE = 2
+EXT_REF = 3
+
+OK = 0
+ERROR = 1
+
+# Ops (request field lists in brackets; see the worker's dispatch table).
+OP_CALL = "call"  # [fn, args, kwargs, ret]                 fn: dotted path | callable | target ref
+OP_GETATTR = "getattr"  # [path or target ref, name or nil, ret]
+OP_SETATTR = "setattr"  # [target ref, name, value]
+OP_METHOD = "method"  # [target ref, name, args, kwargs, ret]
+OP_HELPER = "helper"  # [name, args, kwargs, ret]
+OP_STREAM_OPEN = "stream_open"  # [fn, args, kwargs, batch]  -> [stream_id, items, done]
+OP_STREAM_NEXT = "stream_next"  # [target, n]                 -> [items, done]
+OP_STREAM_CLOSE = "stream_close"  # [target]
+OP_RELEASE = "release"  # [target]
+OP_CLOSE_SESSION = "close_session"  # []
+OP_STATS = "stats"  # []                                     (session nil)
+OP_PING = "ping"  # []                                       (session nil)
+
+RET_AUTO = 0  # the value if it can be encoded, else a ref
+RET_REF = 1  # always a ref
+RET_VALUE = 2  # always the value; an encoding failure is an error
+
+
+def encode_frame(body: bytes) -> bytes:
+    """Prefix ``body`` with its 4-byte big-endian length."""
+    return HEADER.pack(len(body)) + body
+
+
+class OversizedFrame:
+    """Stands in the output of :class:`FrameReader` for a frame over the limit (its bytes skipped)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def error(self, limit: int) -> FrameTooLargeError:
+        return FrameTooLargeError(f"frame of {self.size} bytes exceeds the limit of {limit} bytes")
+
+
+class FrameReader:
+    """Incremental ``{packet, 4}`` decoder: feed it any chunking of the stream, get whole frames.
+
+    A frame over ``max_frame`` is never buffered: its bytes are skipped as they arrive and an
+    :class:`OversizedFrame` marks its place, so one oversized request costs no memory and does not
+    desynchronise the stream.
+    """
+
+    __slots__ = ("_buf", "_skip", "max_frame")
+
+    def __init__(self, max_frame: int = MAX_FRAME_DEFAULT) -> None:
+        self._buf = bytearray()
+        self._skip = 0
+        self.max_frame = max_frame
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a frame not yet complete."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes | OversizedFrame]:
+        out: list[bytes | OversizedFrame] = []
+        buf = self._buf
+        if self._skip:
+            take = min(self._skip, len(data))
+            self._skip -= take
+            data = data[take:]
+        buf += data
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            (size,) = HEADER.unpack_from(buf, pos)
+            if size > self.max_frame:
+                out.append(OversizedFrame(size))
+                available = end - pos - 4
+                if available >= size:
+                    pos += 4 + size
+                    continue
+                self._skip = size - available
+                pos = end
+                break
+            if end - pos - 4 < size:
+                break
+            out.append(bytes(buf[pos + 4 : pos + 4 + size]))
+            pos += 4 + size
+        if pos:
+            del buf[:pos]
+        return out
+
+
+class WireRef:
+    """The identity of an object held in a worker: its session, id, slot and slot generation."""
+
+    __slots__ = ("generation", "ref_id", "session_id", "slot")
+
+    def __init__(self, session_id: str, ref_id: int, slot: int, generation: int) -> None:
+        self.session_id = session_id
+        self.ref_id = ref_id
+        self.slot = slot
+        self.generation = generation
+
+    def key(self) -> list[Any]:
+        return [self.session_id, self.ref_id, self.slot, self.generation]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WireRef) and self.key() == other.key()
+
+    def __hash__(self) -> int:
+        return hash((self.session_id, self.ref_id, self.slot, self.generation))
+
+
+# -- the embedded value codec -----------------------------------------------------------------
+
+# Per-thread encoder state. ``msgpack.packb`` builds a new Packer (and its buffer) on every call,
+# which costs more than the whole rest of a tiny call; a Packer is reusable but not thread-safe,
+# so each thread keeps its own. ``session`` is the session a ref argument must belong to while
+# this thread encodes; a ref pickled inside another object (Ref.__reduce__) is checked against it.
+class _EncoderState(threading.local):
+    def __init__(self) -> None:
+        self.session: str | None = None
+        self.depth = 0
+        self.value = msgpack.Packer(default=_default, strict_types=True, use_bin_type=True)
+        self.plain = msgpack.Packer(use_bin_type=True)
+
+
+def encoding_session() -> str | None:
+    return _encoding.session
+
+
+def _default(obj: Any) -> msgpack.ExtType:
+    if type(obj) is tuple:
+        # A nested pack cannot reuse this thread's Packer while it is mid-pack.
+        return msgpack.ExtType(EXT_TUPLE, msgpack.packb(list(obj), default=_default, strict_types=True))
+    if isinstance(obj, WireRef):
+        check_ref_session(obj)
+        return msgpack.ExtType(EXT_REF, msgpack.packb(obj.key()))
+    return msgpack.ExtType(EXT_PICKLE, cloudpickle.dumps(obj, protocol=5))
+
+
+def check_ref_session(ref: WireRef) -> None:
+    session = encoding_session()
+    if session is not None and ref.session_id != session:
+        raise SessionMismatchError(
+            f"a ref of session {ref.session_id!r} was passed in session {session!r}; "
+            "refs are only usable in their own session"
+        )
+
+
+_encoding = _EncoderState()
+
+
+def pack_value(obj: Any, session: str | None = None) -> bytes:
+    """Encode ``obj`` for the embedded channel; ref arguments must belong to ``session``."""
+    state = _encoding
+    state.session = session
+    try:
+        return state.value.pack(obj)  # type: ignore[no-any-return]
+    except BaseException:
+        # A failed pack leaves the Packer's buffer half-written: start the next one clean.
+        state.value = msgpack.Packer(default=_default, strict_types=True, use_bin_type=True)
+        raise
+    finally:
+        state.session = None
+
+
+def make_unpacker(on_ref: Callable[[list[Any]], Any]) -> Callable[[bytes], Any]:
+    """A value decoder whose refs are turned into objects by ``on_ref([session, id, slot, gen])``."""
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code == EXT_TUPLE:
+            return tuple(unpack(data))
+        if code == EXT_PICKLE:
+            return cloudpickle.loads(data)
+        if code == EXT_REF:
+            return on_ref(msgpack.unpackb(data))
+        return msgpack.ExtType(code, data)
+
+    def unpack(data: bytes) -> Any:
+        return msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
+
+    return unpack
+
+
+def pack_plain(obj: Any) -> bytes:
+    """Encode a protocol-level structure that holds no user values."""
+    return _encoding.plain.pack(obj)  # type: ignore[no-any-return]
+
+
+def unpack_plain(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)

@@ -1,0 +1,534 @@
+"""Child side: the worker loop and its per-session object store. Runs only in worker processes
+(or inside a Ray actor, which drives :class:`WorkerCore` directly).
+
+A worker executes one request at a time, in the order its frames arrive. For every request it:
+
+1. reads ``[id, op, session, body]`` — the session checked to hash to this worker's slot
+   (a misrouted payload is rejected, never served from the wrong store);
+2. decodes ``body`` with this request's session as context, so every ref argument is checked to
+   belong to that session and to this slot's generation, then looked up in that session's store;
+3. runs the op and encodes the result — as a value, or as a new ref in the session's store when it
+   cannot be encoded (or a ref was asked for);
+4. replies ``[id, status, body]``; any failure in 1-3 becomes that request's error reply.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import cloudpickle
+import msgpack
+
+from . import _helpers
+from ._errors import (
+    BadRequestError,
+    MisroutedError,
+    PoolbridgeError,
+    RefNotFoundError,
+    SessionLimitError,
+    SessionLostError,
+    SessionMismatchError,
+)
+from ._hashing import slot_for
+from ._protocol import (
+    ERROR,
+    EXT_REF,
+    OK,
+    OP_CALL,
+    OP_CLOSE_SESSION,
+    OP_GETATTR,
+    OP_HELPER,
+    OP_METHOD,
+    OP_PING,
+    OP_RELEASE,
+    OP_SETATTR,
+    OP_STATS,
+    OP_STREAM_CLOSE,
+    OP_STREAM_NEXT,
+    OP_STREAM_OPEN,
+    RET_REF,
+    RET_VALUE,
+    WireRef,
+    make_unpacker,
+    pack_plain,
+    pack_value,
+    unpack_plain,
+)
+
+log = logging.getLogger("poolbridge.worker")
+
+_active: list[WorkerCore | None] = [None]
+
+
+def active_core() -> WorkerCore | None:
+    """The worker core of this process, if this process is a worker."""
+    return _active[0]
+
+_SESSIONLESS_OPS = frozenset({OP_STATS, OP_PING})
+
+
+class _Session:
+    """Everything one session keeps in this worker."""
+
+    __slots__ = ("ctx", "last_used", "refs", "streams")
+
+    def __init__(self, ctx: _helpers.SessionContext) -> None:
+        self.ctx = ctx
+        self.refs: dict[int, Any] = {}
+        self.streams: dict[int, _StreamState] = {}
+        self.last_used = time.monotonic()
+
+
+class _StreamState:
+    __slots__ = ("error", "iterator")
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self.iterator = iterator
+        self.error: BaseException | None = None  # raised by the generator after items already sent
+
+    def close(self) -> None:
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.exception("closing a stream's generator raised")
+
+
+def resolve_path(path: str) -> Any:
+    """Import the longest importable module prefix of a dotted path, then walk attributes."""
+    if not isinstance(path, str) or not path:
+        raise BadRequestError(f"expected a dotted path, got {path!r:.80}")
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and not module_name.startswith(exc.name):
+                raise  # the module exists but one of *its* imports is missing
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    return getattr(importlib.import_module("builtins"), path)
+
+
+class WorkerCore:
+    """The transport-free worker: ``handle(request frame body) -> reply frame body``."""
+
+    def __init__(
+        self,
+        slot: int,
+        n_slots: int,
+        generation: int,
+        *,
+        helpers: tuple[str, ...] = (),
+        wire: bool = False,
+        max_refs_per_session: int | None = None,
+        session_ttl: float | None = None,
+    ) -> None:
+        self.slot = slot
+        self.n_slots = n_slots
+        self.generation = generation
+        self.wire = wire
+        self.max_refs_per_session = max_refs_per_session
+        self.session_ttl = session_ttl
+        self.calls = 0
+        self._sessions: dict[str, _Session] = {}
+        self._ids = itertools.count(1)
+        self._paths: dict[str, Any] = {}
+        self._session: _Session | None = None  # the session of the request being decoded/run
+        self._unpack = make_unpacker(self._lookup_ref)
+        self._last_sweep = time.monotonic()
+        for module in helpers:
+            importlib.import_module(module)
+        _active[0] = self
+        self._ops: dict[str, Callable[..., bytes]] = {
+            OP_CALL: self._op_call,
+            OP_GETATTR: self._op_getattr,
+            OP_SETATTR: self._op_setattr,
+            OP_METHOD: self._op_method,
+            OP_HELPER: self._op_helper,
+            OP_STREAM_OPEN: self._op_stream_open,
+            OP_STREAM_NEXT: self._op_stream_next,
+            OP_STREAM_CLOSE: self._op_stream_close,
+            OP_RELEASE: self._op_release,
+            OP_CLOSE_SESSION: self._op_close_session,
+            OP_STATS: self._op_stats,
+            OP_PING: self._op_ping,
+        }
+
+    # -- the request cycle -----------------------------------------------------------------
+
+    def handle(self, frame: bytes) -> bytes:
+        req_id: Any = None
+        try:
+            try:
+                req_id, op, session_id, body = unpack_plain(frame)
+            except Exception as exc:
+                raise BadRequestError(f"undecodable request: {exc}") from None
+            handler = self._ops.get(op)
+            if handler is None:
+                raise BadRequestError(f"unknown op {op!r}")
+            if op in _SESSIONLESS_OPS:
+                return pack_plain([req_id, OK, handler()])
+            session = self._enter(session_id)
+            try:
+                fields = self._unpack(body)
+                self.calls += 1
+                return pack_plain([req_id, OK, handler(session, *fields)])
+            finally:
+                self._session = None
+                _helpers._current[0] = None
+        except BaseException as exc:  # noqa: BLE001 - SystemExit in user code is that call's error
+            return pack_plain([req_id, ERROR, pack_plain(error_fields(exc))])
+
+    def _enter(self, session_id: Any) -> _Session:
+        if not isinstance(session_id, str) or not session_id:
+            raise BadRequestError(f"session id must be a non-empty string, got {session_id!r:.80}")
+        if slot_for(session_id, self.n_slots) != self.slot:
+            raise MisroutedError(
+                f"session {session_id!r} hashes to slot {slot_for(session_id, self.n_slots)}, "
+                f"not to this worker's slot {self.slot}"
+            )
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._sessions[session_id] = _Session(
+                _helpers.SessionContext(session_id, self.slot, self.generation)
+            )
+        session.last_used = time.monotonic()
+        self._session = session
+        _helpers._current[0] = session.ctx
+        return session
+
+    # -- refs ------------------------------------------------------------------------------
+
+    def _check_key(self, key: Any) -> tuple[_Session, int]:
+        """Validate a ref key ``[session, id, slot, generation]`` against the current request."""
+        try:
+            ref_session, ref_id, slot, generation = key
+        except (TypeError, ValueError):
+            raise BadRequestError(f"malformed ref {key!r:.80}") from None
+        session = self._session
+        assert session is not None
+        if ref_session != session.ctx.session_id:
+            raise SessionMismatchError(
+                f"a ref of session {ref_session!r} was used in session {session.ctx.session_id!r}"
+            )
+        if slot != self.slot or generation != self.generation:
+            raise SessionLostError(
+                f"ref {ref_id} of session {ref_session!r} belongs to slot {slot} generation "
+                f"{generation}; that worker is gone (now slot {self.slot} generation {self.generation})"
+            )
+        return session, ref_id
+
+    def _lookup_ref(self, key: Any) -> Any:
+        session, ref_id = self._check_key(key)
+        try:
+            return session.refs[ref_id]
+        except (KeyError, TypeError):
+            raise RefNotFoundError(
+                f"ref {ref_id} is not in session {session.ctx.session_id!r} (released or expired)"
+            ) from None
+
+    def _new_ref(self, session: _Session, obj: Any) -> bytes:
+        cap = self.max_refs_per_session
+        if cap is not None and len(session.refs) + len(session.streams) >= cap:
+            raise SessionLimitError(
+                f"session {session.ctx.session_id!r} holds {cap} refs/streams, its cap; release some"
+            )
+        ref_id = next(self._ids)
+        session.refs[ref_id] = obj
+        key = [session.ctx.session_id, ref_id, self.slot, self.generation]
+        return pack_plain(msgpack.ExtType(EXT_REF, pack_plain(key)))
+
+    def _result(self, session: _Session, value: Any, ret: int) -> bytes:
+        if ret == RET_REF:
+            return self._new_ref(session, value)
+        try:
+            return self._encode(session, value)
+        except Exception:
+            if ret == RET_VALUE:
+                raise
+            return self._new_ref(session, value)
+
+    def _encode(self, session: _Session, value: Any) -> bytes:
+        if not self.wire:
+            return pack_value(value)
+
+        # Port mode never pickles: whatever msgpack cannot carry stays here as a ref.
+        def default(obj: Any) -> Any:
+            if isinstance(obj, tuple):
+                return list(obj)
+            ref_id = next(self._ids)
+            session.refs[ref_id] = obj
+            return msgpack.ExtType(
+                EXT_REF, msgpack.packb([session.ctx.session_id, ref_id, self.slot, self.generation])
+            )
+
+        return msgpack.packb(value, default=default, use_bin_type=True)
+
+    # -- ops -------------------------------------------------------------------------------
+
+    def _callable(self, fn: Any) -> Any:
+        if isinstance(fn, str):
+            target = self._paths.get(fn)
+            if target is None:
+                target = self._paths[fn] = resolve_path(fn)
+            return target
+        return fn
+
+    def _op_call(self, session: _Session, fn: Any, args: list[Any], kwargs: dict[str, Any], ret: int) -> bytes:
+        return self._result(session, self._callable(fn)(*args, **kwargs), ret)
+
+    def _op_getattr(self, session: _Session, target: Any, name: str | None, ret: int) -> bytes:
+        value = self._callable(target) if name is None else getattr(target, name)
+        return self._result(session, value, ret)
+
+    def _op_setattr(self, session: _Session, target: Any, name: str, value: Any) -> bytes:
+        setattr(target, name, value)
+        return pack_value(None)
+
+    def _op_method(
+        self, session: _Session, target: Any, name: str, args: list[Any], kwargs: dict[str, Any], ret: int
+    ) -> bytes:
+        return self._result(session, getattr(target, name)(*args, **kwargs), ret)
+
+    def _op_helper(self, session: _Session, name: str, args: list[Any], kwargs: dict[str, Any], ret: int) -> bytes:
+        entry = _helpers.registry().get(name)
+        if entry is None:
+            raise RefNotFoundError(f"no helper named {name!r} in this worker (is its module in helpers=?)")
+        if entry.context:
+            value = entry.fn(session.ctx, *args, **kwargs)
+        else:
+            value = entry.fn(*args, **kwargs)
+        return self._result(session, value, ret)
+
+    def _op_stream_open(
+        self, session: _Session, fn: Any, args: list[Any], kwargs: dict[str, Any], batch: int
+    ) -> bytes:
+        iterator = iter(self._callable(fn)(*args, **kwargs))
+        state = _StreamState(iterator)
+        stream_id = next(self._ids)
+        cap = self.max_refs_per_session
+        if cap is not None and len(session.refs) + len(session.streams) >= cap:
+            state.close()
+            raise SessionLimitError(f"session {session.ctx.session_id!r} holds {cap} refs/streams, its cap")
+        session.streams[stream_id] = state
+        items, done = self._pull(session, stream_id, state, batch)
+        return pack_plain([stream_id, items, done])
+
+    def _pull(self, session: _Session, stream_id: int, state: _StreamState, n: int) -> tuple[bytes, bool]:
+        if state.error is not None:
+            session.streams.pop(stream_id, None)
+            raise state.error
+        items: list[Any] = []
+        append = items.append
+        done = False
+        try:
+            for item in itertools.islice(state.iterator, n):
+                append(item)
+            done = len(items) < n
+        except BaseException as exc:  # noqa: BLE001 - delivered to the client in order
+            if not items:
+                session.streams.pop(stream_id, None)
+                raise
+            state.error = exc  # hand over what was produced; raise on the next pull
+        if done:
+            session.streams.pop(stream_id, None)
+        return self._encode(session, items), done
+
+    def _stream(self, key: Any) -> tuple[_Session, int, _StreamState]:
+        session, stream_id = self._check_key(key)
+        state = session.streams.get(stream_id)
+        if state is None:
+            raise RefNotFoundError(f"stream {stream_id} is not open in session {session.ctx.session_id!r}")
+        return session, stream_id, state
+
+    def _op_stream_next(self, session: _Session, key: Any, n: int) -> bytes:
+        session, stream_id, state = self._stream(key)
+        items, done = self._pull(session, stream_id, state, n)
+        return pack_plain([items, done])
+
+    def _op_stream_close(self, session: _Session, key: Any) -> bytes:
+        session, stream_id, state = self._stream(key)
+        del session.streams[stream_id]
+        state.close()
+        return pack_plain(None)
+
+    def _op_release(self, session: _Session, key: Any) -> bytes:
+        session, ref_id = self._check_key(key)
+        if session.refs.pop(ref_id, _MISSING) is _MISSING:
+            raise RefNotFoundError(f"ref {ref_id} is not in session {session.ctx.session_id!r}")
+        return pack_plain(None)
+
+    def _op_close_session(self, session: _Session) -> bytes:
+        dropped = self.drop_session(session.ctx.session_id)
+        return pack_plain(dropped)
+
+    def _op_stats(self) -> bytes:
+        return pack_plain(self.stats())
+
+    def _op_ping(self) -> bytes:
+        return pack_plain([self.slot, self.generation, os.getpid()])
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    def drop_session(self, session_id: str) -> int:
+        """Forget a session: its refs, its streams (their generators closed) and its state."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return 0
+        count = len(session.refs) + len(session.streams)
+        for state in session.streams.values():
+            state.close()
+        session.refs.clear()
+        session.streams.clear()
+        session.ctx.state.clear()
+        return count
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Drop sessions idle for longer than ``session_ttl``; returns their ids."""
+        if self.session_ttl is None:
+            return []
+        now = time.monotonic() if now is None else now
+        self._last_sweep = now
+        expired = [sid for sid, s in self._sessions.items() if now - s.last_used > self.session_ttl]
+        for sid in expired:
+            self.drop_session(sid)
+        if expired:
+            log.debug("slot %d: expired %d idle sessions", self.slot, len(expired))
+        return expired
+
+    def next_sweep_in(self) -> float | None:
+        if self.session_ttl is None:
+            return None
+        return max(0.0, self._last_sweep + min(self.session_ttl, 1.0) - time.monotonic())
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "generation": self.generation,
+            "pid": os.getpid(),
+            "sessions": len(self._sessions),
+            "refs": sum(len(s.refs) for s in self._sessions.values()),
+            "streams": sum(len(s.streams) for s in self._sessions.values()),
+            "calls": self.calls,
+            "rss": _rss(),
+        }
+
+
+_MISSING = object()
+
+
+def _rss() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # pragma: no cover - psutil is a dependency, but stats must never fail
+        return 0
+
+
+def error_fields(exc: BaseException) -> list[Any]:
+    """``[code, type, message, traceback, pickled exception or nil]`` for an error reply."""
+    code = exc.code if isinstance(exc, PoolbridgeError) else "remote_error"
+    cls = type(exc)
+    type_name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        pickled: bytes | None = cloudpickle.dumps(exc, protocol=5)
+    except Exception:
+        pickled = None
+    return [code, type_name, str(exc), tb, pickled]
+
+
+# -- the process entry point -----------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL us when our parent dies; exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except Exception:  # pragma: no cover - best effort; pipe EOF still ends the worker
+            log.debug("prctl(PR_SET_PDEATHSIG) unavailable", exc_info=True)
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# Replies produced from one read are written together, but never held back longer than this, so a
+# quick call queued behind a slow one is not delayed by more than the slow call itself.
+_FLUSH_AFTER = 0.0005
+
+
+def main() -> None:
+    """Entry point of a worker process: ``python -c ... <base64 msgpack options>``."""
+    import base64
+
+    options = unpack_plain(base64.b64decode(sys.argv[1]))
+    read_fd, write_fd = options["fds"]
+    worker_main(read_fd, write_fd, options)
+
+
+def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
+    """Run a worker until its request pipe reaches EOF (the router closed it or died)."""
+    import select
+
+    from ._protocol import FrameReader, encode_frame
+
+    _die_with_parent(options["parent_pid"])
+    logging.basicConfig(level=options.get("log_level", logging.WARNING))
+    core = WorkerCore(
+        options["slot"],
+        options["n_slots"],
+        options["generation"],
+        helpers=tuple(options.get("helpers", ())),
+        wire=bool(options.get("wire", False)),
+        max_refs_per_session=options.get("max_refs_per_session"),
+        session_ttl=options.get("session_ttl"),
+    )
+    reader = FrameReader()
+    perf = time.perf_counter
+    while True:
+        wait = core.next_sweep_in()
+        if wait is not None:
+            if wait == 0.0 or not select.select([read_fd], [], [], wait)[0]:
+                core.sweep()
+                continue
+        data = os.read(read_fd, 1 << 16)
+        if not data:
+            return
+        out: list[bytes] = []
+        started = 0.0
+        for frame in reader.feed(data):
+            if out and perf() - started > _FLUSH_AFTER:
+                _write_all(write_fd, b"".join(out))
+                out.clear()
+            if not out:
+                started = perf()
+            assert isinstance(frame, bytes)  # no size limit on the private channel
+            out.append(encode_frame(core.handle(frame)))
+        if out:
+            _write_all(write_fd, b"".join(out))

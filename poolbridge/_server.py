@@ -1,0 +1,737 @@
+"""The Port server: ``python -m poolbridge serve`` — one process that is the router of a pool and
+speaks the public, map-based Port protocol (docs/protocol.md) to an Elixir (or any) client.
+
+::
+
+    client ──{packet,4} msgpack map──▶ reading thread: decode, validate, resolve session once
+                                          │ slot = router.slot_for(session)
+                                          └─▶ router.send(slot, ...) ──▶ worker[slot]
+    client ◀── reply map (completion order) ◀── _Reply.deliver (router reader thread) ◀──┘
+
+One thread reads requests and writes them to the workers; replies are encoded and written by the
+router's reader threads as they complete, under one output lock. Nothing the client sends is ever
+unpickled: client values are plain msgpack (any ext type is a ``bad_request``), and refs travel as
+tagged maps that become :class:`~poolbridge._protocol.WireRef` keys here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from types import FrameType
+from typing import Any
+
+import msgpack
+
+from ._errors import (
+    BadRequestError,
+    FrameTooLargeError,
+    NotAllowedError,
+    PoolbridgeError,
+    SessionLostError,
+    SessionMismatchError,
+)
+from ._pool import Pool
+from ._protocol import (
+    EXT_REF,
+    MAX_FRAME_DEFAULT,
+    OK,
+    OP_CALL,
+    OP_CLOSE_SESSION,
+    OP_GETATTR,
+    OP_HELPER,
+    OP_METHOD,
+    OP_PING,
+    OP_RELEASE,
+    OP_SETATTR,
+    OP_STREAM_CLOSE,
+    OP_STREAM_NEXT,
+    OP_STREAM_OPEN,
+    RET_AUTO,
+    RET_REF,
+    RET_VALUE,
+    FrameReader,
+    OversizedFrame,
+    WireRef,
+    encode_frame,
+    pack_plain,
+    pack_value,
+    unpack_plain,
+)
+from ._router import Sink
+from ._session import resolve_session, validate_session_id
+from ._worker import _write_all
+
+log = logging.getLogger("poolbridge.server")
+
+__all__ = ["PROTOCOL_VERSION", "REF_TAG", "STREAM_TAG", "Server", "serve"]
+
+PROTOCOL_VERSION = 1
+#: A ref on the wire: ``{"__poolbridge_ref__": [session, id, slot, generation]}``.
+REF_TAG = "__poolbridge_ref__"
+#: A stream on the wire: ``{"__poolbridge_stream__": [session, id, slot, generation]}``.
+STREAM_TAG = "__poolbridge_stream__"
+DEFAULT_BATCH = 256
+
+_RET = {"auto": RET_AUTO, "ref": RET_REF, "value": RET_VALUE}
+_MISSING: Any = object()
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM handler to leave the read loop."""
+
+
+class _StreamRef(WireRef):
+    """A stream key decoded from a stream tag (kept apart from refs so the two cannot be confused)."""
+
+    __slots__ = ()
+
+
+# -- values ----------------------------------------------------------------------------------
+
+
+def _key_of(tag: str, value: Any) -> list[Any]:
+    if (
+        isinstance(value, list)
+        and len(value) == 4
+        and isinstance(value[0], str)
+        and all(type(v) is int for v in value[1:])
+    ):
+        return value
+    raise BadRequestError(f"malformed {tag}: expected [session, id, slot, generation], got {value!r:.80}")
+
+
+def _object_hook(obj: dict[Any, Any]) -> Any:
+    if len(obj) == 1:
+        if REF_TAG in obj:
+            return WireRef(*_key_of(REF_TAG, obj[REF_TAG]))
+        if STREAM_TAG in obj:
+            return _StreamRef(*_key_of(STREAM_TAG, obj[STREAM_TAG]))
+    return obj
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise BadRequestError(f"msgpack extension type {code} is not accepted; refs travel as {{{REF_TAG!r}: [...]}}")
+
+
+def _decode_request(frame: bytes) -> Any:
+    return msgpack.unpackb(
+        frame, raw=False, strict_map_key=False, object_hook=_object_hook, ext_hook=_reject_ext, use_list=True
+    )
+
+
+_PLAIN_TYPES = (str, int, float, bool, bytes, type(None))
+
+
+def _check_value(value: Any, refs: list[WireRef]) -> None:
+    """Reject what plain msgpack decoding may still produce but a value must not hold (timestamps,
+    a stream tag used as a value); collect the refs so their sessions can be checked."""
+    t = type(value)
+    if t in _PLAIN_TYPES:
+        return
+    if t is list:
+        for item in value:
+            _check_value(item, refs)
+    elif t is dict:
+        for k, v in value.items():
+            _check_value(k, refs)
+            _check_value(v, refs)
+    elif t is WireRef:
+        refs.append(value)
+    elif t is _StreamRef:
+        raise BadRequestError("a stream cannot be passed as a value; use stream_next/stream_close")
+    else:
+        raise BadRequestError(f"unsupported value of type {t.__name__} (msgpack timestamps are not accepted)")
+
+
+def _tag_ref(key: list[Any]) -> dict[str, Any]:
+    return {REF_TAG: key}
+
+
+def _reply_ext_hook(code: int, data: bytes) -> Any:
+    if code == EXT_REF:
+        return {REF_TAG: msgpack.unpackb(data, raw=False)}
+    # Wire-mode workers never pickle; anything else is a bug, never something to unpickle.
+    raise ValueError(f"unexpected extension type {code} in a worker reply")
+
+
+def _decode_value(body: bytes) -> Any:
+    return msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=_reply_ext_hook)
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+def _field(req: dict[Any, Any], name: str, types: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+    value = req.get(name, _MISSING)
+    if value is _MISSING or (value is None and default is not _MISSING):
+        if default is _MISSING:
+            raise BadRequestError(f"{req.get('op')!r} needs the field {name!r}")
+        return default
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+        names = "/".join(t.__name__ for t in _as_tuple(types))
+        raise BadRequestError(f"field {name!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+class _Request:
+    """One decoded request, before it is sent to its worker."""
+
+    __slots__ = ("op", "refs", "req", "target")
+
+    def __init__(self, req: dict[Any, Any]) -> None:
+        self.req = req
+        self.op: str = req["op"]
+        self.refs: list[WireRef] = []
+        self.target: WireRef | None = None
+
+    def field(self, name: str, types: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+        return _field(self.req, name, types, default)
+
+    def value(self, name: str, default: Any = _MISSING) -> Any:
+        value = self.req.get(name, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise BadRequestError(f"{self.op!r} needs the field {name!r}")
+            return default
+        _check_value(value, self.refs)
+        return value
+
+    def args(self) -> list[Any]:
+        args = self.field("args", list, [])
+        _check_value(args, self.refs)
+        return args  # type: ignore[no-any-return]
+
+    def kwargs(self) -> dict[str, Any]:
+        kwargs = self.field("kwargs", dict, {})
+        if not all(isinstance(k, str) for k in kwargs):
+            raise BadRequestError("kwargs keys must be strings")
+        _check_value(kwargs, self.refs)
+        return kwargs  # type: ignore[no-any-return]
+
+    def ret(self, default: str = "auto") -> int:
+        ret = self.field("ret", str, default)
+        if ret not in _RET:
+            raise BadRequestError(f"ret must be one of {sorted(_RET)}, got {ret!r}")
+        return _RET[ret]
+
+    def batch(self) -> int:
+        batch = self.field("batch", int, DEFAULT_BATCH)
+        if batch < 1:
+            raise BadRequestError(f"batch must be at least 1, got {batch}")
+        return batch  # type: ignore[no-any-return]
+
+    def ref(self, name: str) -> WireRef:
+        value = self.req.get(name, _MISSING)
+        if type(value) is not WireRef:
+            raise BadRequestError(f"field {name!r} must be a ref ({{{REF_TAG!r}: [...]}})")
+        self.target = value
+        return value
+
+    def stream(self) -> WireRef:
+        value = self.req.get("stream", _MISSING)
+        if type(value) is not _StreamRef:
+            raise BadRequestError(f"field 'stream' must be a stream ({{{STREAM_TAG!r}: [...]}})")
+        self.target = value
+        return value
+
+    def fn(self, allowed: Callable[[str], bool]) -> Any:
+        """The ``fn`` field: a dotted path (checked against the allow-list) or a ref."""
+        value = self.req.get("fn", _MISSING)
+        if type(value) is WireRef:
+            self.target = value
+            return value
+        if not isinstance(value, str) or not value:
+            raise BadRequestError("field 'fn' must be a dotted path or a ref")
+        if not allowed(value):
+            raise NotAllowedError(f"{value!r} is not allowed by this server's --allow-module list")
+        return value
+
+    def name(self, private_ok: bool) -> str:
+        name = self.field("name", str)
+        if not name:
+            raise BadRequestError("field 'name' must not be empty")
+        if not private_ok and name.startswith("_"):
+            raise NotAllowedError(f"attribute {name!r}: private names are refused under --allow-module")
+        return name  # type: ignore[no-any-return]
+
+
+# -- replies ------------------------------------------------------------------------------------
+
+
+class _Output:
+    """The protocol output fd, written whole frames at a time under one lock."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lock = threading.Lock()
+        self.broken = False
+
+    def write(self, reply: dict[str, Any]) -> None:
+        try:
+            data = encode_frame(msgpack.packb(reply, use_bin_type=True))
+        except Exception as exc:  # a value msgpack cannot carry after all: report, never drop
+            log.exception("could not encode a reply")
+            data = encode_frame(
+                msgpack.packb(_error_reply(reply.get("id"), "remote_error", type(exc).__name__, str(exc), ""))
+            )
+        with self.lock:
+            if self.broken:
+                return
+            try:
+                _write_all(self.fd, data)
+            except OSError:
+                # The client is gone; the read loop sees EOF and shuts down.
+                self.broken = True
+
+
+def _error_reply(req_id: Any, code: str, type_name: str, message: str, tb: str) -> dict[str, Any]:
+    return {
+        "id": req_id,
+        "status": "error",
+        "error": {"code": code, "type": type_name, "message": message, "traceback": tb},
+    }
+
+
+def _exc_reply(req_id: Any, exc: BaseException) -> dict[str, Any]:
+    code = exc.code if isinstance(exc, PoolbridgeError) else "remote_error"
+    return _error_reply(req_id, code, type(exc).__name__, str(exc), "")
+
+
+_VALUE, _STREAM_OPEN, _STREAM_NEXT, _PLAIN = range(4)
+
+
+class _Reply(Sink):
+    """Turns one worker reply into one client reply frame (called from router reader threads)."""
+
+    __slots__ = ("kind", "out", "req_id", "stream_key")
+
+    def __init__(self, out: _Output, req_id: Any, kind: int, stream_key: list[Any] | None = None) -> None:
+        self.out = out
+        self.req_id = req_id
+        self.kind = kind
+        self.stream_key = stream_key
+
+    def deliver(self, status: int, body: Any) -> None:
+        try:
+            if status == OK:
+                reply = {"id": self.req_id, "status": "ok", "value": self._value(body)}
+            else:
+                # [code, type, message, traceback, pickled]: the pickled exception is never loaded.
+                code, type_name, message, tb, _pickled = unpack_plain(body)
+                reply = _error_reply(self.req_id, code, type_name, message, tb)
+        except Exception as exc:  # noqa: BLE001 - a reply that cannot be decoded is that request's error
+            log.exception("undecodable worker reply")
+            reply = _exc_reply(self.req_id, exc)
+        self.out.write(reply)
+
+    def _value(self, body: bytes) -> Any:
+        kind = self.kind
+        if kind == _VALUE:
+            return _decode_value(body)
+        if kind == _STREAM_OPEN:
+            stream_id, items, done = unpack_plain(body)
+            assert self.stream_key is not None
+            key = [*self.stream_key[:1], stream_id, *self.stream_key[1:]]
+            return {"stream": {STREAM_TAG: key}, "items": _decode_value(items), "done": done}
+        if kind == _STREAM_NEXT:
+            items, done = unpack_plain(body)
+            return {"items": _decode_value(items), "done": done}
+        return unpack_plain(body)
+
+    def fail(self, exc: BaseException) -> None:
+        self.out.write(_exc_reply(self.req_id, exc))
+
+
+# -- the server -----------------------------------------------------------------------------------
+
+
+def _make_allowed(patterns: Sequence[str]) -> Callable[[str], bool]:
+    """``fn(path)``: is a dotted path allowed? True for everything when no pattern is given.
+
+    A path is allowed when one of its dotted prefixes (``a``, ``a.b``, ``a.b.c`` for ``a.b.c``)
+    matches a pattern (``fnmatch`` syntax): ``math`` allows ``math.sqrt``; ``os.path`` allows
+    ``os.path.join`` but not ``os.system``. Builtins are reached as ``builtins.NAME``.
+    """
+    if not patterns:
+        return lambda path: True
+    pats = tuple(patterns)
+    cache: dict[str, bool] = {}
+
+    def allowed(path: str) -> bool:
+        hit = cache.get(path)
+        if hit is None:
+            parts = path.split(".")
+            prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+            hit = any(fnmatch.fnmatchcase(p, pat) for p in prefixes for pat in pats)
+            if len(cache) < 4096:
+                cache[path] = hit
+        return hit
+
+    return allowed
+
+
+class Server:
+    """Serve one Port client on ``(in_fd, out_fd)`` with a pool of ``workers`` processes."""
+
+    def __init__(
+        self,
+        in_fd: int,
+        out_fd: int,
+        *,
+        workers: int,
+        allow_modules: Sequence[str] = (),
+        max_frame: int = MAX_FRAME_DEFAULT,
+        helpers: Sequence[str] = (),
+        session_ttl: float | None = None,
+        max_refs_per_session: int | None = None,
+    ) -> None:
+        self.in_fd = in_fd
+        self.out = _Output(out_fd)
+        self.max_frame = max_frame
+        self.restricted = bool(allow_modules)
+        self.allowed = _make_allowed(allow_modules)
+        self.pool = Pool(
+            workers=workers,
+            helpers=tuple(helpers),
+            session_ttl=session_ttl,
+            max_refs_per_session=max_refs_per_session,
+            _wire=True,
+        )
+        self.router = self.pool._router
+        self._side_threads: list[threading.Thread] = []
+        self._handlers: dict[str, Callable[[_Request, Any], None]] = {
+            OP_CALL: self._op_call,
+            "create": self._op_create,
+            OP_GETATTR: self._op_getattr,
+            OP_SETATTR: self._op_setattr,
+            OP_METHOD: self._op_method,
+            OP_HELPER: self._op_helper,
+            OP_STREAM_OPEN: self._op_stream_open,
+            OP_STREAM_NEXT: self._op_stream_next,
+            OP_STREAM_CLOSE: self._op_stream_close,
+            OP_RELEASE: self._op_release,
+            OP_CLOSE_SESSION: self._op_close_session,
+            OP_PING: self._op_ping,
+            "stats": self._op_stats,
+            "slot_for": self._op_slot_for,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def hello(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "hello": "poolbridge",
+            "protocol": PROTOCOL_VERSION,
+            "version": __version__,
+            "slots": self.pool.workers,
+            "pid": os.getpid(),
+            "worker_pids": self.pool.pids(),
+            "max_frame": self.max_frame,
+        }
+
+    def run(self) -> None:
+        """Send the hello frame, then serve until EOF on the input fd (or :class:`_Stop`)."""
+        self.out.write(self.hello())
+        reader = FrameReader(self.max_frame)
+        try:
+            while True:
+                data = os.read(self.in_fd, 1 << 16)
+                if not data:
+                    log.info("EOF on the protocol input: shutting down")
+                    return
+                for frame in reader.feed(data):
+                    self.handle_frame(frame)
+                if self.out.broken:
+                    return
+        except _Stop:
+            log.info("SIGTERM: shutting down")
+
+    def close(self) -> None:
+        # The client is gone (or asked us to go): in-flight work has nobody to reply to.
+        self.pool.close(cancel=True)
+        for t in self._side_threads:
+            t.join(1.0)
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def handle_frame(self, frame: bytes | OversizedFrame) -> None:
+        if isinstance(frame, OversizedFrame):
+            exc: BaseException = frame.error(self.max_frame)
+            self.out.write(_error_reply(None, FrameTooLargeError.code, "FrameTooLargeError", str(exc), ""))
+            return
+        req_id: Any = None
+        try:
+            try:
+                req = _decode_request(frame)
+            except BadRequestError as exc:
+                req_id = _salvage_id(frame)
+                raise
+            except Exception as exc:
+                req_id = _salvage_id(frame)
+                raise BadRequestError(f"undecodable frame: {exc}") from None
+            if not isinstance(req, dict):
+                raise BadRequestError(f"a request must be a map, got {type(req).__name__}")
+            req_id = req.get("id")
+            if "id" not in req or not isinstance(req_id, (int, str)) or isinstance(req_id, bool):
+                raise BadRequestError("a request needs an 'id' (integer or string)")
+            op = req.get("op")
+            handler = self._handlers.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise BadRequestError(f"unknown op {op!r}")
+            handler(_Request(req), req_id)
+        except Exception as exc:  # noqa: BLE001 - every failure is that request's error reply
+            if not isinstance(exc, PoolbridgeError):
+                log.exception("request %r failed in the server", req_id)
+            self.out.write(_exc_reply(req_id, exc))
+
+    def _session(self, r: _Request) -> str:
+        """The one session of a request: the ``session`` field, or the target ref's own session.
+
+        Both given and different is a ``session_mismatch``; neither is a ``bad_request`` (there is
+        no auto-session on the wire).
+        """
+        session = r.req.get("session")
+        if session is not None:
+            try:
+                validate_session_id(session)
+            except (TypeError, ValueError) as exc:
+                raise BadRequestError(str(exc)) from None
+        target = r.target
+        if target is None and session is None:
+            raise BadRequestError(f"{r.op!r} needs a 'session' (there is no default session on the wire)")
+        return resolve_session(target.session_id if target is not None else None, session)
+
+    def _send(
+        self, r: _Request, req_id: Any, op: str, fields: list[Any], kind: int = _VALUE, *, session: str | None = None
+    ) -> None:
+        router = self.router
+        session_id = self._session(r) if session is None else session
+        slot = router.slot_for(session_id)
+        target = r.target
+        if target is not None:
+            self._check_ref(target, slot)
+        for ref in r.refs:
+            if ref.session_id != session_id:
+                raise SessionMismatchError(
+                    f"a ref of session {ref.session_id!r} was passed in session {session_id!r}; "
+                    "refs are only usable in their own session"
+                )
+            self._check_ref(ref, slot)
+        body = pack_value(fields, session_id)
+        rid = router.next_id()
+        stream_key = [session_id, slot, router.generation(slot)] if kind == _STREAM_OPEN else None
+        router.send(slot, rid, pack_plain([rid, op, session_id, body]), _Reply(self.out, req_id, kind, stream_key))
+
+    def _check_ref(self, ref: WireRef, slot: int) -> None:
+        if ref.slot != slot:
+            raise SessionMismatchError(f"ref of session {ref.session_id!r} claims slot {ref.slot}; it maps to {slot}")
+        generation = self.router.generation(slot)
+        if ref.generation != generation:
+            raise SessionLostError(
+                f"ref {ref.ref_id} of session {ref.session_id!r} outlived its worker: slot {slot} is now "
+                f"generation {generation}; the session's objects are gone"
+            )
+
+    # -- ops -------------------------------------------------------------------------------
+
+    def _op_call(self, r: _Request, req_id: Any) -> None:
+        fn = r.fn(self.allowed)
+        self._send(r, req_id, OP_CALL, [fn, r.args(), r.kwargs(), r.ret()])
+
+    def _op_create(self, r: _Request, req_id: Any) -> None:
+        fn = r.fn(self.allowed)
+        self._send(r, req_id, OP_CALL, [fn, r.args(), r.kwargs(), RET_REF])
+
+    def _op_getattr(self, r: _Request, req_id: Any) -> None:
+        if "target" in r.req:
+            target = r.ref("target")
+            self._send(r, req_id, OP_GETATTR, [target, r.name(not self.restricted), r.ret()])
+            return
+        path = r.field("path", str)
+        if not self.allowed(path):
+            raise NotAllowedError(f"{path!r} is not allowed by this server's --allow-module list")
+        self._send(r, req_id, OP_GETATTR, [path, None, r.ret()])
+
+    def _op_setattr(self, r: _Request, req_id: Any) -> None:
+        target = r.ref("target")
+        name = r.name(not self.restricted)
+        self._send(r, req_id, OP_SETATTR, [target, name, r.value("value")])
+
+    def _op_method(self, r: _Request, req_id: Any) -> None:
+        target = r.ref("target")
+        name = r.name(not self.restricted)
+        self._send(r, req_id, OP_METHOD, [target, name, r.args(), r.kwargs(), r.ret()])
+
+    def _op_helper(self, r: _Request, req_id: Any) -> None:
+        name = r.field("name", str)
+        self._send(r, req_id, OP_HELPER, [name, r.args(), r.kwargs(), r.ret()])
+
+    def _op_stream_open(self, r: _Request, req_id: Any) -> None:
+        fn = r.fn(self.allowed)
+        self._send(r, req_id, OP_STREAM_OPEN, [fn, r.args(), r.kwargs(), r.batch()], _STREAM_OPEN)
+
+    def _op_stream_next(self, r: _Request, req_id: Any) -> None:
+        key = r.stream()
+        self._send(r, req_id, OP_STREAM_NEXT, [key.key(), r.batch()], _STREAM_NEXT)
+
+    def _op_stream_close(self, r: _Request, req_id: Any) -> None:
+        key = r.stream()
+        self._send(r, req_id, OP_STREAM_CLOSE, [key.key()], _PLAIN)
+
+    def _op_release(self, r: _Request, req_id: Any) -> None:
+        ref = r.ref("ref")
+        self._send(r, req_id, OP_RELEASE, [ref.key()], _PLAIN)
+
+    def _op_close_session(self, r: _Request, req_id: Any) -> None:
+        self._send(r, req_id, OP_CLOSE_SESSION, [], _PLAIN)
+
+    def _op_ping(self, r: _Request, req_id: Any) -> None:
+        """Without a session: the server answers. With one: that session's worker does."""
+        if r.req.get("session") is None:
+            self.out.write({"id": req_id, "status": "ok", "value": {"pid": os.getpid()}})
+            return
+        session_id = self._session(r)
+        slot = self.router.slot_for(session_id)
+        rid = self.router.next_id()
+        self.router.send(slot, rid, pack_plain([rid, OP_PING, None, b""]), _PingReply(self.out, req_id))
+
+    def _op_slot_for(self, r: _Request, req_id: Any) -> None:
+        session_id = self._session(r)
+        self.out.write({"id": req_id, "status": "ok", "value": self.router.slot_for(session_id)})
+
+    def _op_stats(self, r: _Request, req_id: Any) -> None:
+        # pool.stats() waits on every worker: run it off the reading thread.
+        def run() -> None:
+            try:
+                stats = self.pool.stats()
+                value = {"workers": stats.workers, "slots": [asdict(s) for s in stats.slots]}
+                self.out.write({"id": req_id, "status": "ok", "value": value})
+            except Exception as exc:  # noqa: BLE001 - reported to the client
+                self.out.write(_exc_reply(req_id, exc))
+
+        self._side_threads = [t for t in self._side_threads if t.is_alive()]
+        t = threading.Thread(target=run, name="poolbridge-stats", daemon=True)
+        self._side_threads.append(t)
+        t.start()
+
+
+class _PingReply(Sink):
+    __slots__ = ("out", "req_id")
+
+    def __init__(self, out: _Output, req_id: Any) -> None:
+        self.out = out
+        self.req_id = req_id
+
+    def deliver(self, status: int, body: Any) -> None:
+        if status == OK:
+            slot, generation, pid = unpack_plain(body)
+            self.out.write({"id": self.req_id, "status": "ok",
+                            "value": {"slot": slot, "generation": generation, "pid": pid}})
+        else:
+            code, type_name, message, tb, _ = unpack_plain(body)
+            self.out.write(_error_reply(self.req_id, code, type_name, message, tb))
+
+    def fail(self, exc: BaseException) -> None:
+        self.out.write(_exc_reply(self.req_id, exc))
+
+
+def _salvage_id(frame: bytes) -> Any:
+    """The ``id`` of a frame that failed to decode as a request, if a lenient decode can read it."""
+    try:
+        obj = msgpack.unpackb(frame, raw=True, strict_map_key=False, ext_hook=lambda c, d: None)
+    except Exception:  # noqa: BLE001 - truly unreadable: no id
+        return None
+    if isinstance(obj, dict):
+        req_id = obj.get(b"id")
+        if isinstance(req_id, int) and not isinstance(req_id, bool):
+            return req_id
+        if isinstance(req_id, bytes):
+            try:
+                return req_id.decode()
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+# -- process setup ----------------------------------------------------------------------------------
+
+
+def _private_fds(fds: tuple[int, int] | None) -> tuple[int, int]:
+    """Take the protocol fds private, then make 0/1 harmless — before any worker is started.
+
+    stdio mode: fd 0/1 are duplicated to fresh non-inheritable fds; fd 0 becomes /dev/null and
+    fd 1 a copy of fd 2, so a ``print`` or C-level write to fd 1 (here or in a worker, which
+    inherits 0/1/2) lands on stderr, never inside a frame. ``--fds`` mode: the given fds are moved
+    to fresh non-inheritable fds and the originals closed.
+    """
+    if fds is None:
+        in_fd, out_fd = os.dup(0), os.dup(1)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.dup2(2, 1)
+        return in_fd, out_fd
+    src_in, src_out = fds
+    in_fd, out_fd = os.dup(src_in), os.dup(src_out)
+    for fd in {src_in, src_out}:
+        os.close(fd)
+    return in_fd, out_fd
+
+
+def serve(
+    *,
+    workers: int,
+    fds: tuple[int, int] | None = None,
+    allow_modules: Sequence[str] = (),
+    max_frame: int = MAX_FRAME_DEFAULT,
+    helpers: Sequence[str] = (),
+    session_ttl: float | None = None,
+    max_refs_per_session: int | None = None,
+) -> int:
+    """Run the Port server until EOF on its input or SIGTERM; returns the exit status."""
+    in_fd, out_fd = _private_fds(fds)
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise _Stop
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    server: Server | None = None
+    try:
+        server = Server(
+            in_fd,
+            out_fd,
+            workers=workers,
+            allow_modules=allow_modules,
+            max_frame=max_frame,
+            helpers=helpers,
+            session_ttl=session_ttl,
+            max_refs_per_session=max_refs_per_session,
+        )
+        server.run()
+    except _Stop:
+        log.info("SIGTERM during start-up")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt cleanup
+        if server is not None:
+            server.close()
+        signal.signal(signal.SIGTERM, previous)
+        for fd in (in_fd, out_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    sys.stderr.flush()
+    return 0

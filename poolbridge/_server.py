@@ -330,7 +330,7 @@ class _Reply(Sink):
                 # [code, type, message, traceback, pickled]: the pickled exception is never loaded.
                 code, type_name, message, tb, _pickled = unpack_plain(body)
                 reply = _error_reply(self.req_id, code, type_name, message, tb)
-        except Exception as exc:  # noqa: BLE001 - a reply that cannot be decoded is that request's error
+        except Exception as exc:
             log.exception("undecodable worker reply")
             reply = _exc_reply(self.req_id, exc)
         self.out.write(reply)
@@ -476,10 +476,10 @@ class Server:
         try:
             try:
                 req = _decode_request(frame)
-            except BadRequestError as exc:
+            except BadRequestError:
                 req_id = _salvage_id(frame)
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad request
                 req_id = _salvage_id(frame)
                 raise BadRequestError(f"undecodable frame: {exc}") from None
             if not isinstance(req, dict):
@@ -492,7 +492,7 @@ class Server:
             if handler is None:
                 raise BadRequestError(f"unknown op {op!r}")
             handler(_Request(req), req_id)
-        except Exception as exc:  # noqa: BLE001 - every failure is that request's error reply
+        except Exception as exc:
             if not isinstance(exc, PoolbridgeError):
                 log.exception("request %r failed in the server", req_id)
             self.out.write(_exc_reply(req_id, exc))

@@ -1,0 +1,66 @@
+"""Helpers imported by the Port server under test (``--helpers pb_test_helpers``)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import poolbridge
+
+
+@poolbridge.helper(context=True)
+def remember(ctx: poolbridge.SessionContext, key: str, value: Any) -> int:
+    """Store a value in the session's state; returns how many keys the session holds."""
+    ctx.state[key] = value
+    return len(ctx.state)
+
+
+@poolbridge.helper(context=True)
+def recall(ctx: poolbridge.SessionContext, key: str) -> Any:
+    return ctx.state.get(key)
+
+
+@poolbridge.helper
+def whoami() -> dict[str, Any]:
+    ctx = poolbridge.current_session()
+    assert ctx is not None
+    return {"pid": os.getpid(), "session": ctx.session_id, "slot": ctx.slot}
+
+
+@poolbridge.helper
+def noisy(text: str) -> str:
+    """Write to fd 1 three ways: print, os.write, and libc write(2) — none may reach a frame."""
+    print(text, flush=True)
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+    os.write(1, (text + "\n").encode())
+    libc = ctypes.CDLL(None)
+    data = (text + "\n").encode()
+    libc.write(1, data, len(data))
+    return text
+
+
+def countdown(n: int) -> Iterator[int]:
+    while n > 0:
+        yield n
+        n -= 1
+
+
+def failing_stream(n: int) -> Iterator[int]:
+    yield from range(n)
+    raise RuntimeError("stream broke")
+
+
+class Box:
+    def __init__(self, value: Any = None) -> None:
+        self.value = value
+
+    def get(self) -> Any:
+        return self.value
+
+    def add(self, x: Any) -> Any:
+        self.value += x
+        return self.value

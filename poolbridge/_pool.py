@@ -55,7 +55,7 @@ from ._protocol import (
     pack_value,
     unpack_plain,
 )
-from ._router import Router, Sink
+from ._router import DEFAULT_MAX_IN_FLIGHT, Router, Sink
 from ._session import resolve_session, session_scope, validate_session_id
 
 __all__ = ["Pool", "PoolStats", "SlotStats"]
@@ -70,15 +70,21 @@ _FAILED = -1
 class _Options:
     """Per-call options. Plain slots, not a dataclass: ``options()`` sits on hot paths."""
 
-    __slots__ = ("batch", "ret", "session", "timeout")
+    __slots__ = ("batch", "block", "on_timeout", "ret", "session", "timeout")
 
-    def __init__(
-        self, session: str | None = None, timeout: float | None = None, ret: int = RET_AUTO, batch: int = DEFAULT_BATCH
-    ) -> None:
-        self.session = session
-        self.timeout = timeout
-        self.ret = ret
-        self.batch = batch
+    def __init__(self) -> None:
+        self.session: str | None = None
+        self.timeout: float | None = None
+        self.ret = RET_AUTO
+        self.batch = DEFAULT_BATCH
+        self.block = True
+        self.on_timeout = "keep"
+
+    def copy(self) -> _Options:
+        new = _Options()
+        for name in self.__slots__:
+            setattr(new, name, getattr(self, name))
+        return new
 
 
 @dataclass(frozen=True)
@@ -240,10 +246,13 @@ class _Api:
         slot, req_id, data = self._prepare(op, ref, fields)
         pool._flush_discards()
         waiter = _Waiter()
-        channel = pool._router.send(slot, req_id, data, waiter)
+        channel = pool._router.send(slot, req_id, data, waiter, lead=True, block=self._opts.block)
         timeout = self._opts.timeout
-        if not waiter.wait(timeout):
+        if not channel.await_reply(req_id, waiter, timeout):
             if channel.pending.pop(req_id, None) is not None:
+                if self._opts.on_timeout == "restart":
+                    log.warning("slot %d: call timed out after %ss; restarting the worker", slot, timeout)
+                    pool._router.kill_slot(slot)
                 raise CallTimeoutError(f"{op} did not finish within {timeout}s (slot {slot})")
             waiter.wait(None)  # the reply raced the timeout and is being delivered
         if waiter.status == _FAILED:
@@ -257,7 +266,7 @@ class _Api:
         sink = _FutureSink(decode)
         # Written to the worker at once, so it counts as running: cancel() returns False.
         sink.future.set_running_or_notify_cancel()
-        pool._router.send(slot, req_id, data, sink)
+        pool._router.send(slot, req_id, data, sink, block=self._opts.block)
         return sink.future
 
     def _value(self, status: int, body: Any) -> Any:
@@ -282,10 +291,20 @@ class _Api:
         timeout: float | None = None,
         ret: str | None = None,
         batch: int | None = None,
+        block: bool | None = None,
+        on_timeout: str | None = None,
     ) -> _Api:
-        """A view of the pool whose calls use these options (unset ones are inherited)."""
-        old = self._opts
-        opts = _Options(old.session, old.timeout, old.ret, old.batch)
+        """A view of the pool whose calls use these options (unset ones are inherited).
+
+        ``session``: the per-call session override. ``timeout``: seconds before
+        :class:`CallTimeoutError`. ``on_timeout``: ``"keep"`` (default) lets the worker finish the
+        call and drops its reply; ``"restart"`` kills the slot's worker, which fails that slot's other
+        in-flight calls with :class:`WorkerCrashedError` and loses its sessions' state. ``ret``:
+        ``"auto"`` (a value, or a Ref when the result cannot be encoded), ``"ref"``, ``"value"``.
+        ``batch``: stream batch size. ``block=False``: raise :class:`PoolBusyError` instead of waiting
+        when the slot is at its in-flight bound.
+        """
+        opts = self._opts.copy()
         if session is not None:
             opts.session = validate_session_id(session)
         if timeout is not None:
@@ -300,6 +319,12 @@ class _Api:
             if batch < 1:
                 raise ValueError(f"batch must be at least 1, got {batch}")
             opts.batch = int(batch)
+        if block is not None:
+            opts.block = bool(block)
+        if on_timeout is not None:
+            if on_timeout not in ("keep", "restart"):
+                raise ValueError(f"on_timeout must be 'keep' or 'restart', got {on_timeout!r}")
+            opts.on_timeout = on_timeout
         return _Api(self._pool, opts)
 
     def call(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
@@ -413,7 +438,8 @@ class Pool(_Api):
     ``workers``: number of slots (default ``os.cpu_count()``). ``helpers``: modules imported in every
     worker, whose ``@poolbridge.helper`` functions become callable by name. ``session_ttl``: seconds
     after which an idle session's state is dropped. ``max_refs_per_session``: cap on refs and streams
-    a session may hold.
+    a session may hold. ``max_in_flight``: bound on unanswered requests per slot; past it callers
+    block, or get :class:`PoolBusyError` with ``options(block=False)``.
     """
 
     __slots__ = ("__weakref__", "_discards", "_router", "_unpack", "workers")
@@ -425,6 +451,7 @@ class Pool(_Api):
         helpers: list[str] | tuple[str, ...] = (),
         session_ttl: float | None = None,
         max_refs_per_session: int | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         _wire: bool = False,
     ) -> None:
         super().__init__(self, _Options())
@@ -440,6 +467,7 @@ class Pool(_Api):
                 "wire": _wire,
                 "log_level": logging.getLogger("poolbridge").getEffectiveLevel(),
             },
+            max_in_flight=max_in_flight,
         )
         _live_pools.add(self)
 

@@ -1,0 +1,88 @@
+"""Shared fixtures of the core suite.
+
+* ``pool``: one real pool (2 worker subprocesses, ``pb_helpers`` loaded) per test module. Tests that
+  need exact counters or special options start their own pool.
+* Process hygiene: after every test module, and after the whole session, no child process of the
+  test process may be left (bounded wait for orderly exits first).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+import poolbridge
+
+EXIT_WAIT = 15.0  # upper bound for children to go away after their pool closed
+
+
+def _children() -> list[psutil.Process]:
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:  # pragma: no cover
+        return []
+
+
+def _leftovers(ignore: set[int]) -> list[str]:
+    gc.collect()  # a pool nobody closed but nobody references either
+    procs = [p for p in _children() if p.pid not in ignore]
+    _, alive = psutil.wait_procs(procs, timeout=EXIT_WAIT)
+    out = []
+    for p in alive:
+        try:
+            out.append(f"pid {p.pid} {p.status()} {' '.join(p.cmdline())[:160]}")
+        except psutil.Error:
+            continue
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_children_after_suite() -> Iterator[None]:
+    yield
+    left = _leftovers(set())
+    assert not left, f"child processes left after the test session: {left}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_children_after_module() -> Iterator[None]:
+    before = {p.pid for p in _children()}
+    yield
+    left = _leftovers(before)
+    assert not left, f"child processes left after this test module: {left}"
+
+
+def make_pool(**kwargs: object) -> poolbridge.Pool:
+    kwargs.setdefault("workers", 2)
+    kwargs.setdefault("helpers", ["pb_helpers"])
+    return poolbridge.Pool(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[poolbridge.Pool]:
+    p = make_pool()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def fresh_pool() -> Iterator[poolbridge.Pool]:
+    """A pool of this test alone: for exact counters (stats) and per-pool options."""
+    p = make_pool()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def expect_routed(pool: poolbridge.Pool, seen: dict | None, session: str) -> None:
+    """``seen`` (a ``pb_testmods.whoami()`` result) ran in ``session``, in that session's worker."""
+    assert seen is not None, "the worker reported no current session"
+    slot = pool.slot_for(session)
+    assert seen["session"] == session
+    assert seen["slot"] == slot
+    assert seen["pid"] == pool.pids()[slot]

@@ -20,6 +20,7 @@ from ._errors import (
     SessionMismatchError,
     WorkerCrashedError,
 )
+from ._aio import AsyncPool, AsyncStream
 from ._handles import Ref, Stream
 from ._hashing import jump_hash, stable_hash64
 from ._helpers import SessionContext, current_session, helper
@@ -29,6 +30,8 @@ from ._session import resolve_session
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncPool",
+    "AsyncStream",
     "BadRequestError",
     "CallTimeoutError",
     "FrameTooLargeError",

@@ -61,6 +61,27 @@ class Ref(WireRef):
         self._released = True
         self._api.release(self)
 
+    async def acall(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Awaitable :meth:`call` (for asyncio code)."""
+        from ._aio import AsyncPool
+
+        return await AsyncPool(_api=self._api).method(self, name, *args, **kwargs)
+
+    async def agetattr(self, name: str) -> Any:
+        from ._aio import AsyncPool
+
+        return await AsyncPool(_api=self._api).getattr(self, name)
+
+    async def asetattr(self, name: str, value: Any) -> None:
+        from ._aio import AsyncPool
+
+        await AsyncPool(_api=self._api).setattr(self, name, value)
+
+    async def arelease(self) -> None:
+        from ._aio import AsyncPool
+
+        await AsyncPool(_api=self._api).release(self)
+
     def options(self, **options: Any) -> _RefView:
         """The same ref with per-call options (``timeout``, ``ret``; a ``session`` must match)."""
         return _RefView(self, self._api.options(**options))

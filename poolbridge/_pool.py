@@ -55,6 +55,7 @@ from ._protocol import (
     pack_value,
     unpack_plain,
 )
+from ._channel import ProcessChannel
 from ._router import DEFAULT_MAX_IN_FLIGHT, Router, Sink
 from ._session import resolve_session, session_scope, validate_session_id
 
@@ -65,6 +66,7 @@ log = logging.getLogger("poolbridge")
 _RET = {"auto": RET_AUTO, "ref": RET_REF, "value": RET_VALUE}
 DEFAULT_BATCH = 1024
 _FAILED = -1
+_Req = tuple[str, "WireRef | None", list[Any], Callable[[int, Any], Any]]
 
 
 class _Options:
@@ -242,6 +244,7 @@ class _Api:
         return slot, req_id, pack_plain([req_id, op, session_id, body])
 
     def _run(self, op: str, ref: WireRef | None, fields: list[Any], decode: Callable[[int, Any], Any]) -> Any:
+        """Send and block for the reply, reading it ourselves when nobody else is (no thread hop)."""
         pool = self._pool
         slot, req_id, data = self._prepare(op, ref, fields)
         pool._flush_discards()
@@ -327,68 +330,103 @@ class _Api:
             opts.on_timeout = on_timeout
         return _Api(self._pool, opts)
 
-    def call(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn(*args, **kwargs)`` in the session's worker. ``fn``: dotted path, callable or Ref."""
+    # -- request builders: (op, target ref, fields, decode), shared by the sync and async faces --
+
+    def _req_call(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], ret: int | None = None) -> _Req:
         ref = fn if isinstance(fn, WireRef) else None
-        return self._run(OP_CALL, ref, [self._fn(fn), list(args), kwargs, self._opts.ret], self._value)
+        return OP_CALL, ref, [self._fn(fn), list(args), kwargs, self._opts.ret if ret is None else ret], self._value
 
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        """Like :meth:`call`, returning a ``concurrent.futures.Future``."""
-        ref = fn if isinstance(fn, WireRef) else None
-        return self._submit(OP_CALL, ref, [self._fn(fn), list(args), kwargs, self._opts.ret], self._value)
-
-    def create(self, cls: Any, /, *args: Any, **kwargs: Any) -> Ref:
-        """Call ``cls(*args, **kwargs)`` in the worker and keep the result there; returns a :class:`Ref`."""
-        return self._run(OP_CALL, None, [self._fn(cls), list(args), kwargs, RET_REF], self._value)  # type: ignore[no-any-return]
-
-    def getattr(self, target: str | Ref, name: str | None = None) -> Any:
-        """``pool.getattr("math.pi")`` reads a module attribute; ``pool.getattr(ref, "x")`` a ref's."""
+    def _req_getattr(self, target: Any, name: str | None) -> _Req:
         if isinstance(target, WireRef):
             if not isinstance(name, str):
                 raise TypeError("getattr(ref, name) needs the attribute name")
-            return self._run(OP_GETATTR, target, [target, name, self._opts.ret], self._value)
+            return OP_GETATTR, target, [target, name, self._opts.ret], self._value
         if not isinstance(target, str) or name is not None:
             raise TypeError("getattr takes a dotted path, or a Ref and an attribute name")
-        return self._run(OP_GETATTR, None, [target, None, self._opts.ret], self._value)
+        return OP_GETATTR, None, [target, None, self._opts.ret], self._value
 
-    def setattr(self, ref: Ref, name: str, value: Any) -> None:
-        self._run(OP_SETATTR, ref, [ref, name, value], self._value)
+    def _req_setattr(self, ref: Ref, name: str, value: Any) -> _Req:
+        return OP_SETATTR, ref, [ref, name, value], self._value
 
-    def method(self, ref: Ref, name: str, /, *args: Any, **kwargs: Any) -> Any:
-        """Call method ``name`` of the object behind ``ref``."""
-        return self._run(OP_METHOD, ref, [ref, name, list(args), kwargs, self._opts.ret], self._value)
+    def _req_method(self, ref: Ref, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Req:
+        return OP_METHOD, ref, [ref, name, list(args), kwargs, self._opts.ret], self._value
 
-    def submit_method(self, ref: Ref, name: str, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        return self._submit(OP_METHOD, ref, [ref, name, list(args), kwargs, self._opts.ret], self._value)
+    def _req_helper(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Req:
+        return OP_HELPER, None, [name, list(args), kwargs, self._opts.ret], self._value
 
-    def helper(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
-        """Call a function registered with ``@poolbridge.helper`` in a module listed in ``helpers=``."""
-        return self._run(OP_HELPER, None, [name, list(args), kwargs, self._opts.ret], self._value)
+    def _req_release(self, ref: Ref) -> _Req:
+        return OP_RELEASE, ref, [ref.key()], self._value
 
-    def release(self, ref: Ref) -> None:
-        self._run(OP_RELEASE, ref, [ref.key()], self._value)
+    def _req_close_session(self) -> _Req:
+        return OP_CLOSE_SESSION, None, [], self._value
 
-    def stream(self, fn: Any, /, *args: Any, **kwargs: Any) -> Stream:
-        """Iterate ``fn(*args, **kwargs)`` in the session's worker; items arrive in batches."""
+    def _req_stream_open(
+        self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], make: Callable[..., Any]
+    ) -> tuple[_Api, _Req]:
+        """The open request, pinned to the session resolved now (the stream's key needs it)."""
         batch = self._opts.batch
-
-        def opened(status: int, body: Any) -> Stream:
-            if status != OK:
-                raise rebuild_error(body)
-            stream_id, items, done = unpack_plain(body)
-            key = WireRef(session_id, stream_id, slot, generation)
-            return Stream(self, key, self._pool._unpack(items), done, batch)
-
-        # _prepare is called inside _run; the key needs the same resolved values, so resolve here
-        # through the same function and pass the result on as the override.
         session_id = resolve_session(None, self._opts.session)
         slot = self._pool._router.slot_for(session_id)
         generation = self._pool._router.generation(slot)
         pinned = self.options(session=session_id)
-        return pinned._run(OP_STREAM_OPEN, None, [self._fn(fn), list(args), kwargs, batch], opened)  # type: ignore[no-any-return]
+
+        def opened(status: int, body: Any) -> Any:
+            if status != OK:
+                raise rebuild_error(body)
+            stream_id, items, done = unpack_plain(body)
+            key = WireRef(session_id, stream_id, slot, generation)
+            return make(self, key, self._pool._unpack(items), done, batch)
+
+        return pinned, (OP_STREAM_OPEN, None, [self._fn(fn), list(args), kwargs, batch], opened)
+
+    def _req_stream_next(self, key: WireRef, n: int) -> _Req:
+        return OP_STREAM_NEXT, key, [key.key(), n], self._stream_items
+
+    def _req_stream_close(self, key: WireRef) -> _Req:
+        return OP_STREAM_CLOSE, key, [key.key()], self._value
+
+    # -- public operations -------------------------------------------------------------
+
+    def call(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in the session's worker. ``fn``: dotted path, callable or Ref."""
+        return self._run(*self._req_call(fn, args, kwargs))
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """Like :meth:`call`, returning a ``concurrent.futures.Future``."""
+        return self._submit(*self._req_call(fn, args, kwargs))  # type: ignore[no-any-return]
+
+    def create(self, cls: Any, /, *args: Any, **kwargs: Any) -> Ref:
+        """Call ``cls(*args, **kwargs)`` in the worker and keep the result there; returns a :class:`Ref`."""
+        return self._run(*self._req_call(cls, args, kwargs, RET_REF))  # type: ignore[no-any-return]
+
+    def getattr(self, target: str | Ref, name: str | None = None) -> Any:
+        """``pool.getattr("math.pi")`` reads a module attribute; ``pool.getattr(ref, "x")`` a ref's."""
+        return self._run(*self._req_getattr(target, name))
+
+    def setattr(self, ref: Ref, name: str, value: Any) -> None:
+        self._run(*self._req_setattr(ref, name, value))
+
+    def method(self, ref: Ref, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call method ``name`` of the object behind ``ref``."""
+        return self._run(*self._req_method(ref, name, args, kwargs))
+
+    def submit_method(self, ref: Ref, name: str, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        return self._submit(*self._req_method(ref, name, args, kwargs))  # type: ignore[no-any-return]
+
+    def helper(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call a function registered with ``@poolbridge.helper`` in a module listed in ``helpers=``."""
+        return self._run(*self._req_helper(name, args, kwargs))
+
+    def release(self, ref: Ref) -> None:
+        self._run(*self._req_release(ref))
+
+    def stream(self, fn: Any, /, *args: Any, **kwargs: Any) -> Stream:
+        """Iterate ``fn(*args, **kwargs)`` in the session's worker; items arrive in batches."""
+        pinned, req = self._req_stream_open(fn, args, kwargs, Stream)
+        return pinned._run(*req)  # type: ignore[no-any-return]
 
     def _stream_next(self, key: WireRef, n: int) -> Any:
-        return self._submit(OP_STREAM_NEXT, key, [key.key(), n], self._stream_items)
+        return self._submit(*self._req_stream_next(key, n))
 
     def _stream_items(self, status: int, body: Any) -> tuple[list[Any], bool]:
         if status != OK:
@@ -401,7 +439,7 @@ class _Api:
         return pending.result()  # type: ignore[no-any-return]
 
     def _stream_close(self, key: WireRef) -> None:
-        self._run(OP_STREAM_CLOSE, key, [key.key()], self._value)
+        self._run(*self._req_stream_close(key))
 
     def close_session(self, session_id: str | None = None) -> int:
         """Drop every ref, stream and helper state of a session (default: the current one).
@@ -409,7 +447,7 @@ class _Api:
         Returns how many refs and streams were dropped.
         """
         api = self if session_id is None else self.options(session=session_id)
-        return api._run(OP_CLOSE_SESSION, None, [], self._value)  # type: ignore[no-any-return]
+        return api._run(*api._req_close_session())  # type: ignore[no-any-return]
 
     def session(self, session_id: str) -> AbstractContextManager[str]:
         """``with pool.session("user-42"): ...`` — the context session for the block."""
@@ -439,10 +477,13 @@ class Pool(_Api):
     worker, whose ``@poolbridge.helper`` functions become callable by name. ``session_ttl``: seconds
     after which an idle session's state is dropped. ``max_refs_per_session``: cap on refs and streams
     a session may hold. ``max_in_flight``: bound on unanswered requests per slot; past it callers
-    block, or get :class:`PoolBusyError` with ``options(block=False)``.
+    block, or get :class:`PoolBusyError` with ``options(block=False)``. ``max_calls_per_worker`` /
+    ``max_rss_per_worker`` (bytes): recycle a worker past these limits — only while it holds no
+    session state (see docs/faults.md). ``backend``: ``"process"`` (default) or ``"ray"`` (each slot a
+    Ray actor; ``ray_init`` is passed to ``ray.init``).
     """
 
-    __slots__ = ("__weakref__", "_discards", "_router", "_unpack", "workers")
+    __slots__ = ("__weakref__", "_discards", "_router", "_unpack", "backend", "workers")
 
     def __init__(
         self,
@@ -452,10 +493,24 @@ class Pool(_Api):
         session_ttl: float | None = None,
         max_refs_per_session: int | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_calls_per_worker: int | None = None,
+        max_rss_per_worker: int | None = None,
+        backend: str = "process",
+        ray_init: dict[str, Any] | None = None,
         _wire: bool = False,
     ) -> None:
         super().__init__(self, _Options())
         self.workers = int(workers if workers is not None else (os.cpu_count() or 1))
+        self.backend = backend
+        factory: Callable[..., Any]
+        if backend == "process":
+            factory = ProcessChannel
+        elif backend == "ray":
+            from .backends.ray import ray_channel_factory  # the core never imports Ray otherwise
+
+            factory = ray_channel_factory(ray_init or {})
+        else:
+            raise ValueError(f"backend must be 'process' or 'ray', got {backend!r}")
         self._unpack = make_unpacker(self._make_ref)
         self._discards: collections.deque[tuple[list[Any], str]] = collections.deque()
         self._router = Router(
@@ -465,9 +520,12 @@ class Pool(_Api):
                 "session_ttl": session_ttl,
                 "max_refs_per_session": max_refs_per_session,
                 "wire": _wire,
+                "max_calls": max_calls_per_worker,
+                "max_rss": max_rss_per_worker,
                 "log_level": logging.getLogger("poolbridge").getEffectiveLevel(),
             },
             max_in_flight=max_in_flight,
+            channel_factory=factory,
         )
         _live_pools.add(self)
 
@@ -530,6 +588,13 @@ class Pool(_Api):
             )
         return PoolStats(workers=self.workers, slots=tuple(slots))
 
+    @property
+    def aio(self) -> Any:
+        """The asyncio face of this pool (:class:`AsyncPool`), sharing its workers and sessions."""
+        from ._aio import AsyncPool
+
+        return AsyncPool(_api=self)
+
     def pids(self) -> list[int]:
         """The current worker pid of every slot, by slot."""
         return [ch.pid if ch is not None else -1 for ch in self._router.channels()]
@@ -554,7 +619,7 @@ class Pool(_Api):
         state = "closed" if self.closed else "running"
         in_flight = sum(len(ch.pending) for ch in self._router.channels() if ch is not None)
         return (
-            f"<Pool workers={self.workers} "
+            f"<Pool workers={self.workers} backend={self.backend} "
             f"state={state} in_flight={in_flight}>"
         )
 

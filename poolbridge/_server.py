@@ -56,6 +56,7 @@ from ._protocol import (
     RET_AUTO,
     RET_REF,
     RET_VALUE,
+    HEADER,
     FrameReader,
     OversizedFrame,
     WireRef,
@@ -445,7 +446,7 @@ class Server:
     def run(self) -> None:
         """Send the hello frame, then serve until EOF on the input fd (or :class:`_Stop`)."""
         self.out.write(self.hello())
-        reader = FrameReader(self.max_frame)
+        reader = _FrameReader(self.max_frame)
         try:
             while True:
                 data = os.read(self.in_fd, 1 << 16)
@@ -470,7 +471,8 @@ class Server:
     def handle_frame(self, frame: bytes | OversizedFrame) -> None:
         if isinstance(frame, OversizedFrame):
             exc: BaseException = frame.error(self.max_frame)
-            self.out.write(_error_reply(None, FrameTooLargeError.code, "FrameTooLargeError", str(exc), ""))
+            req_id = _id_from_head(frame.head) if isinstance(frame, _Oversized) else None
+            self.out.write(_error_reply(req_id, FrameTooLargeError.code, "FrameTooLargeError", str(exc), ""))
             return
         req_id: Any = None
         try:
@@ -663,6 +665,70 @@ def _salvage_id(frame: bytes) -> Any:
                 return req_id.decode()
             except UnicodeDecodeError:
                 return None
+    return None
+
+
+class _Oversized(OversizedFrame):
+    """An oversized frame, plus the first bytes of its body (to read the request ``id`` from)."""
+
+    __slots__ = ("head",)
+
+    def __init__(self, size: int, head: bytes) -> None:
+        super().__init__(size)
+        self.head = head
+
+
+_HEAD = 64
+
+
+class _FrameReader(FrameReader):
+    """:class:`FrameReader` that keeps the first bytes of an oversized frame it skips, so the
+    ``frame_too_large`` reply can carry the request's ``id`` when the client put it first."""
+
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> list[bytes | OversizedFrame]:
+        out: list[bytes | OversizedFrame] = []
+        buf = self._buf
+        if self._skip:
+            take = min(self._skip, len(data))
+            self._skip -= take
+            data = data[take:]
+        buf += data
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            (size,) = HEADER.unpack_from(buf, pos)
+            if size > self.max_frame:
+                available = end - pos - 4
+                out.append(_Oversized(size, bytes(buf[pos + 4 : pos + 4 + min(_HEAD, available)])))
+                if available >= size:
+                    pos += 4 + size
+                    continue
+                self._skip = size - available
+                pos = end
+                break
+            if end - pos - 4 < size:
+                break
+            out.append(bytes(buf[pos + 4 : pos + 4 + size]))
+            pos += 4 + size
+        if pos:
+            del buf[:pos]
+        return out
+
+
+def _id_from_head(head: bytes) -> Any:
+    """The ``id`` of a request map whose first key is ``"id"``, read from the frame's first bytes."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(head)
+    try:
+        if unpacker.read_map_header() < 1 or unpacker.unpack() != "id":
+            return None
+        req_id = unpacker.unpack()
+    except Exception:  # noqa: BLE001 - truncated or not a map: no id
+        return None
+    if isinstance(req_id, (int, str)) and not isinstance(req_id, bool):
+        return req_id
     return None
 
 

@@ -1,0 +1,250 @@
+"""The asyncio face of a pool: the same operations, awaitable, on the same workers.
+
+No thread per call and nothing blocks the loop: a request is written by the task itself (a pipe
+write of a few dozen bytes), and its reply — read by the channel's reader thread — resolves an
+``asyncio.Future`` through ``loop.call_soon_threadsafe``. Session resolution runs inside the task,
+so each task gets its own auto-session, and ``with pool.session(...)`` / ``options(session=...)``
+behave exactly as in threads.
+
+    async with AsyncPool(workers=4) as pool:
+        await pool.call("math.sqrt", 2.0)
+        ref = await pool.create("collections.Counter", "abca")
+        await ref.acall("most_common", 1)          # or: await pool.method(ref, "most_common", 1)
+        async for item in pool.stream("builtins.range", 10):
+            ...
+
+``pool.aio`` gives the asyncio face of an existing (sync) :class:`Pool`; both share the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+from ._errors import CallTimeoutError
+from ._handles import Ref
+from ._pool import _FAILED, Pool, PoolStats, _Api, _Req
+from ._protocol import WireRef
+from ._router import Sink
+
+__all__ = ["AsyncPool", "AsyncStream"]
+
+
+class _LoopSink(Sink):
+    """Resolves an asyncio future from whichever thread reads the reply."""
+
+    __slots__ = ("decode", "future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, decode: Callable[[int, Any], Any]) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self.decode = decode
+
+    def deliver(self, status: int, body: Any) -> None:
+        try:
+            value = self.decode(status, body)  # decoded here: the loop thread only sets the result
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            self._post(None, exc)
+        else:
+            self._post(value, None)
+
+    def fail(self, exc: BaseException) -> None:
+        self._post(None, exc)
+
+    def _post(self, value: Any, exc: BaseException | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_settle, self.future, value, exc)
+        except RuntimeError:  # the loop is closed; nobody is waiting any more
+            pass
+
+
+def _settle(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(value)
+
+
+class AsyncPool:
+    """Awaitable operations on a :class:`Pool`. ``AsyncPool(**pool_args)`` owns a new pool;
+    ``pool.aio`` wraps an existing one."""
+
+    __slots__ = ("_api", "_owned")
+
+    def __init__(self, workers: int | None = None, *, _api: _Api | None = None, **pool_args: Any) -> None:
+        self._owned = _api is None
+        self._api: _Api = _api if _api is not None else Pool(workers, **pool_args)
+
+    @property
+    def pool(self) -> Pool:
+        """The synchronous pool behind this face (same workers, same sessions)."""
+        return self._api._pool
+
+    def _arun(self, req: _Req) -> asyncio.Future[Any]:
+        op, ref, fields, decode = req
+        api = self._api
+        pool = api._pool
+        slot, req_id, data = api._prepare(op, ref, fields)
+        pool._flush_discards()
+        sink = _LoopSink(asyncio.get_running_loop(), decode)
+        channel = pool._router.send(slot, req_id, data, sink, block=api._opts.block)
+        timeout = api._opts.timeout
+        if timeout is not None:
+            handle = sink.loop.call_later(timeout, self._expire, sink, channel, req_id, slot, op)
+            sink.future.add_done_callback(lambda _: handle.cancel())
+        return sink.future
+
+    def _expire(self, sink: _LoopSink, channel: Any, req_id: int, slot: int, op: str) -> None:
+        if channel.pending.pop(req_id, None) is None:
+            return  # the reply is already on its way to the loop
+        if self._api._opts.on_timeout == "restart":
+            self._api._pool._router.kill_slot(slot)
+        _settle(sink.future, None, CallTimeoutError(f"{op} did not finish within {self._api._opts.timeout}s"))
+
+    # -- operations --------------------------------------------------------------------
+
+    def options(self, **options: Any) -> AsyncPool:
+        """An async view whose calls use these options (see :meth:`Pool.options`)."""
+        return AsyncPool(_api=self._api.options(**options))
+
+    def session(self, session_id: str) -> AbstractContextManager[str]:
+        return self._api.session(session_id)
+
+    def slot_for(self, session_id: str) -> int:
+        return self._api.slot_for(session_id)
+
+    async def call(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return await self._arun(self._api._req_call(fn, args, kwargs))
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        """Send now, await later: returns an ``asyncio.Future`` (must be called inside the loop)."""
+        return self._arun(self._api._req_call(fn, args, kwargs))
+
+    async def create(self, cls: Any, /, *args: Any, **kwargs: Any) -> Ref:
+        from ._protocol import RET_REF
+
+        return await self._arun(self._api._req_call(cls, args, kwargs, RET_REF))  # type: ignore[no-any-return]
+
+    async def getattr(self, target: str | Ref, name: str | None = None) -> Any:
+        return await self._arun(self._api._req_getattr(target, name))
+
+    async def setattr(self, ref: Ref, name: str, value: Any) -> None:
+        await self._arun(self._api._req_setattr(ref, name, value))
+
+    async def method(self, ref: Ref, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        return await self._arun(self._api._req_method(ref, name, args, kwargs))
+
+    async def helper(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        return await self._arun(self._api._req_helper(name, args, kwargs))
+
+    async def release(self, ref: Ref) -> None:
+        ref._released = True
+        await self._arun(self._api._req_release(ref))
+
+    async def close_session(self, session_id: str | None = None) -> int:
+        api = self._api if session_id is None else self._api.options(session=session_id)
+        return await AsyncPool(_api=api)._arun(api._req_close_session())  # type: ignore[no-any-return]
+
+    def stream(self, fn: Any, /, *args: Any, **kwargs: Any) -> AsyncStream:
+        """``async for item in pool.stream(fn, ...)`` — the generator runs in the session's worker."""
+        return AsyncStream(self, fn, args, kwargs)
+
+    async def stats(self) -> PoolStats:
+        return await asyncio.get_running_loop().run_in_executor(None, self.pool.stats)
+
+    async def aclose(self, cancel: bool = False) -> None:
+        """Close the pool if this face owns it (without blocking the loop)."""
+        if self._owned:
+            await asyncio.get_running_loop().run_in_executor(None, lambda: self.pool.close(cancel=cancel))
+
+    async def __aenter__(self) -> AsyncPool:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<AsyncPool of {self.pool!r}>"
+
+
+class AsyncStream(AsyncIterator[Any]):
+    """``async for`` over a worker-side generator, one round trip per batch, next batch prefetched."""
+
+    def __init__(self, apool: AsyncPool, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._apool = apool
+        self._open = (fn, args, kwargs)
+        self._key: WireRef | None = None
+        self._items: list[Any] = []
+        self._pos = 0
+        self._done = False
+        self._closed = False
+        self._next: asyncio.Future[Any] | None = None
+        self._batch = apool._api._opts.batch
+
+    @property
+    def session_id(self) -> str | None:
+        return self._key.session_id if self._key is not None else None
+
+    async def _start(self) -> None:
+        fn, args, kwargs = self._open
+        api = self._apool._api
+
+        def make(_api: _Api, key: WireRef, items: list[Any], done: bool, batch: int) -> tuple[WireRef, list[Any], bool]:
+            return key, items, done
+
+        pinned, req = api._req_stream_open(fn, args, kwargs, make)
+        self._key, self._items, self._done = await AsyncPool(_api=pinned)._arun(req)
+        self._prefetch()
+
+    def _prefetch(self) -> None:
+        if not self._done and self._key is not None:
+            self._next = self._apool._arun(self._apool._api._req_stream_next(self._key, self._batch))
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._key is None and not self._closed:
+            await self._start()
+        while True:
+            if self._pos < len(self._items):
+                item = self._items[self._pos]
+                self._pos += 1
+                return item
+            if self._done or self._next is None:
+                self._closed = True
+                raise StopAsyncIteration
+            pending, self._next = self._next, None
+            try:
+                self._items, self._done = await pending
+            except BaseException:
+                self._done = self._closed = True
+                raise
+            self._pos = 0
+            self._prefetch()
+
+    async def aclose(self) -> None:
+        """Close the generator in the worker (its ``finally`` runs). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._key is None or self._done:
+            return
+        self._done = True
+        if self._next is not None:
+            pending, self._next = self._next, None
+            try:
+                await pending
+            except Exception:  # noqa: S110 - the close below reports what matters
+                pass
+        await self._apool._arun(self._apool._api._req_stream_close(self._key))
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

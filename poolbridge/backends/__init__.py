@@ -1,0 +1,1 @@
+"""Alternative channel backends for :class:`poolbridge.Pool` (``backend=...``)."""

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._errors import PoolBusyError, WorkerCrashedError
-from ._protocol import FrameReader, pack_plain, unpack_plain
+from ._protocol import RETIRING, FrameReader, pack_plain, unpack_plain
 from ._worker import _write_all
 
 if TYPE_CHECKING:
@@ -48,6 +48,10 @@ _READ_SIZE = 1 << 16
 # A caller whose reply was lost with a dead worker is failed by the monitor within milliseconds;
 # this only bounds the wait if the monitor itself were broken.
 _ORPHAN_WAIT = 10.0
+
+
+class Retired(Exception):
+    """Internal: the channel is being recycled; send to the slot's next channel instead."""
 
 
 class Spawner:
@@ -168,6 +172,7 @@ class ProcessChannel:
         self.generation = generation
         self.pending: dict[int, Sink] = {}
         self.dead = False
+        self.retiring = False  # asked to be recycled: no new requests; finishing what it has
         self.eof = False
         self.exitcode: int | None = None
         #: Set once the router has drained this channel and failed what was left.
@@ -198,6 +203,9 @@ class ProcessChannel:
         self.pending[req_id] = sink
         cause: BaseException | None = None
         with self._write_lock:
+            if self.retiring:
+                self.pending.pop(req_id, None)
+                raise Retired
             if not self.dead:
                 try:
                     _write_all(self._write_fd, data)
@@ -235,6 +243,8 @@ class ProcessChannel:
             sink = pending.pop(req_id, None)
             if sink is not None:
                 sink.deliver(status, body)
+            elif status == RETIRING:
+                self.retire()
         if self._space_waiters:
             with self._space:
                 self._space.notify_all()
@@ -328,6 +338,12 @@ class ProcessChannel:
         self.exitcode = self.process.wait()
         with self._space:
             self._space.notify_all()
+
+    def retire(self) -> None:
+        """Stop sending here; the worker answers what it has, sees EOF and exits; the slot restarts."""
+        log.info("slot %d: worker pid %d reached its recycling limits; replacing it", self.slot, self.pid)
+        self.retiring = True
+        self.close_input()
 
     def close_input(self) -> None:
         """Close the request pipe: the worker finishes what it has read, replies, and exits."""

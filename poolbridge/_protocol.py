@@ -50,6 +50,7 @@ EXT_REF = 3
 
 OK = 0
 ERROR = 1
+RETIRING = 2  # worker -> router notice (id nil): "recycle me"; see WorkerCore.wants_retire
 
 # Ops (request field lists in brackets; see the worker's dispatch table).
 OP_CALL = "call"  # [fn, args, kwargs, ret]                 fn: dotted path | callable | target ref

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._channel import ProcessChannel, Spawner, _Monitor
+from ._channel import ProcessChannel, Retired, Spawner, _Monitor
 from ._errors import PoolClosedError, WorkerCrashedError
 from ._hashing import slot_for
 from ._protocol import encode_frame
@@ -118,7 +118,7 @@ class Router:
         """The live channel of ``slot``, waiting (bounded) while it restarts."""
         s = self._slots[slot]
         ch = s.channel
-        if ch is not None and not ch.dead:
+        if ch is not None and not ch.dead and not ch.retiring:
             return ch
         deadline = time.monotonic() + RESTART_WAIT
         with s.cond:
@@ -126,7 +126,7 @@ class Router:
                 if self.closing:
                     raise PoolClosedError("the pool is closed")
                 ch = s.channel
-                if ch is not None and not ch.dead:
+                if ch is not None and not ch.dead and not ch.retiring:
                     return ch
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -141,8 +141,14 @@ class Router:
         """Send one request. ``lead=True``: the caller will read its own reply (``await_reply``)."""
         if self.closing:
             raise PoolClosedError("the pool is closed")
-        ch = self.channel(slot)
-        ch.send(req_id, encode_frame(body), sink, block)
+        data = encode_frame(body)
+        while True:
+            ch = self.channel(slot)
+            try:
+                ch.send(req_id, data, sink, block)
+                break
+            except Retired:
+                continue  # the slot is being recycled: channel() waits for its next generation
         if not lead:
             ch.wake_reader()
         return ch
@@ -172,6 +178,10 @@ class Router:
             failed += 1
         ch.finished.set()
         if self.closing:
+            return
+        if getattr(ch, "retiring", False) and failed == 0 and ch.exitcode == 0:
+            log.info("slot %d: recycled worker pid %d exited cleanly", ch.slot, ch.pid)
+            self._restart(ch)
             return
         log.warning("%s; %d calls in flight failed; restarting the slot", exc, failed)
         if self._on_crash is not None:

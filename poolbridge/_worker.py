@@ -43,6 +43,7 @@ from ._protocol import (
     EXT_REF,
     OK,
     OP_CALL,
+    RETIRING,
     OP_CLOSE_SESSION,
     OP_GETATTR,
     OP_HELPER,
@@ -135,6 +136,8 @@ class WorkerCore:
         wire: bool = False,
         max_refs_per_session: int | None = None,
         session_ttl: float | None = None,
+        max_calls: int | None = None,
+        max_rss: int | None = None,
     ) -> None:
         self.slot = slot
         self.n_slots = n_slots
@@ -143,6 +146,10 @@ class WorkerCore:
         self.max_refs_per_session = max_refs_per_session
         self.session_ttl = session_ttl
         self.calls = 0
+        self.max_calls = max_calls
+        self.max_rss = max_rss
+        self.retiring = False
+        self._over_limit_logged = False
         self._sessions: dict[str, _Session] = {}
         self._ids = itertools.count(1)
         self._paths: dict[str, Any] = {}
@@ -409,6 +416,32 @@ class WorkerCore:
             log.debug("slot %d: expired %d idle sessions", self.slot, len(expired))
         return expired
 
+    def holds_state(self) -> bool:
+        """True while any session has refs, streams or helper state here."""
+        return any(s.refs or s.streams or s.ctx.state for s in self._sessions.values())
+
+    def wants_retire(self) -> bool:
+        """Past ``max_calls`` or ``max_rss`` and holding no session state: time to be replaced.
+
+        The rule: a worker over its limits is recycled only when that loses nothing. While any
+        session keeps refs, streams or helper state here it goes on serving (logged once), until
+        that state is released, closed or expires (``session_ttl``).
+        """
+        if self.retiring:
+            return False
+        over = self.max_calls is not None and self.calls >= self.max_calls
+        if not over and self.max_rss is not None and self.calls % 32 == 0:
+            over = _rss() >= self.max_rss
+        if not over:
+            return False
+        if self.holds_state():
+            if not self._over_limit_logged:
+                log.warning("slot %d: over its recycling limits but holds session state; not recycled yet", self.slot)
+                self._over_limit_logged = True
+            return False
+        self.retiring = True
+        return True
+
     def next_sweep_in(self) -> float | None:
         if self.session_ttl is None:
             return None
@@ -508,8 +541,11 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
         wire=bool(options.get("wire", False)),
         max_refs_per_session=options.get("max_refs_per_session"),
         session_ttl=options.get("session_ttl"),
+        max_calls=options.get("max_calls"),
+        max_rss=options.get("max_rss"),
     )
     reader = FrameReader()
+    check_retire = options.get("max_calls") is not None or options.get("max_rss") is not None
     perf = time.perf_counter
     while True:
         wait = core.next_sweep_in()
@@ -530,5 +566,8 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
                 started = perf()
             assert isinstance(frame, bytes)  # no size limit on the private channel
             out.append(encode_frame(core.handle(frame)))
+        if check_retire and core.wants_retire():
+            # Ask to be replaced; keep serving until the router closes our input (EOF below).
+            out.append(encode_frame(pack_plain([None, RETIRING, b""])))
         if out:
             _write_all(write_fd, b"".join(out))

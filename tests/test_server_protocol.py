@@ -433,6 +433,10 @@ def test_oversized_frame_then_keep_serving() -> None:
         s.send_raw(frame({"id": 1, "op": "call", "session": "big", "fn": "builtins.len", "args": ["x" * 5000]}))
         reply = s.recv()
         assert reply["status"] == "error" and reply["error"]["code"] == "frame_too_large"
+        assert reply["id"] == 1  # read from the frame's first bytes: "id" is its first key
+        s.send_raw(frame({"op": "call", "id": 2, "session": "big", "fn": "builtins.len", "args": ["x" * 5000]}))
+        reply = s.recv()
+        assert reply["error"]["code"] == "frame_too_large" and reply["id"] is None  # "id" not first
         assert s.ok("call", session="big", fn="builtins.len", args=["x" * 500]) == 500
     finally:
         s.close()

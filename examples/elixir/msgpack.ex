@@ -18,6 +18,20 @@ defmodule PoolBridge.Msgpack do
   @spec encode(term()) :: binary()
   def encode(term), do: IO.iodata_to_binary(enc(term))
 
+  @doc """
+  Encode a request map with `"id"` as its first key (whatever the map's own key order), so the
+  server can read the id even from a frame it refuses as too large.
+  """
+  @spec encode_request(term(), map()) :: binary()
+  def encode_request(id, msg) when is_map(msg) do
+    rest = Map.delete(msg, "id")
+    IO.iodata_to_binary([
+      map_header(map_size(rest) + 1),
+      enc("id"),
+      enc(id) | Enum.map(rest, fn {k, v} -> [enc(k), enc(v)] end)
+    ])
+  end
+
   @spec decode(binary()) :: {:ok, term()} | {:error, term()}
   def decode(binary) when is_binary(binary) do
     case dec(binary) do

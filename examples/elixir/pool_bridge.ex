@@ -213,7 +213,7 @@ defmodule PoolBridge do
 
   def handle_call({:request, msg}, from, %{port: port, next: id} = state) do
     try do
-      Port.command(port, Msgpack.encode(Map.put(msg, "id", id)))
+      Port.command(port, Msgpack.encode_request(id, msg))
       {:noreply, %{state | next: id + 1, pending: Map.put(state.pending, id, from)}}
     rescue
       e in ArgumentError -> {:reply, {:error, error(:bad_request, Exception.message(e))}, state}

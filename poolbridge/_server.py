@@ -40,6 +40,7 @@ from ._errors import (
 from ._pool import Pool
 from ._protocol import (
     EXT_REF,
+    HEADER,
     MAX_FRAME_DEFAULT,
     OK,
     OP_CALL,
@@ -56,7 +57,6 @@ from ._protocol import (
     RET_AUTO,
     RET_REF,
     RET_VALUE,
-    HEADER,
     FrameReader,
     OversizedFrame,
     WireRef,

@@ -469,12 +469,12 @@ class Server:
     # -- dispatch --------------------------------------------------------------------------
 
     def handle_frame(self, frame: bytes | OversizedFrame) -> None:
+        req_id: Any = None
         if isinstance(frame, OversizedFrame):
             exc: BaseException = frame.error(self.max_frame)
             req_id = _id_from_head(frame.head) if isinstance(frame, _Oversized) else None
             self.out.write(_error_reply(req_id, FrameTooLargeError.code, "FrameTooLargeError", str(exc), ""))
             return
-        req_id: Any = None
         try:
             try:
                 req = _decode_request(frame)

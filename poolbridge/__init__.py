@@ -4,14 +4,15 @@ Every operation of a session runs in one fixed worker process, chosen by a consi
 session id. See README.md for the tour and docs/ for the protocol and the hashing functions.
 """
 
+from ._aio import AsyncPool, AsyncStream
 from ._errors import (
     BadRequestError,
     CallTimeoutError,
     FrameTooLargeError,
     MisroutedError,
     NotAllowedError,
-    PoolBusyError,
     PoolbridgeError,
+    PoolBusyError,
     PoolClosedError,
     RefNotFoundError,
     RemoteError,
@@ -20,7 +21,6 @@ from ._errors import (
     SessionMismatchError,
     WorkerCrashedError,
 )
-from ._aio import AsyncPool, AsyncStream
 from ._handles import Ref, Stream
 from ._hashing import jump_hash, stable_hash64
 from ._helpers import SessionContext, current_session, helper

@@ -25,7 +25,7 @@ from typing import Any
 
 from ._errors import CallTimeoutError
 from ._handles import Ref
-from ._pool import _FAILED, Pool, PoolStats, _Api, _Req
+from ._pool import Pool, PoolStats, _Api, _Req
 from ._protocol import WireRef
 from ._router import Sink
 
@@ -45,7 +45,7 @@ class _LoopSink(Sink):
     def deliver(self, status: int, body: Any) -> None:
         try:
             value = self.decode(status, body)  # decoded here: the loop thread only sets the result
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+        except BaseException as exc:
             self._post(None, exc)
         else:
             self._post(value, None)

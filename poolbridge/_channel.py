@@ -74,7 +74,7 @@ class Spawner:
             fn, future = job
             try:
                 future.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            except BaseException as exc:
                 future.set_exception(exc)
 
     def run(self, fn: Callable[[], Any]) -> Any:
@@ -164,6 +164,10 @@ def _spawn(slot: int, generation: int, options: dict[str, Any]) -> tuple[subproc
     return process, req_w, rep_r
 
 
+def _replied(waiter: Any) -> bool:
+    return waiter.status is not None
+
+
 class ProcessChannel:
     """One generation of one slot, backed by a worker subprocess and two pipes."""
 
@@ -186,6 +190,7 @@ class ProcessChannel:
         self._space = threading.Condition()
         self._space_waiters = 0
         options = dict(router.worker_options, n_slots=router.n_slots)
+        self.process: subprocess.Popen[bytes]
         self.process, self._write_fd, self._read_fd = router.spawner.run(lambda: _spawn(slot, generation, options))
         self.pid: int = self.process.pid
         self._bg = threading.Thread(
@@ -267,16 +272,16 @@ class ProcessChannel:
     def await_reply(self, req_id: int, waiter: Any, timeout: float | None) -> bool:
         """Block until ``waiter`` has its reply; lead the reading when nobody else is. False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while waiter.status is None:
+        while not _replied(waiter):
             if self._read_lock.acquire(False):
                 try:
-                    while waiter.status is None and not self.dead and self._read_once(deadline):
+                    while not _replied(waiter) and not self.dead and self._read_once(deadline):
                         pass
                 finally:
                     self._read_lock.release()
                     if self.pending:
                         self._need_reader.set()
-                if waiter.status is not None:
+                if _replied(waiter):
                     break
                 if self.dead or self.eof or deadline is None:
                     # EOF: the monitor is about to fail this request (or deliver a drained reply).
@@ -291,7 +296,7 @@ class ProcessChannel:
                 if waiter.wait(0.05 if remaining is None else min(remaining, 0.05)):
                     break
                 if deadline is not None and time.monotonic() >= deadline:
-                    return waiter.status is not None
+                    return _replied(waiter)
         return True
 
     def _background_reader(self) -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
+    "BadRequestError",
     "CallTimeoutError",
     "FrameTooLargeError",
-    "BadRequestError",
+    "MisroutedError",
     "NotAllowedError",
     "PoolBusyError",
     "PoolClosedError",
@@ -24,7 +25,6 @@ __all__ = [
     "SessionLostError",
     "SessionMismatchError",
     "WorkerCrashedError",
-    "MisroutedError",
 ]
 
 

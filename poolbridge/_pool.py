@@ -21,6 +21,7 @@ from typing import Any
 
 import cloudpickle
 
+from ._channel import ProcessChannel
 from ._errors import (
     ERRORS_BY_CODE,
     CallTimeoutError,
@@ -55,7 +56,6 @@ from ._protocol import (
     pack_value,
     unpack_plain,
 )
-from ._channel import ProcessChannel
 from ._router import DEFAULT_MAX_IN_FLIGHT, Router, Sink
 from ._session import resolve_session, session_scope, validate_session_id
 
@@ -164,7 +164,7 @@ class _FutureSink(Sink):
     def deliver(self, status: int, body: Any) -> None:
         try:
             value = self.decode(status, body)
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+        except BaseException as exc:
             _settle(self.future, exc=exc)
         else:
             _settle(self.future, value=value)
@@ -211,7 +211,8 @@ def rebuild_error(body: bytes) -> BaseException:
         cls = ERRORS_BY_CODE.get(code)
         exc = cls(message) if cls is not None else RemoteError(type_name, message, tb)
     exc.__cause__ = RemoteTraceback(tb)
-    return exc
+    rebuilt: BaseException = exc
+    return rebuilt
 
 
 # -- the API, shared by Pool and its option views ---------------------------------------------
@@ -258,9 +259,10 @@ class _Api:
                     pool._router.kill_slot(slot)
                 raise CallTimeoutError(f"{op} did not finish within {timeout}s (slot {slot})")
             waiter.wait(None)  # the reply raced the timeout and is being delivered
-        if waiter.status == _FAILED:
+        status = waiter.status
+        if status == _FAILED or status is None:
             raise waiter.body
-        return decode(waiter.status, waiter.body)
+        return decode(status, waiter.body)
 
     def _submit(self, op: str, ref: WireRef | None, fields: list[Any], decode: Callable[[int, Any], Any]) -> Any:
         pool = self._pool

@@ -481,7 +481,7 @@ class Server:
             except BadRequestError:
                 req_id = _salvage_id(frame)
                 raise
-            except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad request
+            except Exception as exc:
                 req_id = _salvage_id(frame)
                 raise BadRequestError(f"undecodable frame: {exc}") from None
             if not isinstance(req, dict):
@@ -621,7 +621,7 @@ class Server:
                 stats = self.pool.stats()
                 value = {"workers": stats.workers, "slots": [asdict(s) for s in stats.slots]}
                 self.out.write({"id": req_id, "status": "ok", "value": value})
-            except Exception as exc:  # noqa: BLE001 - reported to the client
+            except Exception as exc:
                 self.out.write(_exc_reply(req_id, exc))
 
         self._side_threads = [t for t in self._side_threads if t.is_alive()]
@@ -654,7 +654,7 @@ def _salvage_id(frame: bytes) -> Any:
     """The ``id`` of a frame that failed to decode as a request, if a lenient decode can read it."""
     try:
         obj = msgpack.unpackb(frame, raw=True, strict_map_key=False, ext_hook=lambda c, d: None)
-    except Exception:  # noqa: BLE001 - truly unreadable: no id
+    except Exception:
         return None
     if isinstance(obj, dict):
         req_id = obj.get(b"id")
@@ -725,7 +725,7 @@ def _id_from_head(head: bytes) -> Any:
         if unpacker.read_map_header() < 1 or unpacker.unpack() != "id":
             return None
         req_id = unpacker.unpack()
-    except Exception:  # noqa: BLE001 - truncated or not a map: no id
+    except Exception:
         return None
     if isinstance(req_id, (int, str)) and not isinstance(req_id, bool):
         return req_id

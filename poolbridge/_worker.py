@@ -43,7 +43,6 @@ from ._protocol import (
     EXT_REF,
     OK,
     OP_CALL,
-    RETIRING,
     OP_CLOSE_SESSION,
     OP_GETATTR,
     OP_HELPER,
@@ -57,7 +56,7 @@ from ._protocol import (
     OP_STREAM_OPEN,
     RET_REF,
     RET_VALUE,
-    WireRef,
+    RETIRING,
     make_unpacker,
     pack_plain,
     pack_value,
@@ -196,7 +195,7 @@ class WorkerCore:
             finally:
                 self._session = None
                 _helpers._current[0] = None
-        except BaseException as exc:  # noqa: BLE001 - SystemExit in user code is that call's error
+        except BaseException as exc:
             return pack_plain([req_id, ERROR, pack_plain(error_fields(exc))])
 
     def _enter(self, session_id: Any) -> _Session:
@@ -282,7 +281,8 @@ class WorkerCore:
                 EXT_REF, msgpack.packb([session.ctx.session_id, ref_id, self.slot, self.generation])
             )
 
-        return msgpack.packb(value, default=default, use_bin_type=True)
+        packed: bytes = msgpack.packb(value, default=default, use_bin_type=True)
+        return packed
 
     # -- ops -------------------------------------------------------------------------------
 
@@ -345,7 +345,7 @@ class WorkerCore:
             for item in itertools.islice(state.iterator, n):
                 append(item)
             done = len(items) < n
-        except BaseException as exc:  # noqa: BLE001 - delivered to the client in order
+        except BaseException as exc:
             if not items:
                 session.streams.pop(stream_id, None)
                 raise

@@ -1,0 +1,112 @@
+"""Print the ratios poolbridge targets, from one pytest-benchmark JSON file.
+
+    python benchmarks/report.py .benchmarks/core.json [--markdown] [--strict]
+
+Every target is a ratio against a baseline measured in the same run (absolute times drift on a
+shared machine), except stream items/s, which the project states as an absolute floor. Figures use
+the median round time: it shrugs off the scheduling spikes of a loaded VM, where the mean does not.
+``--strict`` exits 1 when a target is missed; by default the report only informs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def load(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    data = json.loads(path.read_text())
+    cases: dict[str, dict[str, Any]] = {}
+    for bench in data["benchmarks"]:
+        case = bench.get("extra_info", {}).get("case") or bench["name"].removeprefix("test_")
+        cases[case] = bench
+    return cases, data
+
+
+def per_second(bench: dict[str, Any]) -> float:
+    """Calls (or items) per second: ``n`` per round over the median round time."""
+    return float(bench["extra_info"].get("n", 1)) / float(bench["stats"]["median"])
+
+
+def median_us(bench: dict[str, Any]) -> float:
+    return float(bench["stats"]["median"]) * 1e6
+
+
+def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[tuple[str, str, str, bool | None]], list[tuple[str, str]]]:
+    """(ratio name, value, target, met) and (case, absolute figure)."""
+    out: list[tuple[str, str, str, bool | None]] = []
+
+    def ratio(name: str, num: str, den: str, fn: Any, target: str, ok: Any) -> None:
+        if num in cases and den in cases:
+            value = fn(cases[num]) / fn(cases[den])
+            out.append((name, f"{value:.2f}", target, ok(value) if ok else None))
+        else:
+            missing = [c for c in (num, den) if c not in cases]
+            out.append((name, "missing " + ", ".join(missing), target, False if ok else None))
+
+    ratio("pool_call / raw_pingpong (latency)", "pool_call", "raw_pingpong", median_us, "<= 1.5", lambda v: v <= 1.5)
+    ratio("mp_pool_apply / pool_call (latency, x faster)", "mp_pool_apply", "pool_call", median_us, "info", None)
+    ratio("pool_submit / raw_pipelined (calls/s)", "pool_submit_many_sessions", "raw_pipelined", per_second,
+          ">= 0.5", lambda v: v >= 0.5)
+    ratio("pool_submit / mp_pool_apply_async (calls/s)", "pool_submit_many_sessions", "mp_pool_apply_async",
+          per_second, ">= 3", lambda v: v >= 3)
+    streams = sorted(c for c in cases if c.startswith("pool_stream_ints"))
+    if not streams:
+        out.append(("pool_stream_ints items/s", "missing", ">= 500k", False))
+    for case in streams:
+        value = per_second(cases[case])
+        out.append((f"{case} items/s", f"{value / 1e3:,.0f}k", ">= 500k", value >= 500_000))
+
+    absolute: list[tuple[str, str]] = []
+    for case, bench in cases.items():
+        if bench["extra_info"].get("n", 1) == 1:
+            absolute.append((case, f"{median_us(bench):,.1f} us/call"))
+        else:
+            unit = bench["extra_info"].get("unit", "calls")
+            absolute.append((case, f"{per_second(bench):,.0f} {unit}/s"))
+    return out, absolute
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", type=Path, help="file written by pytest --benchmark-json")
+    parser.add_argument("--markdown", action="store_true", help="print Markdown tables (for benchmarks/README.md)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    args = parser.parse_args(argv)
+
+    cases, data = load(args.json)
+    ratios, absolute = rows(cases)
+    commit = data.get("commit_info", {})
+    header = (
+        f"{data.get('datetime', '?')[:19]}Z  commit {str(commit.get('id', '?'))[:10]}"
+        f"{' (dirty)' if commit.get('dirty') else ''}  python {data.get('machine_info', {}).get('python_version', '?')}"
+        f"  cpus {data.get('machine_info', {}).get('cpu', {}).get('count', '?')}"
+    )
+    verdict = {True: "met", False: "MISSED", None: ""}
+    print(header)
+    if args.markdown:
+        print("\n| ratio | measured | target | |\n|---|---:|---:|---|")
+        for name, value, target, ok in ratios:
+            print(f"| {name} | {value} | {target} | {verdict[ok]} |")
+        print("\n| case | median |\n|---|---:|")
+        for case, figure in absolute:
+            print(f"| `{case}` | {figure} |")
+    else:
+        width = max(len(r[0]) for r in ratios)
+        for name, value, target, ok in ratios:
+            print(f"  {name:<{width}}  {value:>10}  target {target:<8} {verdict[ok]}")
+        print("absolute (median; context only, drifts with machine load):")
+        for case, figure in absolute:
+            print(f"  {case:<{width}}  {figure}")
+    missed = [r[0] for r in ratios if r[3] is False]
+    if missed and args.strict:
+        print(f"missed: {', '.join(missed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

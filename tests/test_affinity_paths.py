@@ -7,6 +7,7 @@ returns the ``whoami()`` observations the worker made while serving it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import uuid
@@ -34,15 +35,41 @@ def _events(api: Any, token: str, kind: str) -> Obs:
     return [who for k, who in api.call("pb_testmods.pop_events", token) if k == kind]
 
 
-# Every path takes (pool, api) — ``api`` is the pool or an options view, already inside whatever
-# context the resolution mode set up — and returns what the worker observed.
+class Resolved:
+    """How a case resolves its session: ``api`` is the pool or an options view (already inside the
+    context the mode set up); ``aio()`` the same as an AsyncPool; ``expected`` the session."""
+
+    def __init__(self, pool: Pool, mode: str, api: Any, expected: str, override: str | None) -> None:
+        self.pool, self.mode, self.api, self.expected, self.override = pool, mode, api, expected, override
+
+    def aio(self) -> Any:
+        apool = self.pool.aio
+        return apool if self.override is None else apool.options(session=self.override)
+
+    def run_async(self, coro_fn: Callable[[], Any]) -> Obs:
+        """Run a coroutine as the main task of a new loop; in auto mode that task has its own
+        auto-session, so the expected session is resolved inside it."""
+
+        async def main() -> Obs:
+            if self.mode == "auto":
+                self.expected = poolbridge.resolve_session()
+            # awaited directly, not via wait_for (which would run it in a child task with its own
+            # auto-session); pytest-timeout bounds it
+            return await coro_fn()  # type: ignore[no-any-return]
+
+        return asyncio.run(main())
 
 
-def path_call_by_path(pool: Pool, api: Any) -> Obs:
+# Every path takes (pool, r: Resolved) and returns what the worker observed.
+
+
+def path_call_by_path(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     return [api.call("pb_testmods.whoami")]
 
 
-def path_call_callable(pool: Pool, api: Any) -> Obs:
+def path_call_callable(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     def probe(x: int) -> Any:  # a closure: cloudpickled by value, not importable by name
         import pb_testmods
 
@@ -55,49 +82,59 @@ def path_call_callable(pool: Pool, api: Any) -> Obs:
     return [seen]
 
 
-def path_call_lambda(pool: Pool, api: Any) -> Obs:
+def path_call_lambda(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     return [api.call(lambda: __import__("pb_testmods").whoami())]
 
 
-def path_submit(pool: Pool, api: Any) -> Obs:
+def path_submit(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     return [api.submit("pb_testmods.whoami").result(WAIT)]
 
 
-def path_submit_callable(pool: Pool, api: Any) -> Obs:
+def path_submit_callable(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     return [api.submit(lambda: __import__("pb_testmods").whoami()).result(WAIT)]
 
 
-def path_getattr_module(pool: Pool, api: Any) -> Obs:
+def path_getattr_module(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     return [api.getattr("pb_attrmod.session_info")]
 
 
-def path_create(pool: Pool, api: Any) -> Obs:
+def path_create(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     ref = api.create("pb_testmods.Recorder", _token())
     assert isinstance(ref, poolbridge.Ref)
     return [ref.getattr("created_in"), _ref_as_obs(pool, ref)]
 
 
-def path_method(pool: Pool, api: Any) -> Obs:
+def path_method(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     ref = api.create("pb_testmods.Recorder", _token())
     return [api.method(ref, "who"), ref.call("who")]
 
 
-def path_ref_submit(pool: Pool, api: Any) -> Obs:
+def path_ref_submit(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     ref = api.create("pb_testmods.Recorder", _token())
     return [ref.submit("who").result(WAIT)]
 
 
-def path_call_ref(pool: Pool, api: Any) -> Obs:
+def path_call_ref(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     ref = api.create("pb_testmods.Recorder", _token())
     return [api.call(ref), api.submit(ref).result(WAIT)]
 
 
-def path_getattr_property(pool: Pool, api: Any) -> Obs:
+def path_getattr_property(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     ref = api.create("pb_testmods.Recorder", _token())
     return [api.getattr(ref, "where"), ref.getattr("where")]
 
 
-def path_setattr_property(pool: Pool, api: Any) -> Obs:
+def path_setattr_property(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     ref = api.create("pb_testmods.Recorder", _token())
     api.setattr(ref, "where", "first")
     first = ref.getattr("set_in")
@@ -107,25 +144,29 @@ def path_setattr_property(pool: Pool, api: Any) -> Obs:
     return [first, second]
 
 
-def path_helper(pool: Pool, api: Any) -> Obs:
+def path_helper(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     return [api.helper("pbh_whoami")]
 
 
-def path_helper_context(pool: Pool, api: Any) -> Obs:
+def path_helper_context(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     info = api.helper("pbh_ctx")
     assert info["is_current"] is True
     slot = pool.slot_for(info["session"])
     return [{"session": info["session"], "slot": info["slot"], "generation": 0, "pid": pool.pids()[slot]}]
 
 
-def path_stream(pool: Pool, api: Any) -> Obs:
+def path_stream(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     stream = api.stream("pb_testmods.gen_whoami", 2)
     items = list(stream)
     assert len(items) == 2
     return [*items, _stream_as_obs(pool, stream)]
 
 
-def path_stream_next(pool: Pool, api: Any) -> Obs:
+def path_stream_next(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     # batch=1: item 0 comes with the open, items 1.. each from a stream_next request
     stream = api.options(batch=1).stream("pb_testmods.gen_whoami", 4)
     items = list(stream)
@@ -133,7 +174,8 @@ def path_stream_next(pool: Pool, api: Any) -> Obs:
     return [*items, _stream_as_obs(pool, stream)]
 
 
-def path_stream_close(pool: Pool, api: Any) -> Obs:
+def path_stream_close(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     token = _token()
     stream = api.options(batch=1).stream("pb_testmods.gen_with_finally", token, 10)
     assert next(stream) == 0
@@ -141,7 +183,8 @@ def path_stream_close(pool: Pool, api: Any) -> Obs:
     return _events(api, token, "finally")
 
 
-def path_release(pool: Pool, api: Any) -> Obs:
+def path_release(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     token = _token()
     ref = api.create("pb_testmods.Recorder", token)
     api.release(ref)
@@ -150,7 +193,8 @@ def path_release(pool: Pool, api: Any) -> Obs:
     return dropped
 
 
-def path_ref_release(pool: Pool, api: Any) -> Obs:
+def path_ref_release(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     token = _token()
     ref = api.create("pb_testmods.Recorder", token)
     ref.release()
@@ -159,7 +203,8 @@ def path_ref_release(pool: Pool, api: Any) -> Obs:
     return dropped
 
 
-def path_close_session(pool: Pool, api: Any) -> Obs:
+def path_close_session(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
     token = _token()
     refs = [api.create("pb_testmods.Recorder", token) for _ in range(2)]
     assert api.close_session() >= 2
@@ -167,6 +212,108 @@ def path_close_session(pool: Pool, api: Any) -> Obs:
     assert len(dropped) == 2, "close_session did not drop the session's objects in the worker"
     del refs
     return dropped
+
+
+async def _aio_events(apool: Any, token: str, kind: str) -> Obs:
+    return [who for k, who in await apool.call("pb_testmods.pop_events", token) if k == kind]
+
+
+def path_aio_call(pool: Pool, r: Resolved) -> Obs:
+    async def go() -> Obs:
+        apool = r.aio()
+        return [await apool.call("pb_testmods.whoami"), await apool.submit("pb_testmods.whoami")]
+
+    return r.run_async(go)
+
+
+def path_aio_create_method_getattr(pool: Pool, r: Resolved) -> Obs:
+    async def go() -> Obs:
+        apool = r.aio()
+        ref = await apool.create("pb_testmods.Recorder", _token())
+        return [
+            await ref.agetattr("created_in"),
+            await apool.method(ref, "who"),
+            await ref.acall("who"),
+            await apool.getattr(ref, "where"),
+            _ref_as_obs(pool, ref),
+        ]
+
+    return r.run_async(go)
+
+
+def path_aio_setattr(pool: Pool, r: Resolved) -> Obs:
+    async def go() -> Obs:
+        apool = r.aio()
+        ref = await apool.create("pb_testmods.Recorder", _token())
+        await apool.setattr(ref, "where", 1)
+        first = await ref.agetattr("set_in")
+        await ref.asetattr("where", 2)
+        return [first, await ref.agetattr("set_in")]
+
+    return r.run_async(go)
+
+
+def path_aio_getattr_module(pool: Pool, r: Resolved) -> Obs:
+    async def go() -> Obs:
+        return [await r.aio().getattr("pb_attrmod.session_info")]
+
+    return r.run_async(go)
+
+
+def path_aio_helper(pool: Pool, r: Resolved) -> Obs:
+    async def go() -> Obs:
+        return [await r.aio().helper("pbh_whoami")]
+
+    return r.run_async(go)
+
+
+def path_aio_stream(pool: Pool, r: Resolved) -> Obs:
+    async def go() -> Obs:
+        stream = r.aio().options(batch=1).stream("pb_testmods.gen_whoami", 3)
+        items = [item async for item in stream]
+        assert len(items) == 3
+        return items
+
+    return r.run_async(go)
+
+
+def path_aio_stream_close(pool: Pool, r: Resolved) -> Obs:
+    async def go() -> Obs:
+        apool = r.aio()
+        token = _token()
+        async with apool.options(batch=1).stream("pb_testmods.gen_with_finally", token, 10) as stream:
+            assert await stream.__anext__() == 0
+        return await _aio_events(apool, token, "finally")
+
+    return r.run_async(go)
+
+
+def path_aio_release(pool: Pool, r: Resolved) -> Obs:
+    async def go() -> Obs:
+        apool = r.aio()
+        token = _token()
+        await apool.release(await apool.create("pb_testmods.Recorder", token))
+        ref = await apool.create("pb_testmods.Recorder", token)
+        await ref.arelease()
+        dropped = await _aio_events(apool, token, "del")
+        assert len(dropped) == 2
+        return dropped
+
+    return r.run_async(go)
+
+
+def path_aio_close_session(pool: Pool, r: Resolved) -> Obs:
+    async def go() -> Obs:
+        apool = r.aio()
+        token = _token()
+        refs = [await apool.create("pb_testmods.Recorder", token) for _ in range(2)]
+        assert await apool.close_session() >= 2
+        dropped = await _aio_events(apool, token, "del")
+        assert len(dropped) == 2
+        del refs
+        return dropped
+
+    return r.run_async(go)
 
 
 def _ref_as_obs(pool: Pool, ref: poolbridge.Ref) -> dict[str, Any]:
@@ -185,25 +332,27 @@ EXPECTED_PATHS = {
     "call_by_path", "call_callable", "call_lambda", "submit", "submit_callable", "getattr_module", "create",
     "method", "ref_submit", "call_ref", "getattr_property", "setattr_property", "helper", "helper_context",
     "stream", "stream_next", "stream_close", "release", "ref_release", "close_session",
+    "aio_call", "aio_create_method_getattr", "aio_setattr", "aio_getattr_module", "aio_helper", "aio_stream",
+    "aio_stream_close", "aio_release", "aio_close_session",
 }
 
 _counter = itertools.count()
 
 
 @contextmanager
-def resolution(pool: Pool, mode: str) -> Iterator[tuple[Any, str]]:
-    """Yield (api, expected session) with the session set the way ``mode`` says."""
+def resolution(pool: Pool, mode: str) -> Iterator[Resolved]:
+    """The session set up the way ``mode`` says."""
     sid = f"paths-{mode}-{next(_counter)}"
     if mode == "override":
-        yield pool.options(session=sid), sid
+        yield Resolved(pool, mode, pool.options(session=sid), sid, sid)
     elif mode == "override_in_context":
         with pool.session(f"ignored-{sid}"):
-            yield pool.options(session=sid), sid
+            yield Resolved(pool, mode, pool.options(session=sid), sid, sid)
     elif mode == "context":
         with pool.session(sid):
-            yield pool, sid
+            yield Resolved(pool, mode, pool, sid, None)
     elif mode == "auto":
-        yield pool, poolbridge.resolve_session()
+        yield Resolved(pool, mode, pool, poolbridge.resolve_session(), None)
     else:  # pragma: no cover
         raise AssertionError(mode)
 
@@ -234,8 +383,9 @@ def test_path_table_is_complete() -> None:
 @pytest.mark.parametrize("path", sorted(EXPECTED_PATHS))
 def test_every_path_runs_in_the_resolved_session(pool: Pool, path: str, mode: str) -> None:
     def body() -> tuple[Obs, str]:  # a fresh thread: a fresh auto-session per case
-        with resolution(pool, mode) as (api, expected):
-            return PATHS[path](pool, api), expected
+        with resolution(pool, mode) as r:
+            observations = PATHS[path](pool, r)
+            return observations, r.expected
 
     observations, expected = run_in_fresh_thread(body)
     assert observations, "the path reported nothing"

@@ -15,6 +15,8 @@ import pytest
 import poolbridge
 
 PUBLIC_NAMES = [
+    "AsyncPool",
+    "AsyncStream",
     "BadRequestError",
     "CallTimeoutError",
     "FrameTooLargeError",
@@ -155,7 +157,26 @@ def test_pool_signature() -> None:
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
 
 
-@pytest.mark.parametrize("name", ["call", "submit", "getattr", "setattr", "release", "options"])
+ASYNC_POOL_METHODS = [
+    "call", "submit", "getattr", "setattr", "create", "method", "release", "stream", "helper",
+    "session", "options", "slot_for", "close_session", "stats", "aclose", "__aenter__", "__aexit__",
+]
+
+
+@pytest.mark.parametrize("name", ASYNC_POOL_METHODS)
+def test_async_pool_has_method(name: str) -> None:
+    assert callable(getattr(poolbridge.AsyncPool, name))
+
+
+def test_pool_has_an_asyncio_face() -> None:
+    assert isinstance(poolbridge.Pool.aio, property)
+    for name in ("__aiter__", "__anext__", "__aenter__", "__aexit__", "aclose"):
+        assert callable(getattr(poolbridge.AsyncStream, name))
+
+
+@pytest.mark.parametrize(
+    "name", ["call", "submit", "getattr", "setattr", "release", "options", "acall", "agetattr", "asetattr", "arelease"]
+)
 def test_ref_has_method(name: str) -> None:
     assert callable(getattr(poolbridge.Ref, name))
 

@@ -325,3 +325,45 @@ def test_public_resolve_session_matches_what_the_worker_sees(pool: Pool) -> None
 
     resolved, seen = run_in_thread(body)
     expect_routed(pool, seen, resolved)
+
+
+# -- the asyncio face ------------------------------------------------------------------------------
+
+
+async def test_async_pool_tasks_get_their_own_auto_sessions(pool: Pool) -> None:
+    apool = pool.aio
+
+    async def body() -> tuple[dict[str, Any], dict[str, Any], str]:
+        first = await apool.call("pb_testmods.whoami")
+        await asyncio.sleep(0)
+        return first, await apool.call("pb_testmods.whoami"), resolve_session()
+
+    results = await asyncio.gather(*(body() for _ in range(4)))
+    for first, second, resolved in results:
+        assert first["session"] == second["session"] == resolved
+        expect_routed(pool, first, resolved)
+    assert len({r for _, _, r in results}) == 4
+
+
+async def test_async_pool_child_task_does_not_inherit_auto_session(pool: Pool) -> None:
+    apool = pool.aio
+    parent = await apool.call("pb_testmods.whoami")
+    child = await asyncio.create_task(apool.call("pb_testmods.whoami"))
+    assert child["session"] != parent["session"]
+    assert (await apool.call("pb_testmods.whoami"))["session"] == parent["session"]
+
+
+async def test_async_pool_context_and_override(pool: Pool) -> None:
+    apool = pool.aio
+    with apool.session("aio-ctx"):
+        expect_routed(pool, await apool.call("pb_testmods.whoami"), "aio-ctx")
+        expect_routed(pool, await apool.options(session="aio-ovr").call("pb_testmods.whoami"), "aio-ovr")
+        kid = await asyncio.create_task(apool.call("pb_testmods.whoami"))
+        expect_routed(pool, kid, "aio-ctx")  # a context session is inherited like any contextvar
+    assert (await apool.call("pb_testmods.whoami"))["session"] not in ("aio-ctx", "aio-ovr")
+
+
+async def test_sync_and_async_faces_share_the_task_session(pool: Pool) -> None:
+    sync_seen = pool.call("pb_testmods.whoami")
+    async_seen = await pool.aio.call("pb_testmods.whoami")
+    assert sync_seen["session"] == async_seen["session"] == resolve_session()

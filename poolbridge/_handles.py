@@ -184,6 +184,7 @@ class Stream(Iterator[Any]):
         if self._closed:
             return
         self._closed = self._done = True
+        self._items, self._pos = [], 0  # a closed stream yields nothing more
         pending, self._next = self._next, None
         if pending is not None:
             try:

@@ -367,7 +367,8 @@ class _Api:
     ) -> tuple[_Api, _Req]:
         """The open request, pinned to the session resolved now (the stream's key needs it)."""
         batch = self._opts.batch
-        session_id = resolve_session(None, self._opts.session)
+        ref = fn if isinstance(fn, WireRef) else None  # a ref (e.g. a generator object) routes itself
+        session_id = resolve_session(ref.session_id if ref is not None else None, self._opts.session)
         slot = self._pool._router.slot_for(session_id)
         generation = self._pool._router.generation(slot)
         pinned = self.options(session=session_id)

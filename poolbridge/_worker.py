@@ -57,6 +57,7 @@ from ._protocol import (
     RET_REF,
     RET_VALUE,
     RETIRING,
+    WireRef,
     make_unpacker,
     pack_plain,
     pack_value,
@@ -103,23 +104,29 @@ class _StreamState:
                 log.exception("closing a stream's generator raised")
 
 
-def resolve_path(path: str) -> Any:
-    """Import the longest importable module prefix of a dotted path, then walk attributes."""
+def split_path(path: str) -> tuple[Any, tuple[str, ...]]:
+    """Import the longest importable module prefix of a dotted path: ``(module, remaining attrs)``."""
     if not isinstance(path, str) or not path:
         raise BadRequestError(f"expected a dotted path, got {path!r:.80}")
     parts = path.split(".")
     for cut in range(len(parts), 0, -1):
         module_name = ".".join(parts[:cut])
         try:
-            obj: Any = importlib.import_module(module_name)
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             if exc.name is not None and not module_name.startswith(exc.name):
                 raise  # the module exists but one of *its* imports is missing
             continue
-        for attr in parts[cut:]:
-            obj = getattr(obj, attr)
-        return obj
-    return getattr(importlib.import_module("builtins"), path)
+        return module, tuple(parts[cut:])
+    return importlib.import_module("builtins"), tuple(parts)
+
+
+def resolve_path(path: str) -> Any:
+    """The object a dotted path names, e.g. ``"os.path.join"``."""
+    obj, attrs = split_path(path)
+    for attr in attrs:
+        obj = getattr(obj, attr)
+    return obj
 
 
 class WorkerCore:
@@ -151,7 +158,7 @@ class WorkerCore:
         self._over_limit_logged = False
         self._sessions: dict[str, _Session] = {}
         self._ids = itertools.count(1)
-        self._paths: dict[str, Any] = {}
+        self._paths: dict[str, tuple[Any, tuple[str, ...]]] = {}
         self._session: _Session | None = None  # the session of the request being decoded/run
         self._unpack = make_unpacker(self._lookup_ref)
         self._last_sweep = time.monotonic()
@@ -288,10 +295,15 @@ class WorkerCore:
 
     def _callable(self, fn: Any) -> Any:
         if isinstance(fn, str):
-            target = self._paths.get(fn)
-            if target is None:
-                target = self._paths[fn] = resolve_path(fn)
-            return target
+            # Cache the import, not the object: attributes are read on every use, so a rebound
+            # name or a module-level __getattr__ is seen as it is now.
+            split = self._paths.get(fn)
+            if split is None:
+                split = self._paths[fn] = split_path(fn)
+            obj, attrs = split
+            for attr in attrs:
+                obj = getattr(obj, attr)
+            return obj
         return fn
 
     def _op_call(self, session: _Session, fn: Any, args: list[Any], kwargs: dict[str, Any], ret: int) -> bytes:
@@ -352,7 +364,20 @@ class WorkerCore:
             state.error = exc  # hand over what was produced; raise on the next pull
         if done:
             session.streams.pop(stream_id, None)
-        return self._encode(session, items), done
+        try:
+            return self._encode(session, items), done
+        except Exception:
+            # Like a call's result: an item that cannot be encoded is handed over as a ref.
+            return self._encode(session, [self._item_or_ref(session, item) for item in items]), done
+
+    def _item_or_ref(self, session: _Session, item: Any) -> Any:
+        try:
+            self._encode(session, item)
+        except Exception:
+            ref_id = next(self._ids)
+            session.refs[ref_id] = item
+            return WireRef(session.ctx.session_id, ref_id, self.slot, self.generation)
+        return item
 
     def _stream(self, key: Any) -> tuple[_Session, int, _StreamState]:
         session, stream_id = self._check_key(key)

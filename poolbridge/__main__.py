@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--session-ttl", type=float, default=None, metavar="SECONDS",
                        help="drop a session's state after this long idle")
     serve.add_argument("--max-refs", type=int, default=None, help="cap on refs and streams per session")
+    serve.add_argument("--max-in-flight", type=int, default=None, metavar="N",
+                       help="unanswered requests per worker before new ones get a `busy` error")
     serve.add_argument("--log-level", default="WARNING", help="logging level (logs go to stderr)")
     sub.add_parser("demo", help="run a short demo of the Pool API")
     return parser
@@ -75,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         helpers=args.helpers,
         session_ttl=args.session_ttl,
         max_refs_per_session=args.max_refs,
+        max_in_flight=args.max_in_flight,
     )
 
 

@@ -65,7 +65,7 @@ from ._protocol import (
     pack_value,
     unpack_plain,
 )
-from ._router import Sink
+from ._router import DEFAULT_MAX_IN_FLIGHT, Sink
 from ._session import resolve_session, validate_session_id
 from ._worker import _write_all
 
@@ -396,6 +396,7 @@ class Server:
         helpers: Sequence[str] = (),
         session_ttl: float | None = None,
         max_refs_per_session: int | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self.in_fd = in_fd
         self.out = _Output(out_fd)
@@ -408,6 +409,7 @@ class Server:
             session_ttl=session_ttl,
             max_refs_per_session=max_refs_per_session,
             _wire=True,
+            max_in_flight=DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight,
         )
         self.router = self.pool._router
         self._side_threads: list[threading.Thread] = []
@@ -535,7 +537,11 @@ class Server:
         body = pack_value(fields, session_id)
         rid = router.next_id()
         stream_key = [session_id, slot, router.generation(slot)] if kind == _STREAM_OPEN else None
-        router.send(slot, rid, pack_plain([rid, op, session_id, body]), _Reply(self.out, req_id, kind, stream_key))
+        # block=False: the reading thread never waits on one busy slot (that would stall every other
+        # slot's requests behind it); past max_in_flight the request gets a `busy` error instead.
+        router.send(
+            slot, rid, pack_plain([rid, op, session_id, body]), _Reply(self.out, req_id, kind, stream_key), block=False
+        )
 
     def _check_ref(self, ref: WireRef, slot: int) -> None:
         if ref.slot != slot:
@@ -608,7 +614,7 @@ class Server:
         session_id = self._session(r)
         slot = self.router.slot_for(session_id)
         rid = self.router.next_id()
-        self.router.send(slot, rid, pack_plain([rid, OP_PING, None, b""]), _PingReply(self.out, req_id))
+        self.router.send(slot, rid, pack_plain([rid, OP_PING, None, b""]), _PingReply(self.out, req_id), block=False)
 
     def _op_slot_for(self, r: _Request, req_id: Any) -> None:
         session_id = self._session(r)
@@ -766,6 +772,7 @@ def serve(
     helpers: Sequence[str] = (),
     session_ttl: float | None = None,
     max_refs_per_session: int | None = None,
+    max_in_flight: int | None = None,
 ) -> int:
     """Run the Port server until EOF on its input or SIGTERM; returns the exit status."""
     in_fd, out_fd = _private_fds(fds)
@@ -785,6 +792,7 @@ def serve(
             helpers=helpers,
             session_ttl=session_ttl,
             max_refs_per_session=max_refs_per_session,
+            max_in_flight=max_in_flight,
         )
         server.run()
     except _Stop:

@@ -71,7 +71,7 @@ class Server:
             body = out.read(n)
             try:
                 self.replies.put(msgpack.unpackb(body, raw=False, strict_map_key=False))
-            except Exception as exc:  # noqa: BLE001 - a corrupted frame must fail the test that reads it
+            except Exception as exc:  # a corrupted frame must fail the test that reads it
                 self.replies.put(exc)
 
     def _read_err(self) -> None:
@@ -441,6 +441,21 @@ def test_oversized_frame_then_keep_serving() -> None:
     finally:
         s.close()
     assert s.proc.returncode == 0
+
+
+def test_busy_slot_gets_busy_not_a_stalled_server() -> None:
+    s = Server("--max-in-flight", "2", workers=1)
+    try:
+        data = b"".join(
+            frame({"id": i, "op": "call", "session": "busy", "fn": "time.sleep", "args": [0.3]}) for i in (1, 2, 3)
+        )
+        s.send_raw(data)
+        first = s.recv()
+        assert first["id"] == 3 and first["error"]["code"] == "busy"
+        assert sorted(s.recv()["id"] for _ in range(2)) == [1, 2]
+        assert s.ok("call", session="busy", fn="operator.add", args=[1, 1]) == 2
+    finally:
+        s.close()
 
 
 def test_allow_module() -> None:

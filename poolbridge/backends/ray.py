@@ -1,0 +1,597 @@
+"""Ray backend: each worker slot is a Ray actor that runs the same :class:`WorkerCore`.
+
+``Pool(backend="ray", workers=N, ray_init={...})`` builds its router with :func:`ray_channel_factory`.
+Everything above the channel — session resolution, hashing, refs, streams, errors, restarts with
+``generation + 1`` — is the core's, unchanged; only the transport differs::
+
+    caller ── router.send ──▶ RayChannel.send ── actor.handle.remote(body) ──▶ _SlotWorker.handle
+                                                                                  │ WorkerCore.handle
+    sink.deliver ◀── delivery thread ◀── queue ◀── ObjectRef done-callback ◀──────┘ (reply bytes)
+
+*Order.* An actor runs one method at a time, in the order one caller submitted them (``max_concurrency``
+is 1 and no concurrency groups are used), which is exactly the worker's sequential per-slot order.
+
+*Replies.* Each request's ObjectRef gets a done-callback that only enqueues; one delivery thread per
+channel unpacks replies and hands them to their sinks, so no Ray API and no user code (future
+callbacks) ever runs on Ray's own callback thread.
+
+*Death.* Ray reports a dead actor on every call in flight (``RayActorError``); a local actor's process
+is also watched through a pidfd, so an idle actor killed by a signal is noticed (and its slot restarted)
+at once. Either way the router is told exactly once (``router._channel_exited``) on a separate thread:
+it drains replies that already arrived, fails the rest with :class:`WorkerCrashedError` and starts a
+new actor with ``generation + 1`` — refs of the old generation then raise :class:`SessionLostError`.
+Actors are created with ``max_restarts=0``: a Ray-side restart would bring back an empty store under
+the same generation, turning "session lost" into "ref not found".
+
+*Ray itself.* If Ray is not initialised when the first Ray pool starts, poolbridge starts a local
+instance (or connects to ``ray_init["address"]``) and shuts it down when the last Ray pool closes. If
+the application called ``ray.init`` itself, poolbridge neither re-initialises nor shuts it down.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import select
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+try:
+    import ray
+    from ray.exceptions import RayActorError
+except ImportError as exc:  # pragma: no cover - exercised only without the extra installed
+    raise ImportError("backend='ray' needs Ray: pip install 'poolbridge[ray]'") from exc
+
+from .._errors import PoolBusyError, PoolClosedError, RemoteError, WorkerCrashedError
+from .._protocol import unpack_plain
+
+if TYPE_CHECKING:
+    from .._router import Router, Sink
+
+__all__ = ["RayChannel", "ray_channel_factory"]
+
+log = logging.getLogger("poolbridge.ray")
+
+#: Bound on waiting for every actor of a new pool to answer its first ping (Ray may have to start
+#: worker processes, and on a cold cluster pull a runtime environment).
+START_WAIT = 120.0
+#: After a death, how long in-flight calls may take to settle (replies that already arrived are
+#: delivered; Ray reports the rest as failed within tens of milliseconds on one machine).
+DRAIN_WAIT = 2.0
+#: Bound on waiting for a killed local actor's process to disappear.
+EXIT_WAIT = 10.0
+
+_ACTOR_OPTIONS: dict[str, Any] = {
+    "num_cpus": 0,  # slots are not CPU reservations: N slots fit on any machine
+    "max_restarts": 0,  # poolbridge restarts a slot itself, with generation + 1
+    "max_task_retries": 0,
+    "max_concurrency": 1,  # one request at a time, in order
+    "scheduling_strategy": "SPREAD",
+}
+_UNSUPPORTED = ("max_calls", "max_rss")
+
+
+# -- the actor ------------------------------------------------------------------------------------
+
+
+class _SlotWorker:
+    """The body of one slot's actor: a :class:`WorkerCore` plus the idle-session sweeper."""
+
+    def __init__(self, slot: int, n_slots: int, generation: int, options: dict[str, Any]) -> None:
+        from .._worker import WorkerCore
+
+        logging.basicConfig(level=options.get("log_level", logging.WARNING))
+        self._core = WorkerCore(
+            slot,
+            n_slots,
+            generation,
+            helpers=tuple(options.get("helpers") or ()),
+            wire=bool(options.get("wire", False)),
+            max_refs_per_session=options.get("max_refs_per_session"),
+            session_ttl=options.get("session_ttl"),
+        )
+        # Ray runs the methods on its own thread; the sweeper is ours. The lock keeps them apart.
+        self._lock = threading.Lock()
+        self._tick = threading.Event()  # never set: the sweeper's timer
+        if options.get("session_ttl") is not None:
+            threading.Thread(target=self._sweeper, name="poolbridge-sweeper", daemon=True).start()
+
+    def ping(self) -> tuple[int, str]:
+        """This actor's process id and Ray node id."""
+        return os.getpid(), ray.get_runtime_context().get_node_id()
+
+    def handle(self, body: bytes) -> bytes:
+        with self._lock:
+            return self._core.handle(body)
+
+    def _sweeper(self) -> None:
+        core = self._core
+        while True:
+            wait = core.next_sweep_in()
+            if wait is None:
+                return
+            if wait > 0:
+                self._tick.wait(wait)  # a timer; the sweep re-checks under the lock
+            with self._lock:
+                if core.next_sweep_in() == 0.0:
+                    core.sweep()
+
+
+_RemoteSlotWorker: Any = ray.remote(_SlotWorker)
+
+
+# -- Ray itself: started on demand, shut down with the last pool that needed it ------------------
+
+
+class _Runtime:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owned = False
+        self._routers: dict[int, weakref.ref[Router]] = {}
+        self._exit_hook = False
+        self.exiting = False
+        self.node_id: str | None = None
+
+    def acquire(self, router: Router, ray_init: dict[str, Any]) -> None:
+        with self._lock:
+            if id(router) in self._routers:
+                if not ray.is_initialized():  # shut down under us (ray.shutdown(), interpreter exit)
+                    raise PoolClosedError("Ray was shut down; this pool's slots cannot be restarted")
+                return
+            if not self._exit_hook:
+                # Registered after Ray's own atexit hook, so it runs first: pools close in order
+                # while Ray is still up, instead of seeing every actor die and restarting them.
+                atexit.register(self._close_all)
+                self._exit_hook = True
+            if not ray.is_initialized():
+                kwargs = _init_kwargs(ray_init, router.n_slots)
+                started = time.monotonic()
+                ray.init(**kwargs)
+                self._owned = True
+                log.info("started Ray (%s) in %.1fs", kwargs.get("address", "local"), time.monotonic() - started)
+            elif ray_init:
+                log.info("Ray is already initialised; ray_init=%r is not used", sorted(ray_init))
+            self.node_id = ray.get_runtime_context().get_node_id()
+            self._routers[id(router)] = weakref.ref(router)
+
+    def _close_all(self) -> None:
+        self.exiting = True
+        with self._lock:
+            routers = [r() for r in self._routers.values()]
+        for router in routers:
+            if router is not None and not router.closing:
+                try:
+                    router.close(cancel=True)
+                except Exception:
+                    log.exception("closing a Ray pool at exit failed")
+
+    def release(self, router: Router) -> None:
+        with self._lock:
+            if id(router) not in self._routers:
+                return
+            del self._routers[id(router)]
+            if self._owned and not self._routers:
+                self._owned = False
+                if ray.is_initialized():
+                    log.info("shutting down the Ray instance poolbridge started")
+                    ray.shutdown()
+
+    @property
+    def owned(self) -> bool:
+        return self._owned
+
+
+_runtime = _Runtime()
+
+
+def _init_kwargs(ray_init: dict[str, Any], n_slots: int) -> dict[str, Any]:
+    """``ray.init`` arguments: the user's, plus sane defaults when starting a local instance."""
+    kwargs = dict(ray_init)
+    if kwargs.get("address") is not None or os.environ.get("RAY_ADDRESS"):
+        return kwargs  # joining a cluster: its resources and code shipping are the user's choice
+    kwargs.setdefault("num_cpus", max(2, n_slots))
+    kwargs.setdefault("include_dashboard", False)
+    # Actors must import poolbridge, helper modules and dotted paths exactly as this process does.
+    runtime_env = dict(kwargs.get("runtime_env") or {})
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    env_vars.setdefault("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))
+    runtime_env["env_vars"] = env_vars
+    kwargs["runtime_env"] = runtime_env
+    return kwargs
+
+
+# -- noticing that a local actor's process exited ---------------------------------------------------
+
+
+class _PidWatcher:
+    """One thread that learns of local actor process exits from pidfds; runs while it has work."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: dict[int, Callable[[], None]] = {}  # pidfd -> callback
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, pid: int, on_exit: Callable[[], None]) -> bool:
+        if not hasattr(os, "pidfd_open"):
+            return False
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # already gone (or no such process here)
+            on_exit()
+            return True
+        with self._lock:
+            self._watched[fd] = on_exit
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="poolbridge-ray-pidwatch", daemon=True)
+                self._thread.start()
+        os.write(self._wake_w, b"w")
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._watched:
+                    self._thread = None
+                    return
+                fds = list(self._watched)
+            ready, _, _ = select.select([self._wake_r, *fds], [], [], 5.0)
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
+            for fd in ready:
+                if fd == self._wake_r:
+                    continue
+                with self._lock:
+                    callback = self._watched.pop(fd, None)
+                os.close(fd)
+                if callback is not None:
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("pid watcher callback failed")
+
+
+_pid_watcher = _PidWatcher()
+
+
+# -- the channel -----------------------------------------------------------------------------------
+
+_STOP = object()
+
+
+class RayChannel:
+    """One generation of one slot, backed by a Ray actor (same surface as ``ProcessChannel``)."""
+
+    def __init__(self, router: Router, slot: int, generation: int, *, hold_exit: bool = False) -> None:
+        self.slot = slot
+        self.generation = generation
+        self.pending: dict[int, Sink] = {}
+        self.dead = False
+        self.eof = False
+        self.exitcode: int | None = None
+        #: Set once the router has drained this channel and failed what was left.
+        self.finished = threading.Event()
+        self.max_in_flight = router.max_in_flight
+        self._router = router
+        self._lock = threading.Lock()  # dead/input-closed checks vs. submission; once-only exit report
+        self._inflight: dict[int, Any] = {}  # req_id -> ObjectRef not settled yet
+        self._settle = threading.Condition()
+        self._space_waiters = 0
+        self._input_closed = False
+        #: Part of the channel surface: the process backend's recycling (max_calls/max_rss) is not
+        #: done on Ray, so a Ray channel never retires.
+        self.retiring = False
+        self._ending_actor = False
+        self._drained = False
+        self._reported = False
+        self._hold_exit = hold_exit  # during pool start-up: failures raise from Pool(), no restarts
+        self._death_reason = ""
+        self._gone = threading.Event()  # the actor (its process, where we can see it) is gone
+        self._local = False
+        self._pid = -1
+        self._up = threading.Event()  # the first ping settled (pid known, or the actor failed to start)
+        self._start_error: BaseException | None = None
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        options = {k: v for k, v in router.worker_options.items() if k not in _UNSUPPORTED}
+        self._actor = _RemoteSlotWorker.options(**_ACTOR_OPTIONS).remote(slot, router.n_slots, generation, options)
+        self._delivery = threading.Thread(
+            target=self._deliver_loop, name=f"poolbridge-ray-{slot}.{generation}", daemon=True
+        )
+        self._delivery.start()
+        ping = self._actor.ping.remote()
+        ping.future().add_done_callback(self._pinged)
+
+    # -- identity --------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        """The actor process's pid (waits, bounded, for the actor to come up); -1 if it never did."""
+        self._up.wait(START_WAIT)
+        return self._pid
+
+    def wait_started(self, timeout: float) -> BaseException | None:
+        """Wait for the first ping; the error if the actor failed to start (or did not in time)."""
+        if not self._up.wait(timeout):
+            return TimeoutError(f"the actor of slot {self.slot} did not start within {timeout:.0f}s")
+        return self._start_error
+
+    def _pinged(self, future: Any) -> None:
+        try:
+            pid, node_id = future.result()
+        except BaseException as exc:
+            self._start_error = exc
+            self._up.set()
+            self._died(f"the actor failed to start: {exc}")
+            return
+        self._pid = pid
+        self._local = node_id == _runtime.node_id
+        self._up.set()
+        if not (self._local and _pid_watcher.watch(pid, self._process_exited)):
+            self._local = False
+
+    def _process_exited(self) -> None:
+        self._gone.set()
+        self._died("its process exited")
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, req_id: int, data: bytes, sink: Sink, block: bool = True) -> None:
+        """Submit one framed request to the actor. Raises :class:`WorkerCrashedError` if it is gone."""
+        if len(self.pending) >= self.max_in_flight:
+            self._wait_for_space(block)
+        body = data[4:]  # the actor takes the frame body, as WorkerCore.handle does
+        with self._lock:
+            if self._input_closed:
+                raise PoolClosedError("the pool is closed")
+            if self.dead:
+                raise WorkerCrashedError(
+                    f"worker slot {self.slot} (Ray actor, generation {self.generation}) is gone", slot=self.slot
+                )
+            self.pending[req_id] = sink
+            ref = self._actor.handle.remote(body)
+            self._inflight[req_id] = ref
+        put = self._queue.put
+        ref.future().add_done_callback(lambda future: put((req_id, future)))
+
+    def _wait_for_space(self, block: bool) -> None:
+        # Approximate by design, like ProcessChannel: concurrent senders may overshoot by their number.
+        if not block:
+            raise PoolBusyError(f"slot {self.slot} has {len(self.pending)} calls in flight (max {self.max_in_flight})")
+        with self._settle:
+            self._space_waiters += 1
+            try:
+                while len(self.pending) >= self.max_in_flight and not self.dead:
+                    self._settle.wait(1.0)
+            finally:
+                self._space_waiters -= 1
+
+    def wake_reader(self) -> None:
+        """Nothing to do: replies are delivered by this channel's delivery thread."""
+
+    def await_reply(self, req_id: int, waiter: Any, timeout: float | None) -> bool:
+        """Block until ``waiter`` has its reply (delivered, or failed on death). False on timeout."""
+        if waiter.status is not None:
+            return True
+        return bool(waiter.wait(timeout))
+
+    # -- replies ---------------------------------------------------------------------------
+
+    def _deliver_loop(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is _STOP:
+                return
+            req_id, future = item
+            try:
+                self._deliver(req_id, future)
+            except Exception:
+                log.exception("slot %d: delivering reply %s failed", self.slot, req_id)
+            with self._settle:
+                self._inflight.pop(req_id, None)
+                idle = not self._inflight
+                self._settle.notify_all()
+            if idle and self._input_closed and not self._ending_actor:
+                self._retire()
+            if idle and self._drained:
+                return
+
+    def _deliver(self, req_id: int, future: Any) -> None:
+        try:
+            reply = future.result()
+        except RayActorError as exc:
+            self._died(_first_line(exc))
+            if self._drained:  # the router already failed what was pending; this one came late
+                self._fail(req_id, self._crash_error())
+            return
+        except BaseException as exc:
+            self._fail(req_id, RemoteError(type(exc).__name__, str(exc)))
+            return
+        rid, status, body = unpack_plain(reply)
+        sink = self.pending.pop(rid, None)
+        if sink is not None:
+            sink.deliver(status, body)
+
+    def _fail(self, req_id: int, exc: BaseException) -> None:
+        sink = self.pending.pop(req_id, None)
+        if sink is not None:
+            sink.fail(exc)
+
+    def _crash_error(self) -> WorkerCrashedError:
+        return WorkerCrashedError(
+            f"worker slot {self.slot} (Ray actor pid {self._pid}, generation {self.generation}) died: "
+            f"{self._death_reason}",
+            slot=self.slot,
+            pid=self._pid,
+        )
+
+    # -- death -----------------------------------------------------------------------------
+
+    def _died(self, reason: str) -> None:
+        """The actor is gone (or going): tell the router once, from a thread of our own."""
+        with self._lock:
+            self.dead = True
+            if not self._death_reason:
+                self._death_reason = reason
+            if self._reported or self._hold_exit:
+                return
+            self._reported = True
+        if not self._router.closing and not _runtime.exiting:
+            log.warning("slot %d: Ray actor (generation %d) died: %s", self.slot, self.generation, reason)
+        threading.Thread(target=self._report_exit, name="poolbridge-ray-reaper", daemon=True).start()
+
+    def release_hold(self) -> None:
+        """Start-up is over: deaths from now on restart the slot (one that happened meanwhile, now)."""
+        with self._lock:
+            self._hold_exit = False
+            if not self.dead or self._reported:
+                return
+        self._died(self._death_reason)
+
+    def _report_exit(self) -> None:
+        try:
+            self._kill_actor()  # ActorUnavailableError and friends: make the death final
+            if not self._local:
+                self._gone.set()
+            self._router._channel_exited(self)
+        except Exception:
+            log.exception("slot %d: handling the actor's death failed", self.slot)
+        finally:
+            self.finished.set()
+            if self._router.closing:
+                _maybe_release(self._router)
+
+    def drain_and_close(self) -> None:
+        """After the death: let replies already on their way be delivered (bounded), then stop."""
+        with self._lock:
+            self.dead = True
+        deadline = time.monotonic() + DRAIN_WAIT
+        with self._settle:
+            while self._inflight and (remaining := deadline - time.monotonic()) > 0:
+                self._settle.wait(remaining)
+            self._drained = True
+            idle = not self._inflight
+            self._settle.notify_all()
+        if idle:
+            self._queue.put(_STOP)
+
+    def _retire(self) -> None:
+        """Input closed and nothing in flight: the actor can go."""
+        self._ending_actor = True
+        threading.Thread(target=self.kill, name="poolbridge-ray-retire", daemon=True).start()
+
+    def close_input(self) -> None:
+        """No more requests; the actor is killed once the ones in flight have replied."""
+        with self._lock:
+            self._input_closed = True
+        self.release_hold()
+        with self._settle:
+            idle = not self._inflight
+        if idle and not self._ending_actor:
+            self._retire()
+
+    def _kill_actor(self) -> None:
+        if ray.is_initialized():
+            try:
+                ray.kill(self._actor, no_restart=True)
+            except Exception as exc:
+                log.debug("slot %d: ray.kill: %s", self.slot, exc)
+
+    def kill(self) -> None:
+        """Kill the actor now; calls in flight fail with :class:`WorkerCrashedError` (restart follows)."""
+        self._kill_actor()
+        with self._lock:
+            if self.exitcode is None:
+                self.exitcode = -9  # ray.kill is a forced kill
+        self.release_hold()
+        self._died("killed by poolbridge (ray.kill)")
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait for the actor to be gone (its process, if local). None if it is still there.
+
+        When the pool is closing, the last slot's call also waits (bounded) for every other slot
+        to be gone and settled, then lets Ray go if poolbridge started it — so ``Pool.close()``
+        returns with nothing of the pool left running.
+        """
+        if not self._gone.wait(timeout):
+            return None
+        router = self._router
+        channels = [ch for ch in router.channels() if isinstance(ch, RayChannel)]
+        if router.closing and channels and channels[-1] is self:
+            deadline = time.monotonic() + EXIT_WAIT
+            for ch in channels:
+                ch._gone.wait(max(0.0, deadline - time.monotonic()))
+                ch.finished.wait(max(0.0, deadline - time.monotonic()))
+            _maybe_release(router)
+        return self.exitcode if self.exitcode is not None else 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if "Worker exit detail" in line or "The actor is dead" in line:
+            return line.strip()[:300]
+    return (text.splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _maybe_release(router: Router) -> None:
+    """When every channel of a closing router is gone and settled, let Ray go (if we started it)."""
+    channels = [ch for ch in router.channels() if isinstance(ch, RayChannel)]
+    if not all(ch._gone.is_set() and ch.finished.is_set() for ch in channels):
+        return
+    _runtime.release(router)
+
+
+# -- the factory -------------------------------------------------------------------------------------
+
+
+def ray_channel_factory(ray_init: dict[str, Any]) -> Callable[[Router, int, int], RayChannel]:
+    """The ``channel_factory`` of ``Pool(backend="ray")``: one actor per slot and generation.
+
+    The first call starts (or joins) Ray. A pool's first generation is started in parallel: the
+    factory returns each channel at once and, with the last slot, waits for all of them to answer a
+    ping — so a failure to start (a helper module the actors cannot import, say) raises from
+    ``Pool(...)`` instead of restarting slots forever.
+    """
+    ray_init = dict(ray_init)
+    starting: dict[int, list[RayChannel]] = {}
+
+    def factory(router: Router, slot: int, generation: int) -> RayChannel:
+        _runtime.acquire(router, ray_init)
+        if generation > 0:
+            return RayChannel(router, slot, generation)
+        if any(router.worker_options.get(k) is not None for k in _UNSUPPORTED):
+            log.warning("the Ray backend does not recycle workers: max_calls/max_rss_per_worker are ignored")
+        ch = RayChannel(router, slot, generation, hold_exit=True)
+        batch = starting.setdefault(id(router), [])
+        batch.append(ch)
+        if slot < router.n_slots - 1:
+            return ch
+        del starting[id(router)]
+        deadline = time.monotonic() + START_WAIT
+        for started in batch:
+            error = started.wait_started(max(0.0, deadline - time.monotonic()))
+            if error is not None:
+                # ``ch`` is not the router's yet: end it here, silently. The router's close (it
+                # runs when this raises) ends the others, and releases Ray when they are gone.
+                ch._reported = True
+                ch.kill()
+                ch.finished.set()
+                ch._queue.put(_STOP)
+                if len(batch) == 1:
+                    _runtime.release(router)
+                raise WorkerCrashedError(
+                    f"worker slot {started.slot} failed to start as a Ray actor: {_first_line(error)}",
+                    slot=started.slot,
+                ) from error
+        for started in batch:
+            started.release_hold()
+        return ch
+
+    return factory

@@ -558,3 +558,27 @@ def test_ref_after_pool_close_raises_pool_closed() -> None:
         ref.getattr("n")
     del ref
     gc.collect()  # dropping a handle of a closed pool is silent
+
+
+async def test_async_ref_ops_from_a_foreign_task_run_in_the_refs_session(
+    pool: Pool, a_ref: tuple[Ref, str, str]
+) -> None:
+    ref, owner, tok = a_ref
+    apool = pool.aio
+    with pool.session("foreign-async"):
+        seen = [
+            await ref.acall("who"),
+            await apool.method(ref, "who"),
+            await apool.call(ref),
+            await apool.getattr(ref, "where"),
+            await ref.agetattr("where"),
+        ]
+        gen = await apool.options(session=owner, ret="ref").getattr(ref, "gen")
+        seen += [item async for item in apool.stream(gen, 2)]
+    for s in seen:
+        expect_routed(pool, s, owner)
+    with pytest.raises(SessionMismatchError):
+        await apool.options(session="foreign-async").method(ref, "who")
+    with pytest.raises(SessionMismatchError):
+        await apool.options(session="foreign-async").call("pb_testmods.record_call", tok, ref)
+    assert pool.options(session=owner).call("pb_testmods.pop_events", tok) == [("call", seen[2])]

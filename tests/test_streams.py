@@ -252,3 +252,56 @@ def test_close_session_closes_its_streams(pool: Pool) -> None:
 def test_invalid_batch(pool: Pool, batch: int) -> None:
     with pytest.raises(ValueError):
         pool.options(batch=batch)
+
+
+# -- the asyncio face --------------------------------------------------------------------------
+
+
+async def test_async_stream_is_pulled_in_batches(pool: Pool) -> None:
+    sid, token = f"abatches-{tok()[:6]}", tok()
+    base = quiet_baseline(pool, sid)
+    stream = pool.aio.options(session=sid, batch=1000).stream("pb_testmods.gen_counted", token, 10_000)
+    got = [item async for item in stream]
+    assert got == list(range(10_000))
+    assert 10 <= slot_calls(pool, sid) - base <= 12
+    assert pool.options(session=sid).call("pb_testmods.pulls", token) == 10
+
+
+async def test_async_stream_aclose_runs_finally(pool: Pool) -> None:
+    sid, token = f"aclose-{tok()[:6]}", tok()
+    stream = pool.aio.options(session=sid, batch=5).stream("pb_testmods.gen_with_finally", token, 1000)
+    assert [await stream.__anext__() for _ in range(7)] == list(range(7))
+    assert stream.session_id == sid
+    await stream.aclose()
+    assert events(pool, sid, token) == ["finally"]
+    await stream.aclose()  # idempotent
+
+
+async def test_async_stream_context_manager(pool: Pool) -> None:
+    sid, token = f"actx-{tok()[:6]}", tok()
+    async with pool.aio.options(session=sid, batch=3).stream("pb_testmods.gen_with_finally", token, 100) as stream:
+        assert await stream.__anext__() == 0
+    assert events(pool, sid, token) == ["finally"]
+
+
+async def test_closed_async_stream_yields_nothing_more(pool: Pool) -> None:
+    stream = pool.aio.options(session="aclosed-mid-batch", batch=10).stream("pb_testmods.gen_range", 1000)
+    assert await stream.__anext__() == 0
+    await stream.aclose()
+    assert [item async for item in stream] == []
+
+
+async def test_async_stream_generator_raising_after_items(pool: Pool) -> None:
+    got = []
+    with pytest.raises(CustomError, match="async late") as info:
+        async for item in pool.aio.options(session="araise", batch=2).stream("pb_testmods.gen_then_raise", 5, "async late"):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+    assert "gen_then_raise" in str(info.value.__cause__)
+
+
+async def test_async_stream_runs_in_the_task_session(pool: Pool) -> None:
+    with pool.session("astream-ctx"):
+        items = [i async for i in pool.aio.options(batch=1).stream("pb_testmods.gen_whoami", 3)]
+    for seen in items:
+        expect_routed(pool, seen, "astream-ctx")

@@ -1,0 +1,436 @@
+"""A worker that dies mid-call costs exactly its slot's in-flight calls and session state.
+
+Failure model (DESIGN.md): every call in flight on the dead worker raises WorkerCrashedError
+(pid, exit code, signal) within a second — noticed through a pidfd, not a timeout; the slot restarts
+with generation + 1; refs and streams of the old generation raise SessionLostError (never
+RefNotFoundError, never new state); other slots do not notice.
+
+Blocking calls wait on fifos the test writes to (pb_faultmods.wait_fifo), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+from pb_faultmods import Fifo, ProcessHygiene, pid_in, sessions_for_slot, wait_until
+
+import poolbridge
+from poolbridge import RefNotFoundError, SessionLostError, WorkerCrashedError
+
+M = "pb_faultmods"
+CRASH_DEADLINE = 1.0  # "well under a second": the monitor sees the exit through a pidfd
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[poolbridge.Pool]:
+    p = poolbridge.Pool(2)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+_POOLS: list[poolbridge.Pool] = []
+
+
+@pytest.fixture(autouse=True)
+def _hygiene(request: pytest.FixtureRequest) -> Iterator[None]:
+    def allowed() -> set[int]:
+        pids: set[int] = set()
+        for p in _POOLS:
+            if not p.closed:
+                pids.update(p.pids())
+        return pids
+
+    if "pool" in request.fixturenames:
+        _POOLS.append(request.getfixturevalue("pool"))
+    with ProcessHygiene(allowed):
+        yield
+    _POOLS.clear()
+
+
+@pytest.fixture
+def fifo(tmp_path) -> Iterator[Fifo]:
+    f = Fifo(str(tmp_path / "gate"))
+    try:
+        yield f
+    finally:
+        f.release(64)  # never leave a worker blocked on it
+        f.close()
+
+
+def serves_every_slot(pool: poolbridge.Pool, tag: str = "probe") -> None:
+    """Every slot answers, from the pid the pool reports for it, in a fresh session."""
+    for slot in range(pool.workers):
+        (sid,) = sessions_for_slot(pool, slot, 1, f"{tag}-{slot}-{time.monotonic_ns()}")
+        seen = pool.options(session=sid).call(f"{M}.whoami")  # waits for a restarting slot
+        assert seen["slot"] == slot
+        assert seen["pid"] == pool.pids()[slot]
+        assert seen["generation"] == pool._router.generation(slot)
+        assert seen["session"] == sid
+
+
+def generations(pool: poolbridge.Pool) -> list[int]:
+    return [s.generation for s in pool.stats().slots]
+
+
+def wait_restarted(pool: poolbridge.Pool, slot: int, old_pid: int) -> int:
+    return wait_until(
+        lambda: pool.pids()[slot] != old_pid and pool.stats().slots[slot].alive and pool.pids()[slot],
+        10.0,
+        what=f"slot {slot} restarted",
+    )
+
+
+# -- user code kills its own worker ---------------------------------------------------------------
+
+DEATHS = [
+    ("sigkill", None, signal.SIGKILL),
+    ("os._exit", 7, None),
+    ("segfault", None, signal.SIGSEGV),
+    ("abort", None, signal.SIGABRT),
+]
+
+
+@pytest.mark.parametrize(("how", "code", "sig"), DEATHS, ids=[d[0] for d in DEATHS])
+def test_death_in_user_code_fails_that_call_and_restarts_the_slot(pool, how, code, sig):
+    (sid,) = sessions_for_slot(pool, 0, 1, f"die-{how}")
+    (other,) = sessions_for_slot(pool, 1, 1, f"other-{how}")
+    other_ref = pool.options(session=other).create(f"{M}.Box", 41)
+    pids_before = pool.pids()
+    gens_before = generations(pool)
+
+    started = time.monotonic()
+    with pytest.raises(WorkerCrashedError) as info:
+        pool.options(session=sid).call(f"{M}.die", how)
+    elapsed = time.monotonic() - started
+    err = info.value
+
+    assert elapsed < CRASH_DEADLINE, f"crash noticed after {elapsed:.3f}s"
+    assert err.pid == pids_before[0]
+    assert err.slot == 0
+    if sig is not None:
+        assert err.exitcode == -sig
+        assert err.signal == sig
+    else:
+        assert err.exitcode == code
+        assert err.signal is None
+    # Also a concurrent.futures.process.BrokenProcessPool, for code written against the stdlib.
+    from concurrent.futures.process import BrokenProcessPool
+
+    assert isinstance(err, BrokenProcessPool)
+
+    new_pid = wait_restarted(pool, 0, pids_before[0])
+    assert new_pid != pids_before[0]
+    assert not psutil.pid_exists(pids_before[0]) or psutil.Process(pids_before[0]).status() == psutil.STATUS_ZOMBIE
+    gens = generations(pool)
+    assert gens[0] == gens_before[0] + 1
+    assert gens[1] == gens_before[1]
+    assert pool.pids()[1] == pids_before[1]
+    assert pool.stats().slots[0].restarts >= 1
+    # the other slot's state survived
+    assert other_ref.call("incr") == 42
+    serves_every_slot(pool)
+
+
+def test_sys_exit_in_user_code_is_that_calls_error_not_a_death(pool):
+    (sid,) = sessions_for_slot(pool, 0, 1, "sysexit")
+    ref = pool.options(session=sid).create(f"{M}.Box", 1)
+    pids = pool.pids()
+    gens = generations(pool)
+    with pytest.raises(SystemExit) as info:
+        pool.options(session=sid).call(f"{M}.die", "sys.exit", 5)
+    assert info.value.code == 5
+    with pytest.raises(SystemExit):
+        pool.options(session=sid).call("sys.exit", 0)
+    assert pool.pids() == pids
+    assert generations(pool) == gens
+    assert ref.call("incr") == 2  # the session's state is intact
+    serves_every_slot(pool)
+
+
+# -- an external kill while calls are in flight ---------------------------------------------------
+
+
+def test_external_kill_fails_every_in_flight_call_of_that_slot_only(pool, fifo, tmp_path):
+    a_sessions = sessions_for_slot(pool, 0, 4, "inflight-a")
+    (b_sid,) = sessions_for_slot(pool, 1, 1, "inflight-b")
+    b_ref = pool.options(session=b_sid).create(f"{M}.Box", 10)
+    pids = pool.pids()
+    marker = str(tmp_path / "running")
+
+    # slot 0: one call blocked in the worker, three queued behind it (one sync caller included)
+    blocked = pool.options(session=a_sessions[0]).submit(f"{M}.mark_and_wait", marker, fifo.path)
+    queued = [pool.options(session=s).submit(f"{M}.add", 1, 2) for s in a_sessions[1:3]]
+    # slot 1: a call in flight, blocked on the same fifo
+    b_marker = str(tmp_path / "b-running")
+    b_inflight = pool.options(session=b_sid).submit(f"{M}.mark_and_wait", b_marker, fifo.path, 60.0, "b-done")
+    wait_until(lambda: os.path.exists(marker) and os.path.exists(b_marker), 10.0, what="both calls running")
+    assert not blocked.done() and not any(f.done() for f in queued)
+
+    import threading
+
+    sync_result: list[BaseException | object] = []
+
+    def sync_caller() -> None:
+        try:
+            sync_result.append(pool.options(session=a_sessions[3]).call(f"{M}.add", 2, 2))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            sync_result.append(exc)
+
+    t = threading.Thread(target=sync_caller)
+    t.start()
+    # (not pool.stats(): that asks the worker too, and slot 0 is busy)
+    wait_until(lambda: len(pool._router.channels()[0].pending) >= 4 or sync_result, 5.0, what="sync call in flight")
+
+    killed_at = time.monotonic()
+    os.kill(pids[0], signal.SIGKILL)
+    for f in [blocked, *queued]:
+        exc = f.exception(timeout=5.0)
+        assert isinstance(exc, WorkerCrashedError), repr(exc)
+        assert exc.pid == pids[0]
+        assert exc.signal == signal.SIGKILL
+        assert exc.exitcode == -signal.SIGKILL
+    elapsed = time.monotonic() - killed_at
+    assert elapsed < CRASH_DEADLINE, f"in-flight calls failed only after {elapsed:.3f}s"
+    t.join(5.0)
+    assert not t.is_alive()
+    assert len(sync_result) == 1
+    # The sync caller either was in flight (crashed) or raced in after the restart (served).
+    assert isinstance(sync_result[0], WorkerCrashedError) or sync_result[0] == 4
+
+    # slot 1 did not notice: its call is still running and finishes with its own value
+    assert not b_inflight.done()
+    fifo.release(1)
+    assert b_inflight.result(timeout=10.0) == "b-done"
+    assert pool.pids()[1] == pids[1]
+    assert b_ref.call("get") == 10
+    wait_restarted(pool, 0, pids[0])
+    serves_every_slot(pool)
+
+
+def test_crash_is_seen_through_the_pidfd_not_a_timeout(pool, fifo, tmp_path):
+    """The blocked call would wait 60 s; the crash error arrives as soon as the process is gone."""
+    assert hasattr(os, "pidfd_open")
+    assert pool._router.monitor._pidfd, "the monitor fell back to polling"
+    (sid,) = sessions_for_slot(pool, 1, 1, "pidfd")
+    marker = str(tmp_path / "running")
+    f = pool.options(session=sid).submit(f"{M}.mark_and_wait", marker, fifo.path, 60.0)
+    pid = wait_until(lambda: pid_in(marker), 10.0)
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    exc = f.exception(timeout=5.0)
+    assert isinstance(exc, WorkerCrashedError)
+    assert time.monotonic() - t0 < CRASH_DEADLINE
+    wait_restarted(pool, 1, pid)
+    serves_every_slot(pool)
+
+
+def test_kill_while_idle_restarts_the_slot(pool):
+    pids = pool.pids()
+    gens = generations(pool)
+    os.kill(pids[1], signal.SIGKILL)
+    wait_restarted(pool, 1, pids[1])
+    assert generations(pool) == [gens[0], gens[1] + 1]
+    assert pool.pids()[0] == pids[0]
+    serves_every_slot(pool)
+
+
+def test_repeated_crashes_each_bump_the_generation(pool):
+    (sid,) = sessions_for_slot(pool, 1, 1, "repeat")
+    start = generations(pool)[1]
+    seen_pids = set()
+    for i in range(4):
+        before = pool.pids()[1]
+        seen_pids.add(before)
+        with pytest.raises(WorkerCrashedError) as info:
+            pool.options(session=sid).call(f"{M}.die", "os._exit", 20 + i)
+        assert info.value.exitcode == 20 + i
+        assert info.value.pid == before
+        # the next call waits for the restart (no sleep needed) and runs in generation + 1
+        seen = pool.options(session=sid).call(f"{M}.whoami")
+        assert seen["generation"] == start + i + 1
+        assert seen["pid"] != before
+    assert len(seen_pids) == 4
+    assert generations(pool)[1] == start + 4
+    serves_every_slot(pool)
+
+
+# -- refs and streams of the old generation ---------------------------------------------------------
+
+
+def test_refs_of_a_dead_generation_raise_session_lost(pool):
+    (sid,) = sessions_for_slot(pool, 0, 1, "lost-ref")
+    (other,) = sessions_for_slot(pool, 1, 1, "kept-ref")
+    api = pool.options(session=sid)
+    ref = api.create(f"{M}.Box", 5)
+    ref2 = api.create(f"{M}.Box", 6)
+    kept = pool.options(session=other).create(f"{M}.Box", 7)
+    assert ref.call("incr") == 6
+    old_pid = pool.pids()[0]
+    with pytest.raises(WorkerCrashedError):
+        api.call(f"{M}.die", "sigkill")
+    wait_restarted(pool, 0, old_pid)
+
+    # A fresh ref in the same session lives in the new generation (ids may repeat: it must not
+    # matter, the generation tells them apart).
+    fresh = api.create(f"{M}.Box", 100)
+    assert fresh.generation == ref.generation + 1
+
+    for op in (
+        lambda: ref.call("get"),
+        lambda: ref.getattr("value"),
+        lambda: ref.setattr("value", 1),
+        lambda: ref.release(),
+        lambda: pool.method(ref2, "get"),
+        lambda: pool.options(ret="value").call(ref2),  # a ref as the callable target
+        lambda: ref.submit("get").result(timeout=5.0),
+    ):
+        with pytest.raises(SessionLostError) as info:
+            op()
+        assert not isinstance(info.value, RefNotFoundError)
+    # as an *argument* the router does not check the generation; the worker does (defence in depth)
+    with pytest.raises(SessionLostError):
+        api.call(f"{M}.accept", ref2)
+    assert fresh.call("get") == 100  # no silent mix-up with the dead generation's objects
+    assert kept.call("get") == 7
+    serves_every_slot(pool)
+
+
+def test_ref_used_during_the_restart_never_sees_new_state(pool):
+    """Right after the kill, before or while the slot restarts: a crash or session-lost error."""
+    (sid,) = sessions_for_slot(pool, 1, 1, "racing-ref")
+    api = pool.options(session=sid)
+    ref = api.create(f"{M}.Box", 1)
+    old = pool.pids()[1]
+    os.kill(old, signal.SIGKILL)
+    outcomes = []
+    for _ in range(50):
+        try:
+            outcomes.append(ref.call("get"))
+        except (SessionLostError, WorkerCrashedError) as exc:
+            assert not isinstance(exc, RefNotFoundError)
+            outcomes.append(type(exc))
+    assert 1 not in outcomes and all(isinstance(o, type) for o in outcomes), outcomes
+    assert outcomes[-1] is SessionLostError
+    wait_restarted(pool, 1, old)
+    serves_every_slot(pool)
+
+
+def test_stream_crashing_its_worker_mid_iteration(pool):
+    (sid,) = sessions_for_slot(pool, 0, 1, "crash-stream")
+    api = pool.options(session=sid, batch=2)
+    old = pool.pids()[0]
+    got = []
+    started = time.monotonic()
+    with pytest.raises(WorkerCrashedError) as info:
+        for item in api.stream(f"{M}.crash_after", 5, "sigkill"):
+            got.append(item)
+    assert time.monotonic() - started < 5.0
+    assert got == list(range(len(got))) and len(got) <= 5
+    assert info.value.signal == signal.SIGKILL
+    wait_restarted(pool, 0, old)
+    # the next stream opens on the new generation and runs to the end
+    assert list(api.stream("builtins.range", 7)) == list(range(7))
+    serves_every_slot(pool)
+
+
+def test_stream_opened_right_after_a_crash_lives_in_the_new_generation(pool):
+    """No wait for the restart: the open itself waits for the slot, and the stream must work.
+
+    BUG (poolbridge): ``_Api._req_stream_open`` stamps the stream key with
+    ``router.generation(slot)`` read *before* sending; while the slot restarts that is still the
+    dead generation, so the stream (which really lives in generation + 1) fails its first
+    ``stream_next`` with SessionLostError.
+    """
+    (sid,) = sessions_for_slot(pool, 0, 1, "open-after-crash")
+    api = pool.options(session=sid, batch=2)
+    for _ in range(3):
+        with pytest.raises(WorkerCrashedError):
+            api.call(f"{M}.die", "sigkill")
+        assert list(api.stream("builtins.range", 7)) == list(range(7))
+    serves_every_slot(pool)
+
+
+def test_open_stream_of_a_dead_generation_raises_session_lost(pool):
+    (sid,) = sessions_for_slot(pool, 1, 1, "lost-stream")
+    (killer,) = sessions_for_slot(pool, 1, 1, "stream-killer")
+    api = pool.options(session=sid, batch=1)
+    s1 = api.stream("builtins.range", 10)
+    s2 = api.stream("builtins.range", 10)
+    assert next(s1) == 0 and next(s2) == 0
+    assert api.call(f"{M}.add", 0, 0) == 0  # the prefetched batches were answered before this
+    old = pool.pids()[1]
+    with pytest.raises(WorkerCrashedError):
+        pool.options(session=killer).call(f"{M}.die", "sigkill")
+    wait_restarted(pool, 1, old)
+    with pytest.raises(SessionLostError):
+        # item 1 was prefetched; asking for item 2 needs the dead worker
+        next(s1)
+        next(s1)
+    with pytest.raises(SessionLostError):
+        s2.close()
+    assert list(api.stream("builtins.range", 3)) == [0, 1, 2]
+    serves_every_slot(pool)
+
+
+def test_futures_across_a_crash_each_get_a_value_or_a_crash_error(pool):
+    """Many submissions to a slot whose worker dies partway: every future is settled, typed."""
+    sessions = sessions_for_slot(pool, 0, 20, "burst")
+    (killer,) = sessions_for_slot(pool, 0, 1, "burst-killer")
+    futures = []
+    for i in range(200):
+        futures.append((i, pool.options(session=sessions[i % 20]).submit(f"{M}.echo", i)))
+        if i == 100:
+            futures.append((-1, pool.options(session=killer).submit(f"{M}.die", "sigkill")))
+    crashed = 0
+    for i, f in futures:
+        exc = f.exception(timeout=10.0)
+        if exc is None:
+            value, seen_session = f.result()
+            assert value == [i]
+            assert seen_session == sessions[i % 20]
+        else:
+            assert isinstance(exc, WorkerCrashedError), repr(exc)
+            crashed += 1
+    assert crashed >= 1  # at least the killer itself
+    serves_every_slot(pool)
+
+
+def test_worker_crash_with_many_threads_blocked_in_call(pool, fifo, tmp_path):
+    """Synchronous callers (leader/follower readers of the reply pipe) all get the crash error."""
+    import threading
+
+    sessions = sessions_for_slot(pool, 1, 6, "threads")
+    marker = str(tmp_path / "running")
+    results: dict[int, object] = {}
+
+    def caller(i: int) -> None:
+        try:
+            if i == 0:
+                results[i] = pool.options(session=sessions[i]).call(f"{M}.mark_and_wait", marker, fifo.path)
+            else:
+                results[i] = pool.options(session=sessions[i]).call(f"{M}.add", i, i)
+        except BaseException as exc:  # noqa: BLE001
+            results[i] = exc
+
+    threads = [threading.Thread(target=caller, args=(0,))]
+    threads[0].start()
+    pid = wait_until(lambda: pid_in(marker), 10.0)
+    for i in range(1, 6):
+        threads.append(threading.Thread(target=caller, args=(i,)))
+        threads[-1].start()
+    wait_until(lambda: pool._router.channels()[1].pending and len(pool._router.channels()[1].pending) >= 6, 5.0)
+    os.kill(pid, signal.SIGKILL)
+    for t in threads:
+        t.join(5.0)
+        assert not t.is_alive()
+    for i in range(6):
+        assert isinstance(results[i], WorkerCrashedError), (i, results[i])
+        assert results[i].pid == pid
+    serves_every_slot(pool)

@@ -2,7 +2,8 @@
 
 Run (see benchmarks/README.md)::
 
-    python -m pytest benchmarks -q --benchmark-json=.benchmarks/core.json && python benchmarks/report.py .benchmarks/core.json
+    mkdir -p .benchmarks && python -m pytest benchmarks -q --benchmark-json=.benchmarks/core.json \
+        && python benchmarks/report.py .benchmarks/core.json
 
 Latency cases time one sequential call per iteration (fixed rounds x iterations).
 Throughput cases time one round of ``N`` calls; ``extra_info["n"]`` records the calls (or items) per

@@ -20,9 +20,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _baselines import RawEcho  # noqa: E402
+from _baselines import RawEcho
 
-import poolbridge  # noqa: E402
+import poolbridge
 
 WORKERS = 2
 SESSIONS = 64

@@ -49,10 +49,22 @@ def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[tuple[str, str, str, bo
 
     ratio("pool_call / raw_pingpong (latency)", "pool_call", "raw_pingpong", median_us, "<= 1.5", lambda v: v <= 1.5)
     ratio("mp_pool_apply / pool_call (latency, x faster)", "mp_pool_apply", "pool_call", median_us, "info", None)
-    ratio("pool_submit / raw_pipelined (calls/s)", "pool_submit_many_sessions", "raw_pipelined", per_second,
-          ">= 0.5", lambda v: v >= 0.5)
-    ratio("pool_submit / mp_pool_apply_async (calls/s)", "pool_submit_many_sessions", "mp_pool_apply_async",
-          per_second, ">= 3", lambda v: v >= 3)
+    ratio(
+        "pool_submit / raw_pipelined (calls/s)",
+        "pool_submit_many_sessions",
+        "raw_pipelined",
+        per_second,
+        ">= 0.5",
+        lambda v: v >= 0.5,
+    )
+    ratio(
+        "pool_submit / mp_pool_apply_async (calls/s)",
+        "pool_submit_many_sessions",
+        "mp_pool_apply_async",
+        per_second,
+        ">= 3",
+        lambda v: v >= 3,
+    )
     streams = sorted(c for c in cases if c.startswith("pool_stream_ints"))
     if not streams:
         out.append(("pool_stream_ints items/s", "missing", ">= 500k", False))

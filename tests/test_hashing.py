@@ -29,7 +29,7 @@ SLOT_COUNTS = (1, 2, 3, 4, 8, 16, 100, 1000)
 PUBLISHED = {(1, 1): 0, (42, 57): 43, (0xDEAD10CC, 1): 0, (0xDEAD10CC, 666): 361, (256, 1024): 520}
 U64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
 # No deadline: a timing threshold has no place in a unit test on a shared machine.
-PROPS = settings(max_examples=300, deadline=None, database=None)
+PROPS = settings(max_examples=200, deadline=None, database=None)
 # When a property fails, Hypothesis imports libcst (if installed) to write an @example patch; on some
 # installs that import emits a DeprecationWarning (mypy_extensions.TypedDict) which the project's
 # "warnings are errors" turns into a pytest INTERNALERROR that hides the real failure.

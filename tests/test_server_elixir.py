@@ -7,6 +7,7 @@ missing Elixir is a failure, never a silent skip.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -85,4 +86,40 @@ def test_elixir_demo() -> None:
     assert result.returncode == 0, f"demo failed:\n{result.stdout}\n{result.stderr}"
     assert "math.sqrt(2) = 1.4142135623730951" in result.stdout
     assert "sum of squares 1..100 = 338350" in result.stdout
+    _assert_no_orphans(tag)
+
+
+@pytest.mark.elixir
+def test_beam_killed_leaves_no_process() -> None:
+    """SIGKILL the BEAM that owns the Port: the server sees EOF and takes its workers with it."""
+    tag = uuid.uuid4().hex
+    env = dict(os.environ)
+    env.update(POOLBRIDGE_PYTHON=sys.executable, POOLBRIDGE_TEST_TAG=tag)
+    proc = subprocess.Popen(
+        [_elixir(), str(REPO / "tests" / "elixir" / "hold_port.exs")],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        line = b""
+        deadline = time.monotonic() + 60
+        while not line.startswith(b"PIDS") and time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                line = proc.stdout.readline()
+                assert line, "the Elixir script exited early"
+        pids = [int(p) for p in line.split()[1:]]
+        assert len(pids) == 3
+        server = psutil.Process(pids[0])
+        beam = next(p for p in server.parents() if p.name().startswith("beam"))
+        started = time.monotonic()
+        beam.kill()
+        _gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=5)
+        assert alive == [], f"left behind: {alive}"
+        assert time.monotonic() - started < 3.0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
     _assert_no_orphans(tag)

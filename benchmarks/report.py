@@ -26,26 +26,34 @@ def load(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     return cases, data
 
 
-def per_second(bench: dict[str, Any]) -> float:
-    """Calls (or items) per second: ``n`` per round over the median round time."""
-    return float(bench["extra_info"].get("n", 1)) / float(bench["stats"]["median"])
+def per_second(bench: dict[str, Any], stat: str = "median") -> float:
+    """Calls (or items) per second: ``n`` per round over the median (or best) round time."""
+    return float(bench["extra_info"].get("n", 1)) / float(bench["stats"][stat])
 
 
-def median_us(bench: dict[str, Any]) -> float:
-    return float(bench["stats"]["median"]) * 1e6
+def median_us(bench: dict[str, Any], stat: str = "median") -> float:
+    return float(bench["stats"][stat]) * 1e6
 
 
-def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[tuple[str, str, str, bool | None]], list[tuple[str, str]]]:
-    """(ratio name, value, target, met) and (case, absolute figure)."""
-    out: list[tuple[str, str, str, bool | None]] = []
+Row = tuple[str, str, str, str, "bool | None"]
+
+
+def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[Row], list[tuple[str, str]]]:
+    """(ratio name, value from medians, value from best rounds, target, met) and (case, absolute figure).
+
+    The verdict uses the medians; the best-round ratio is a second opinion that is less sensitive to
+    load changing between cases (each case runs at a different moment of the run).
+    """
+    out: list[Row] = []
 
     def ratio(name: str, num: str, den: str, fn: Any, target: str, ok: Any) -> None:
         if num in cases and den in cases:
             value = fn(cases[num]) / fn(cases[den])
-            out.append((name, f"{value:.2f}", target, ok(value) if ok else None))
+            best = fn(cases[num], "min") / fn(cases[den], "min")
+            out.append((name, f"{value:.2f}", f"{best:.2f}", target, ok(value) if ok else None))
         else:
             missing = [c for c in (num, den) if c not in cases]
-            out.append((name, "missing " + ", ".join(missing), target, False if ok else None))
+            out.append((name, "missing " + ", ".join(missing), "", target, False if ok else None))
 
     ratio("pool_call / raw_pingpong (latency)", "pool_call", "raw_pingpong", median_us, "<= 1.5", lambda v: v <= 1.5)
     ratio("mp_pool_apply / pool_call (latency, x faster)", "mp_pool_apply", "pool_call", median_us, "info", None)
@@ -67,10 +75,10 @@ def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[tuple[str, str, str, bo
     )
     streams = sorted(c for c in cases if c.startswith("pool_stream_ints"))
     if not streams:
-        out.append(("pool_stream_ints items/s", "missing", ">= 500k", False))
+        out.append(("pool_stream_ints items/s", "missing", "", ">= 500k", False))
     for case in streams:
-        value = per_second(cases[case])
-        out.append((f"{case} items/s", f"{value / 1e3:,.0f}k", ">= 500k", value >= 500_000))
+        value, best = per_second(cases[case]), per_second(cases[case], "min")
+        out.append((f"{case} items/s", f"{value / 1e3:,.0f}k", f"{best / 1e3:,.0f}k", ">= 500k", value >= 500_000))
 
     absolute: list[tuple[str, str]] = []
     for case, bench in cases.items():
@@ -100,20 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     verdict = {True: "met", False: "MISSED", None: ""}
     print(header)
     if args.markdown:
-        print("\n| ratio | measured | target | |\n|---|---:|---:|---|")
-        for name, value, target, ok in ratios:
-            print(f"| {name} | {value} | {target} | {verdict[ok]} |")
+        print("\n| ratio | median | best round | target | |\n|---|---:|---:|---:|---|")
+        for name, value, best, target, ok in ratios:
+            print(f"| {name} | {value} | {best} | {target} | {verdict[ok]} |")
         print("\n| case | median |\n|---|---:|")
         for case, figure in absolute:
             print(f"| `{case}` | {figure} |")
     else:
         width = max(len(r[0]) for r in ratios)
-        for name, value, target, ok in ratios:
-            print(f"  {name:<{width}}  {value:>10}  target {target:<8} {verdict[ok]}")
+        print(f"  {'ratio':<{width}}  {'median':>10}  {'best':>8}")
+        for name, value, best, target, ok in ratios:
+            print(f"  {name:<{width}}  {value:>10}  {best:>8}  target {target:<8} {verdict[ok]}")
         print("absolute (median; context only, drifts with machine load):")
         for case, figure in absolute:
             print(f"  {case:<{width}}  {figure}")
-    missed = [r[0] for r in ratios if r[3] is False]
+    missed = [r[0] for r in ratios if r[4] is False]
     if missed and args.strict:
         print(f"missed: {', '.join(missed)}", file=sys.stderr)
         return 1

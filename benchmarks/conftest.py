@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import operator
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,20 @@ import poolbridge
 
 WORKERS = 2
 SESSIONS = 64
+
+
+_load_at_start: tuple[float, float, float] | None = None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _load_at_start
+    _load_at_start = os.getloadavg()
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, object]) -> None:
+    """Record the machine's load average (1/5/15 min) at start and end: on a shared VM it explains noise."""
+    machine_info["loadavg_start"] = list(_load_at_start or ())
+    machine_info["loadavg_end"] = list(os.getloadavg())
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:

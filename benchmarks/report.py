@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{' (dirty)' if commit.get('dirty') else ''}  python {data.get('machine_info', {}).get('python_version', '?')}"
         f"  cpus {data.get('machine_info', {}).get('cpu', {}).get('count', '?')}"
     )
+    machine = data.get("machine_info", {})
+    if "loadavg_start" in machine:
+        header += f"  load avg (1 min) {machine['loadavg_start'][0]:.1f} -> {machine['loadavg_end'][0]:.1f}"
     verdict = {True: "met", False: "MISSED", None: ""}
     print(header)
     if args.markdown:

@@ -3,8 +3,14 @@
     python benchmarks/report.py .benchmarks/core.json [--markdown] [--strict]
 
 Every target is a ratio against a baseline measured in the same run (absolute times drift on a
-shared machine), except stream items/s, which the project states as an absolute floor. Figures use
-the median round time: it shrugs off the scheduling spikes of a loaded VM, where the mean does not.
+shared machine), except stream items/s, which the project states as an absolute floor.
+
+The verdict uses each case's **best round** (pytest-benchmark's ``min``): on a loaded 2-core VM the
+load changes between cases (each case runs at a different moment), and the median of a case then
+mostly measures the neighbours; the fastest round is what the code costs when it gets the CPU. On
+four runs of one commit at load 5-14, the best-round pool_call/raw_pingpong ratio stayed within
+2.78-2.98 while the median ratio ranged 1.39-3.84. Throughput ratios are noisier either way. The
+median ratio is printed next to it as a second opinion.
 ``--strict`` exits 1 when a target is missed; by default the report only informs.
 """
 
@@ -26,12 +32,12 @@ def load(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     return cases, data
 
 
-def per_second(bench: dict[str, Any], stat: str = "median") -> float:
+def per_second(bench: dict[str, Any], stat: str = "min") -> float:
     """Calls (or items) per second: ``n`` per round over the median (or best) round time."""
     return float(bench["extra_info"].get("n", 1)) / float(bench["stats"][stat])
 
 
-def median_us(bench: dict[str, Any], stat: str = "median") -> float:
+def round_us(bench: dict[str, Any], stat: str = "min") -> float:
     return float(bench["stats"][stat]) * 1e6
 
 
@@ -39,24 +45,20 @@ Row = tuple[str, str, str, str, "bool | None"]
 
 
 def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[Row], list[tuple[str, str]]]:
-    """(ratio name, value from medians, value from best rounds, target, met) and (case, absolute figure).
-
-    The verdict uses the medians; the best-round ratio is a second opinion that is less sensitive to
-    load changing between cases (each case runs at a different moment of the run).
-    """
+    """(ratio name, value from best rounds, value from medians, target, met) and (case, absolute figure)."""
     out: list[Row] = []
 
     def ratio(name: str, num: str, den: str, fn: Any, target: str, ok: Any) -> None:
         if num in cases and den in cases:
-            value = fn(cases[num]) / fn(cases[den])
-            best = fn(cases[num], "min") / fn(cases[den], "min")
-            out.append((name, f"{value:.2f}", f"{best:.2f}", target, ok(value) if ok else None))
+            best = fn(cases[num]) / fn(cases[den])
+            median = fn(cases[num], "median") / fn(cases[den], "median")
+            out.append((name, f"{best:.2f}", f"{median:.2f}", target, ok(best) if ok else None))
         else:
             missing = [c for c in (num, den) if c not in cases]
             out.append((name, "missing " + ", ".join(missing), "", target, False if ok else None))
 
-    ratio("pool_call / raw_pingpong (latency)", "pool_call", "raw_pingpong", median_us, "<= 1.5", lambda v: v <= 1.5)
-    ratio("mp_pool_apply / pool_call (latency, x faster)", "mp_pool_apply", "pool_call", median_us, "info", None)
+    ratio("pool_call / raw_pingpong (latency)", "pool_call", "raw_pingpong", round_us, "<= 1.5", lambda v: v <= 1.5)
+    ratio("mp_pool_apply / pool_call (latency, x faster)", "mp_pool_apply", "pool_call", round_us, "info", None)
     ratio(
         "pool_submit / raw_pipelined (calls/s)",
         "pool_submit_many_sessions",
@@ -77,16 +79,16 @@ def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[Row], list[tuple[str, s
     if not streams:
         out.append(("pool_stream_ints items/s", "missing", "", ">= 500k", False))
     for case in streams:
-        value, best = per_second(cases[case]), per_second(cases[case], "min")
-        out.append((f"{case} items/s", f"{value / 1e3:,.0f}k", f"{best / 1e3:,.0f}k", ">= 500k", value >= 500_000))
+        best, median = per_second(cases[case]), per_second(cases[case], "median")
+        out.append((f"{case} items/s", f"{best / 1e3:,.0f}k", f"{median / 1e3:,.0f}k", ">= 500k", best >= 500_000))
 
     absolute: list[tuple[str, str]] = []
     for case, bench in cases.items():
         if bench["extra_info"].get("n", 1) == 1:
-            absolute.append((case, f"{median_us(bench):,.1f} us/call"))
+            absolute.append((case, f"{round_us(bench):,.1f} us/call  (median {round_us(bench, 'median'):,.1f})"))
         else:
             unit = bench["extra_info"].get("unit", "calls")
-            absolute.append((case, f"{per_second(bench):,.0f} {unit}/s"))
+            absolute.append((case, f"{per_second(bench):,.0f} {unit}/s  (median {per_second(bench, 'median'):,.0f})"))
     return out, absolute
 
 
@@ -111,18 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     verdict = {True: "met", False: "MISSED", None: ""}
     print(header)
     if args.markdown:
-        print("\n| ratio | median | best round | target | |\n|---|---:|---:|---:|---|")
-        for name, value, best, target, ok in ratios:
-            print(f"| {name} | {value} | {best} | {target} | {verdict[ok]} |")
-        print("\n| case | median |\n|---|---:|")
+        print("\n| ratio | best round | median | target | |\n|---|---:|---:|---:|---|")
+        for name, best, median, target, ok in ratios:
+            print(f"| {name} | {best} | {median} | {target} | {verdict[ok]} |")
+        print("\n| case | best round (median) |\n|---|---:|")
         for case, figure in absolute:
             print(f"| `{case}` | {figure} |")
     else:
         width = max(len(r[0]) for r in ratios)
-        print(f"  {'ratio':<{width}}  {'median':>10}  {'best':>8}")
-        for name, value, best, target, ok in ratios:
-            print(f"  {name:<{width}}  {value:>10}  {best:>8}  target {target:<8} {verdict[ok]}")
-        print("absolute (median; context only, drifts with machine load):")
+        print(f"  {'ratio':<{width}}  {'best':>8}  {'median':>8}")
+        for name, best, median, target, ok in ratios:
+            print(f"  {name:<{width}}  {best:>8}  {median:>8}  target {target:<8} {verdict[ok]}")
+        print("absolute (best round; context only, drifts with machine load):")
         for case, figure in absolute:
             print(f"  {case:<{width}}  {figure}")
     missed = [r[0] for r in ratios if r[4] is False]

@@ -6,7 +6,9 @@
 # raw echo      : Port ({packet,4}, stdio) to benchmarks/_port_echo.py — decode map, reply a+b
 # server direct : Port to the server, the same request map, read by this process (no GenServer)
 # server client : PoolBridge.call/4 through the example GenServer client (what an app uses)
-# The request is the same map in all three: call operator.add [1, 2] in session "bench".
+# server ping   : Port to the server, {"op": "ping"} answered by the server itself (no worker hop):
+#                 the BEAM<->server leg alone, to split the cost
+# The request is the same map in the three call rows: call operator.add [1, 2] in session "bench".
 examples = Path.expand("../examples/elixir", __DIR__)
 Code.require_file("msgpack.ex", examples)
 Code.require_file("pool_bridge.ex", examples)
@@ -17,11 +19,13 @@ defmodule Bench do
 
   def port(args), do: Port.open({:spawn_executable, python()}, [{:args, args}, {:packet, 4}, :binary, {:env, env()}])
 
-  def roundtrip(port, id) do
-    Port.command(port, PoolBridge.Msgpack.encode_request(id, %{"op" => "call", "session" => "bench", "fn" => "operator.add", "args" => [1, 2]}))
+  @call %{"op" => "call", "session" => "bench", "fn" => "operator.add", "args" => [1, 2]}
+
+  def roundtrip(port, id, msg \\ @call) do
+    Port.command(port, PoolBridge.Msgpack.encode_request(id, msg))
     receive do
       {^port, {:data, data}} ->
-        {:ok, %{"value" => 3, "id" => ^id}} = PoolBridge.Msgpack.decode(data)
+        {:ok, %{"status" => "ok", "id" => ^id}} = PoolBridge.Msgpack.decode(data)
         :ok
     after
       10_000 -> raise "no reply"
@@ -69,18 +73,21 @@ Bench.time(warm, &Bench.roundtrip(raw, &1))
 Bench.time(warm, &Bench.roundtrip(server, &1))
 Bench.time(warm, fn _ -> {:ok, 3} = PoolBridge.call(pb, "bench", "operator.add", [1, 2]) end)
 
-{r, s, c} =
-  Enum.reduce(1..rounds, {[], [], []}, fn k, {r, s, c} ->
+{r, s, c, p} =
+  Enum.reduce(1..rounds, {[], [], [], []}, fn k, {r, s, c, p} ->
     base = k * 1_000_000
     {Bench.time(per, &Bench.roundtrip(raw, base + &1)) ++ r,
      Bench.time(per, &Bench.roundtrip(server, base + &1)) ++ s,
-     Bench.time(per, fn _ -> {:ok, 3} = PoolBridge.call(pb, "bench", "operator.add", [1, 2]) end) ++ c}
+     Bench.time(per, fn _ -> {:ok, 3} = PoolBridge.call(pb, "bench", "operator.add", [1, 2]) end) ++ c,
+     Bench.time(per, &Bench.roundtrip(server, base + 500_000 + &1, %{"op" => "ping"})) ++ p}
   end)
 
-IO.puts("poolbridge Port round trip, tiny call (operator.add 1 2), #{System.schedulers_online()} schedulers")
+{load, 0} = System.cmd("cat", ["/proc/loadavg"])
+IO.puts("poolbridge Port round trip, tiny call (operator.add 1 2); #{System.schedulers_online()} schedulers; loadavg #{String.trim(load)}")
 raw_med = Bench.summary("raw echo", r)
 srv_med = Bench.summary("server direct", s)
 cli_med = Bench.summary("server client", c)
+Bench.summary("server ping", p)
 :io.format("ratio server direct / raw echo (median): ~.2fx~n", [srv_med / raw_med])
 :io.format("ratio server client / raw echo (median): ~.2fx~n", [cli_med / raw_med])
 

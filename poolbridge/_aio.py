@@ -35,12 +35,14 @@ __all__ = ["AsyncPool", "AsyncStream"]
 class _LoopSink(Sink):
     """Resolves an asyncio future from whichever thread reads the reply."""
 
-    __slots__ = ("decode", "future", "loop")
+    __slots__ = ("decode", "future", "loop", "seq")
+    cancellable = True
 
     def __init__(self, loop: asyncio.AbstractEventLoop, decode: Callable[[int, Any], Any]) -> None:
         self.loop = loop
         self.future: asyncio.Future[Any] = loop.create_future()
         self.decode = decode
+        self.seq = 0
 
     def deliver(self, status: int, body: Any) -> None:
         try:
@@ -92,6 +94,14 @@ class AsyncPool:
         pool._flush_discards()
         sink = _LoopSink(asyncio.get_running_loop(), decode)
         channel = pool._router.send(slot, req_id, data, sink, block=api._opts.block)
+
+        def on_done(future: asyncio.Future[Any]) -> None:
+            # A cancelled await (task cancelled, wait_for expired) also cancels the call in the
+            # worker when it has not started there yet.
+            if future.cancelled():
+                channel.try_cancel(req_id, sink.seq)
+
+        sink.future.add_done_callback(on_done)
         timeout = api._opts.timeout
         if timeout is not None:
             handle = sink.loop.call_later(timeout, self._expire, sink, channel, req_id, slot, op)
@@ -208,7 +218,9 @@ class AsyncStream(AsyncIterator[Any]):
         return self
 
     async def __anext__(self) -> Any:
-        if self._key is None and not self._closed:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._key is None:
             await self._start()
         while True:
             if self._pos < len(self._items):
@@ -232,6 +244,7 @@ class AsyncStream(AsyncIterator[Any]):
         if self._closed:
             return
         self._closed = True
+        self._items, self._pos = [], 0  # a closed stream yields nothing more
         if self._key is None or self._done:
             return
         self._done = True

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ._cancel import CancelBoard
 from ._errors import PoolBusyError, WorkerCrashedError
 from ._protocol import RETIRING, FrameReader, pack_plain, unpack_plain
 from ._worker import _write_all
@@ -138,11 +139,17 @@ class _Monitor:
         os.write(self._wake_w, b"s")
 
 
-def _spawn(slot: int, generation: int, options: dict[str, Any]) -> tuple[subprocess.Popen[bytes], int, int]:
-    """Start one worker: a fresh interpreter that inherits exactly its two pipe ends (plus 0/1/2)."""
+def _spawn(
+    slot: int, generation: int, options: dict[str, Any], board: CancelBoard | None
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    """Start one worker: a fresh interpreter that inherits exactly its pipe ends and cancel board."""
     req_r, req_w = os.pipe()
     rep_r, rep_w = os.pipe()
     opts = dict(options, slot=slot, generation=generation, parent_pid=os.getpid(), fds=[req_r, rep_w])
+    keep: tuple[int, ...] = (req_r, rep_w)
+    if board is not None:
+        opts["cancel_board"] = [board.fd, board.name]
+        keep = (*keep, board.fd)
     env = dict(os.environ)
     # The worker imports what the parent can import (poolbridge, helper modules, dotted paths),
     # whatever the parent's working directory or sys.path edits.
@@ -150,7 +157,7 @@ def _spawn(slot: int, generation: int, options: dict[str, Any]) -> tuple[subproc
     try:
         process = subprocess.Popen(
             [sys.executable, "-c", _BOOTSTRAP, base64.b64encode(pack_plain(opts)).decode()],
-            pass_fds=(req_r, rep_w),
+            pass_fds=keep,
             env=env,
             stdin=subprocess.DEVNULL,
         )
@@ -189,9 +196,19 @@ class ProcessChannel:
         self._need_reader = threading.Event()
         self._space = threading.Condition()
         self._space_waiters = 0
+        self._seq = 0  # request frames written, numbered as the worker numbers them
+        self._board = CancelBoard.create()
         options = dict(router.worker_options, n_slots=router.n_slots)
         self.process: subprocess.Popen[bytes]
-        self.process, self._write_fd, self._read_fd = router.spawner.run(lambda: _spawn(slot, generation, options))
+        try:
+            self.process, self._write_fd, self._read_fd = router.spawner.run(
+                lambda: _spawn(slot, generation, options, self._board)
+            )
+        except BaseException:
+            if self._board is not None:
+                self._board.unlink()
+                self._board.close()
+            raise
         self.pid: int = self.process.pid
         self._bg = threading.Thread(
             target=self._background_reader, name=f"poolbridge-reader-{slot}.{generation}", daemon=True
@@ -213,6 +230,9 @@ class ProcessChannel:
                 raise Retired
             if not self.dead:
                 try:
+                    self._seq += 1
+                    if sink.cancellable:
+                        sink.seq = self._seq  # type: ignore[attr-defined]
                     _write_all(self._write_fd, data)
                     return
                 except OSError as exc:  # EPIPE/EBADF: the worker is gone; the monitor restarts it
@@ -234,6 +254,12 @@ class ProcessChannel:
                     self._space.wait(1.0)
             finally:
                 self._space_waiters -= 1
+
+    def try_cancel(self, req_id: int, seq: int) -> bool:
+        """Cancel a sent request the worker has not started. True: it will never run."""
+        if self._board is None or self.dead or not self._board.cancel(seq):
+            return False
+        return self.pending.pop(req_id, None) is not None
 
     def wake_reader(self) -> None:
         """Someone must read replies that no blocked caller is going to read."""
@@ -341,6 +367,9 @@ class ProcessChannel:
         else:  # pragma: no cover - a reader stuck on a pipe some grandchild keeps open
             log.warning("slot %d: could not take the read lock to drain; leaving the pipe", self.slot)
         self.exitcode = self.process.wait()
+        if self._board is not None:
+            self._board.unlink()  # normally already done by the worker; a no-op then
+            self._board.close()
         with self._space:
             self._space.notify_all()
 

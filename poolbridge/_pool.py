@@ -154,12 +154,39 @@ class _Waiter(Sink):
         return self._lock.acquire(True, -1 if timeout is None else timeout)
 
 
+class _PoolFuture(concurrent.futures.Future[Any]):
+    """A Future that stays pending until its reply, and whose ``cancel()`` reaches the worker.
+
+    ``cancel()`` returns True only if the worker had not started the call — it then never runs
+    (see _cancel.py). A call that has started cannot be cancelled (False), as with
+    ``concurrent.futures``.
+    """
+
+    _target: Any = None  # (channel, req_id, sink) once sent
+
+    def cancel(self) -> bool:
+        with self._condition:
+            if self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED"):
+                return True
+            if self._state != "PENDING":
+                return False
+        target = self._target
+        if target is None:
+            return False
+        channel, req_id, sink = target
+        if not channel.try_cancel(req_id, sink.seq):
+            return False
+        return super().cancel()
+
+
 class _FutureSink(Sink):
-    __slots__ = ("decode", "future")
+    __slots__ = ("decode", "future", "seq")
+    cancellable = True
 
     def __init__(self, decode: Callable[[int, Any], Any]) -> None:
-        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.future: concurrent.futures.Future[Any] = _PoolFuture()
         self.decode = decode
+        self.seq = 0
 
     def deliver(self, status: int, body: Any) -> None:
         try:
@@ -269,9 +296,8 @@ class _Api:
         slot, req_id, data = self._prepare(op, ref, fields)
         pool._flush_discards()
         sink = _FutureSink(decode)
-        # Written to the worker at once, so it counts as running: cancel() returns False.
-        sink.future.set_running_or_notify_cancel()
-        pool._router.send(slot, req_id, data, sink, block=self._opts.block)
+        channel = pool._router.send(slot, req_id, data, sink, block=self._opts.block)
+        sink.future._target = (channel, req_id, sink)  # type: ignore[attr-defined]
         return sink.future
 
     def _value(self, status: int, body: Any) -> Any:
@@ -370,13 +396,12 @@ class _Api:
         ref = fn if isinstance(fn, WireRef) else None  # a ref (e.g. a generator object) routes itself
         session_id = resolve_session(ref.session_id if ref is not None else None, self._opts.session)
         slot = self._pool._router.slot_for(session_id)
-        generation = self._pool._router.generation(slot)
         pinned = self.options(session=session_id)
 
         def opened(status: int, body: Any) -> Any:
             if status != OK:
                 raise rebuild_error(body)
-            stream_id, items, done = unpack_plain(body)
+            stream_id, items, done, generation = unpack_plain(body)
             key = WireRef(session_id, stream_id, slot, generation)
             return make(self, key, self._pool._unpack(items), done, batch)
 

@@ -55,6 +55,8 @@ class Sink:
     """Where one request's reply goes. Called by whichever thread reads it, or on crash/close."""
 
     __slots__ = ()
+    #: Sinks that can be cancelled get ``seq`` (the request's frame number on its channel) set.
+    cancellable = False
 
     def deliver(self, status: int, body: Any) -> None:
         raise NotImplementedError

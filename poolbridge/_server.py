@@ -341,9 +341,10 @@ class _Reply(Sink):
         if kind == _VALUE:
             return _decode_value(body)
         if kind == _STREAM_OPEN:
-            stream_id, items, done = unpack_plain(body)
+            stream_id, items, done, generation = unpack_plain(body)
             assert self.stream_key is not None
-            key = [*self.stream_key[:1], stream_id, *self.stream_key[1:]]
+            session_id, slot = self.stream_key
+            key = [session_id, stream_id, slot, generation]  # the generation that opened it
             return {"stream": {STREAM_TAG: key}, "items": _decode_value(items), "done": done}
         if kind == _STREAM_NEXT:
             items, done = unpack_plain(body)
@@ -536,7 +537,7 @@ class Server:
             self._check_ref(ref, slot)
         body = pack_value(fields, session_id)
         rid = router.next_id()
-        stream_key = [session_id, slot, router.generation(slot)] if kind == _STREAM_OPEN else None
+        stream_key = [session_id, slot] if kind == _STREAM_OPEN else None
         # block=False: the reading thread never waits on one busy slot (that would stall every other
         # slot's requests behind it); past max_in_flight the request gets a `busy` error instead.
         router.send(

@@ -344,7 +344,9 @@ class WorkerCore:
             raise SessionLimitError(f"session {session.ctx.session_id!r} holds {cap} refs/streams, its cap")
         session.streams[stream_id] = state
         items, done = self._pull(session, stream_id, state, batch)
-        return pack_plain([stream_id, items, done])
+        # The generation is this worker's: the caller cannot know it if the slot restarted while
+        # the open was on its way.
+        return pack_plain([stream_id, items, done, self.generation])
 
     def _pull(self, session: _Session, stream_id: int, state: _StreamState, n: int) -> tuple[bytes, bool]:
         if state.error is not None:
@@ -569,6 +571,12 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
         max_calls=options.get("max_calls"),
         max_rss=options.get("max_rss"),
     )
+    board = None
+    if options.get("cancel_board"):
+        from ._cancel import CancelBoard
+
+        board = CancelBoard.attach(*options["cancel_board"])
+    seq = 0
     reader = FrameReader()
     check_retire = options.get("max_calls") is not None or options.get("max_rss") is not None
     perf = time.perf_counter
@@ -590,6 +598,9 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
             if not out:
                 started = perf()
             assert isinstance(frame, bytes)  # no size limit on the private channel
+            seq += 1
+            if board is not None and not board.claim(seq):
+                continue  # cancelled before it started: the router expects no reply
             out.append(encode_frame(core.handle(frame)))
         if check_retire and core.wants_retire():
             # Ask to be replaced; keep serving until the router closes our input (EOF below).

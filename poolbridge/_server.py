@@ -130,29 +130,33 @@ def _decode_request(frame: bytes) -> Any:
 _PLAIN_TYPES = (str, int, float, bool, bytes, type(None))
 
 
+#: Deepest nesting accepted in a value (the worker's msgpack packer refuses deeper than 511).
+MAX_DEPTH = 256
+
+
 def _check_value(value: Any, refs: list[WireRef]) -> None:
     """Reject what plain msgpack decoding may still produce but a value must not hold (timestamps,
-    a stream tag used as a value); collect the refs so their sessions can be checked."""
+    a stream tag used as a value, absurd nesting); collect the refs so their sessions can be checked."""
     t = type(value)
     if t in _PLAIN_TYPES:
         return
-    if t is list:
-        for item in value:
-            _check_value(item, refs)
-    elif t is dict:
-        for k, v in value.items():
-            _check_value(k, refs)
-            _check_value(v, refs)
-    elif t is WireRef:
-        refs.append(value)
-    elif t is _StreamRef:
-        raise BadRequestError("a stream cannot be passed as a value; use stream_next/stream_close")
-    else:
-        raise BadRequestError(f"unsupported value of type {t.__name__} (msgpack timestamps are not accepted)")
-
-
-def _tag_ref(key: list[Any]) -> dict[str, Any]:
-    return {REF_TAG: key}
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        t = type(value)
+        if t in _PLAIN_TYPES:
+            continue
+        if t is list or t is dict:
+            if depth >= MAX_DEPTH:
+                raise BadRequestError(f"a value is nested deeper than {MAX_DEPTH} levels")
+            items = value if t is list else [x for kv in value.items() for x in kv]
+            stack.extend((item, depth + 1) for item in items)
+        elif t is WireRef:
+            refs.append(value)
+        elif t is _StreamRef:
+            raise BadRequestError("a stream cannot be passed as a value; use stream_next/stream_close")
+        else:
+            raise BadRequestError(f"unsupported value of type {t.__name__} (msgpack timestamps are not accepted)")
 
 
 def _reply_ext_hook(code: int, data: bytes) -> Any:

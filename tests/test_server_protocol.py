@@ -382,6 +382,20 @@ def test_malformed_frames_keep_the_server_serving(server: Server) -> None:
     assert server.ok("call", session="still", fn="operator.mul", args=[6, 7]) == 42
 
 
+def test_deep_nesting_is_a_bad_request(server: Server) -> None:
+    body = b"\x85\xa2id\xcd\x03\xe8\xa2op\xa4call\xa7session\xa1d\xa2fn\xabbuiltins.id\xa4args\x91"
+    inner = b"\x91" * 2000 + b"\x01"
+    server.send_raw(struct.pack(">I", len(body + inner)) + body + inner)
+    reply = server.recv()
+    assert reply["id"] in (1000, None) and reply["error"]["code"] == "bad_request"
+    nested: Any = 1
+    for _ in range(300):
+        nested = [nested]
+    err = server.error("call", session="d", fn="builtins.id", args=[nested])
+    assert err["code"] == "bad_request" and "nested" in err["message"]
+    assert server.ok("call", session="d", fn="builtins.len", args=[[[[1]]]]) == 1
+
+
 def test_string_ids_are_echoed(server: Server) -> None:
     server.send_raw(frame({"id": "req-a", "op": "ping"}))
     assert server.recv()["id"] == "req-a"

@@ -464,3 +464,50 @@ def test_workers_are_children_of_this_process(pool: Pool) -> None:
     children = {p.pid for p in psutil.Process().children(recursive=True)}
     assert set(pool.pids()) <= children
     assert len(set(pool.pids())) == pool.workers == 2
+
+
+# -- many callers at once: every reply reaches its own caller -------------------------------------
+
+
+def test_concurrent_callers_get_their_own_replies(pool3: Pool) -> None:
+    n_threads, per_thread = 8, 60
+    barrier = threading.Barrier(n_threads, timeout=WAIT)
+    errors: list[BaseException] = []
+
+    def caller(t: int) -> None:
+        try:
+            barrier.wait()
+            futures = []
+            for i in range(per_thread):
+                sid = f"conc-{(t * 7 + i) % 23}"
+                api = pool3.options(session=sid)
+                if i % 3 == 0:
+                    seen = api.call("pb_testmods.whoami", t, i)
+                    assert seen["session"] == sid and seen["pid"] == pool3.pids()[pool3.slot_for(sid)]
+                    assert api.call("pb_testmods.identity", (t, i)) == (t, i)
+                else:
+                    futures.append(((t, i, sid), api.submit("pb_testmods.identity", (t, i, sid))))
+            for expected, fut in futures:
+                assert fut.result(WAIT) == expected
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[:3]
+
+
+@pytest.mark.parametrize("size", [1 << 16, 3 * (1 << 20) + 17])
+def test_large_payloads_both_ways(pool3: Pool, size: int) -> None:
+    blob = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    api = pool3.options(session=f"big-{size}")
+    assert api.call("pb_testmods.identity", blob) == blob
+    futures = [pool3.options(session=f"big-{size}-{i}").submit("pb_testmods.identity", blob) for i in range(6)]
+    for fut in futures:
+        assert fut.result(WAIT) == blob
+    items = list(api.options(batch=4).stream(lambda b: (b for _ in range(10)), blob))
+    assert len(items) == 10 and all(item == blob for item in items)

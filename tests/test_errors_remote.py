@@ -230,3 +230,21 @@ def test_closed_pool_refuses_work() -> None:
     ):
         with pytest.raises(poolbridge.PoolClosedError):
             act()
+
+
+async def test_async_errors_keep_type_and_traceback(pool: Pool, sid: str) -> None:
+    apool = pool.aio.options(session=sid)
+    with pytest.raises(CustomError, match="async boom") as info:
+        await apool.call("pb_testmods.boom_custom_error", "async boom")
+    assert "boom_custom_error" in remote_tb(info.value)
+    with pytest.raises(RemoteError) as info2:
+        await apool.call("pb_testmods.boom_holds_lock", "held")
+    assert "boom_holds_lock" in info2.value.remote_traceback
+
+
+async def test_async_call_timeout(pool: Pool, sid: str, gate: str) -> None:
+    apool = pool.aio.options(session=sid)
+    with pytest.raises(poolbridge.CallTimeoutError):
+        await apool.options(timeout=0.2).call("pb_testmods.wait_for_path", gate)
+    _open(gate)
+    assert await apool.call("pb_testmods.getpid") == pool.pids()[pool.slot_for(sid)]

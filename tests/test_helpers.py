@@ -148,3 +148,47 @@ def test_idle_session_state_expires_with_ttl() -> None:
             assert time.monotonic() < deadline, "idle session never expired"
             time.sleep(0.05)
         assert api.helper("pbh_recall", "k") == "<missing>"
+
+
+def test_session_state_is_shared_by_helpers_and_plain_functions(pool: Pool) -> None:
+    s = sid()
+    api = pool.options(session=s)
+    api.helper("pbh_remember", "from-helper", 1)
+
+    def read_state() -> Any:
+        import poolbridge as pb
+
+        ctx = pb.current_session()
+        assert ctx is not None
+        ctx.state["from-function"] = 2
+        return sorted(ctx.state)
+
+    assert api.call(read_state) == ["from-function", "from-helper"]
+    assert api.helper("pbh_recall", "from-function") == 2
+
+
+def test_helper_options_apply(pool: Pool) -> None:
+    ref = pool.options(session="h-ret", ret="ref").helper("pbh_add", 1, 2)
+    assert isinstance(ref, poolbridge.Ref)
+    assert pool.options(session="h-ret").call("operator.add", ref, 1) == 4
+
+
+async def test_async_helpers(pool: Pool) -> None:
+    s = sid()
+    apool = pool.aio.options(session=s)
+    assert await apool.helper("pbh_add", 2, 2) == 4
+    assert await apool.helper("pbh_remember", "k", "v") == 1
+    assert pool.options(session=s).helper("pbh_recall", "k") == "v"  # same session, same state
+    assert await apool.close_session() == 0
+    assert await apool.helper("pbh_recall", "k") == "<missing>"
+
+
+def test_idle_session_refs_expire_with_ttl() -> None:
+    with make_pool(workers=1, session_ttl=0.3) as p:
+        ref = p.options(session="ttl-refs").create("pb_testmods.Counter", 1)
+        deadline = time.monotonic() + 30
+        while p.stats().refs:  # bounded wait for the sweep
+            assert time.monotonic() < deadline, "idle session's refs never expired"
+            time.sleep(0.05)
+        with pytest.raises(poolbridge.RefNotFoundError):
+            ref.getattr("n")

@@ -582,3 +582,64 @@ async def test_async_ref_ops_from_a_foreign_task_run_in_the_refs_session(
     with pytest.raises(SessionMismatchError):
         await apool.options(session="foreign-async").call("pb_testmods.record_call", tok, ref)
     assert pool.options(session=owner).call("pb_testmods.pop_events", tok) == [("call", seen[2])]
+
+
+def test_ref_of_another_pool_as_argument_is_rejected() -> None:
+    """Ref ids are per worker process: a ref of pool B given to pool A must not silently name
+    whatever object A happens to hold under the same (session, id)."""
+    with make_pool(workers=1) as pa, make_pool(workers=1) as pb:
+        mine = pa.options(session="s").create("pb_testmods.Counter", 1)
+        theirs = pb.options(session="s").create("pb_testmods.Counter", 100)
+        assert (mine.session_id, mine.ref_id, mine.slot) == (theirs.session_id, theirs.ref_id, theirs.slot)
+        cases = [
+            (lambda r: r, lambda x: x.n),
+            (lambda r: [r], lambda x: x[0].n),
+            (lambda r: types.SimpleNamespace(inner=r), lambda x: x.inner.n),  # travels as a pickle
+        ]
+        for wrap, read in cases:
+            try:
+                got = pa.options(session="s").call(read, wrap(theirs))
+            except ValueError:  # e.g. "belongs to another pool" (SessionMismatchError is one too)
+                continue
+            pytest.fail(f"pool A resolved pool B's ref to its own object (n={got}, expected an error)")
+        assert theirs.getattr("n") == 100 and mine.getattr("n") == 1
+
+
+def test_same_session_ref_argument_with_a_ref_target_from_a_foreign_context(
+    pool: Pool, a_ref: tuple[Ref, str, str]
+) -> None:
+    ref, owner, _ = a_ref
+    other = pool.options(session=owner).create("pb_testmods.Counter", 5)
+    with pool.session("foreign-args"):
+        seen = ref.call("who", other, [other], k=other)  # the target ref decides: all in ``owner``
+        with pytest.raises(SessionMismatchError):  # no ref target: the context session decides
+            pool.call("pb_testmods.describe", other)
+    expect_routed(pool, seen, owner)
+    assert pool.options(session=owner).call(lambda c, r: (c.n, type(r).__name__), other, ref) == (5, "Recorder")
+
+
+def test_ref_handles_compare_by_identity_of_the_remote_object(pool: Pool) -> None:
+    api = pool.options(session="eq")
+    a = api.create("pb_testmods.Counter", 1)
+    same = Ref(pool, a.session_id, a.ref_id, a.slot, a.generation)
+    b = api.create("pb_testmods.Counter", 1)
+    assert a == same and hash(a) == hash(same)
+    assert a != b
+    same._released = True  # a second handle: do not let it release the object when dropped
+    assert a.getattr("n") == 1
+
+
+@pytest.mark.parametrize(
+    "act",
+    [
+        lambda p, r: p.getattr(r),
+        lambda p, r: p.getattr("math.pi", "x"),
+        lambda p, r: p.getattr(42),
+        lambda p, r: p.getattr(r, 5),
+    ],
+    ids=["ref-without-name", "path-with-name", "not-a-target", "name-not-str"],
+)
+def test_getattr_misuse(pool: Pool, act: Callable[[Pool, Ref], Any]) -> None:
+    ref = pool.options(session="misuse").create("pb_testmods.Counter", 1)
+    with pytest.raises(TypeError):
+        act(pool, ref)

@@ -354,3 +354,10 @@ def pid_in(marker: str) -> int:
     except FileNotFoundError:
         return 0
     return int(text.split()[0]) if text else 0
+
+
+def yield_made(factory: str, n: int, bad_at: int = 0) -> Iterator[Any]:
+    """Yields ``n`` plain ints, except item ``bad_at`` which is ``factory(i)`` (a codec fault)."""
+    make = globals()[factory]
+    for i in range(n):
+        yield make(i) if i == bad_at else i

@@ -525,7 +525,7 @@ def test_shutdown_leaves_no_process(how: str) -> None:
     s.proc.wait(WAIT)
     elapsed = time.monotonic() - started
     s.close()
-    assert elapsed < 1.5, elapsed
+    assert elapsed < 1.0, elapsed
     assert s.proc.returncode == 0
     assert _wait_gone(workers, 2.0) == []
 
@@ -576,6 +576,15 @@ def test_fds_mode() -> None:
         os.write(req_w, frame({"id": 1, "op": "call", "session": "f", "fn": "builtins.print", "args": ["to stdout"]}))
         assert recv() == {"id": 1, "status": "ok", "value": None}
         workers = [c.pid for c in psutil.Process(proc.pid).children()]
+        protocol = {f"pipe:[{os.fstat(fd).st_ino}]" for fd in (req_w, rep_r)}
+        for pid in workers:
+            links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
+                     if os.path.exists(f"/proc/{pid}/fd/{fd}")}
+            assert not links & protocol, (pid, links)
+        # the server itself moved them off 3/4 onto private fds
+        server_links = {os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")
+                        if os.path.exists(f"/proc/{proc.pid}/fd/{fd}")}
+        assert server_links & protocol
     finally:
         os.close(req_w)
         proc.wait(WAIT)

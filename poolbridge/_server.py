@@ -765,6 +765,19 @@ def _private_fds(fds: tuple[int, int] | None) -> tuple[int, int]:
     in_fd, out_fd = os.dup(src_in), os.dup(src_out)
     for fd in {src_in, src_out}:
         os.close(fd)
+    # --fds 0,1 (or any of 0-2) left a hole there: refill it, or the next pipe opened (a worker's)
+    # would become fd 0/1 and be inherited as a worker's stdio.
+    for fd, path, flags in ((2, os.devnull, os.O_WRONLY), (0, os.devnull, os.O_RDONLY), (1, None, 0)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            if path is None:
+                os.dup2(2, 1)
+            else:
+                null = os.open(path, flags)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
     return in_fd, out_fd
 
 

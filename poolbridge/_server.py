@@ -494,7 +494,8 @@ class Server:
             if not isinstance(req, dict):
                 raise BadRequestError(f"a request must be a map, got {type(req).__name__}")
             req_id = req.get("id")
-            if "id" not in req or not isinstance(req_id, (int, str)) or isinstance(req_id, bool):
+            if not isinstance(req_id, (int, str)) or isinstance(req_id, bool):
+                req_id = None  # not an id we can echo
                 raise BadRequestError("a request needs an 'id' (integer or string)")
             op = req.get("op")
             handler = self._handlers.get(op) if isinstance(op, str) else None

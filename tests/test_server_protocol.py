@@ -375,10 +375,10 @@ def test_malformed_frames_keep_the_server_serving(server: Server) -> None:
     server.send_raw(struct.pack(">I", len(body)) + body)
     reply = server.recv()
     assert reply["id"] == 78 and reply["error"]["code"] == "bad_request"
-    for bad_id in (None, 1.5, True, [1]):
+    for bad_id in (None, 1.5, True, [1], {REF: ["x", 1, 0, 0]}):
         server.send_raw(frame({"id": bad_id, "op": "ping"}))
         reply = server.recv()
-        assert reply["error"]["code"] == "bad_request"
+        assert reply["error"]["code"] == "bad_request" and reply["id"] is None
     assert server.ok("call", session="still", fn="operator.mul", args=[6, 7]) == 42
 
 

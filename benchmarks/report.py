@@ -38,7 +38,8 @@ def per_second(bench: dict[str, Any], stat: str = "min") -> float:
 
 
 def round_us(bench: dict[str, Any], stat: str = "min") -> float:
-    return float(bench["stats"][stat]) * 1e6
+    """Microseconds per call: the round time over the ``n`` sequential calls it holds."""
+    return float(bench["stats"][stat]) * 1e6 / float(bench["extra_info"].get("n", 1))
 
 
 Row = tuple[str, str, str, str, "bool | None"]
@@ -75,6 +76,18 @@ def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[Row], list[tuple[str, s
         ">= 3",
         lambda v: v >= 3,
     )
+    # Optional suites (bench_aio.py): informational, listed only when they ran.
+    if "aio_call_seq" in cases:
+        ratio("aio_call_seq / raw_pingpong (latency)", "aio_call_seq", "raw_pingpong", round_us, "info", None)
+    if "aio_gather_many_sessions" in cases:
+        ratio(
+            "aio_gather / raw_pipelined (calls/s)",
+            "aio_gather_many_sessions",
+            "raw_pipelined",
+            per_second,
+            "info",
+            None,
+        )
     streams = sorted(c for c in cases if c.startswith("pool_stream_ints"))
     if not streams:
         out.append(("pool_stream_ints items/s", "missing", "", ">= 500k", False))
@@ -84,7 +97,7 @@ def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[Row], list[tuple[str, s
 
     absolute: list[tuple[str, str]] = []
     for case, bench in cases.items():
-        if bench["extra_info"].get("n", 1) == 1:
+        if bench.get("group") == "latency" or bench["extra_info"].get("n", 1) == 1:
             absolute.append((case, f"{round_us(bench):,.1f} us/call  (median {round_us(bench, 'median'):,.1f})"))
         else:
             unit = bench["extra_info"].get("unit", "calls")

@@ -60,11 +60,9 @@ def _owner() -> Any:
     Tasks are compared by weakref so a finished task's context never keeps it alive.
     """
     asyncio = sys.modules.get("asyncio")
-    if asyncio is not None:
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # no running loop in this thread
-            task = None
+    # _get_running_loop() answers None without raising: this runs on every call of every thread.
+    if asyncio is not None and (loop := asyncio._get_running_loop()) is not None:
+        task = asyncio.current_task(loop)
         if task is not None:
             return weakref.ref(task)
     return threading.get_ident()

@@ -54,6 +54,7 @@ from ._protocol import (
     OP_STREAM_CLOSE,
     OP_STREAM_NEXT,
     OP_STREAM_OPEN,
+    RET_AUTO,
     RET_REF,
     RET_VALUE,
     RETIRING,
@@ -206,19 +207,21 @@ class WorkerCore:
             return pack_plain([req_id, ERROR, pack_plain(error_fields(exc))])
 
     def _enter(self, session_id: Any) -> _Session:
-        if not isinstance(session_id, str) or not session_id:
-            raise BadRequestError(f"session id must be a non-empty string, got {session_id!r:.80}")
-        if slot_for(session_id, self.n_slots) != self.slot:
-            raise MisroutedError(
-                f"session {session_id!r} hashes to slot {slot_for(session_id, self.n_slots)}, "
-                f"not to this worker's slot {self.slot}"
-            )
-        session = self._sessions.get(session_id)
+        session = self._sessions.get(session_id)  # type: ignore[arg-type]
         if session is None:
+            # A session's slot never changes, so routing is checked once, when it first arrives.
+            if not isinstance(session_id, str) or not session_id:
+                raise BadRequestError(f"session id must be a non-empty string, got {session_id!r:.80}")
+            if slot_for(session_id, self.n_slots) != self.slot:
+                raise MisroutedError(
+                    f"session {session_id!r} hashes to slot {slot_for(session_id, self.n_slots)}, "
+                    f"not to this worker's slot {self.slot}"
+                )
             session = self._sessions[session_id] = _Session(
                 _helpers.SessionContext(session_id, self.slot, self.generation)
             )
-        session.last_used = time.monotonic()
+        if self.session_ttl is not None:
+            session.last_used = time.monotonic()
         self._session = session
         _helpers._current[0] = session.ctx
         return session
@@ -268,7 +271,7 @@ class WorkerCore:
         if ret == RET_REF:
             return self._new_ref(session, value)
         try:
-            return self._encode(session, value)
+            return self._encode(session, value) if self.wire else pack_value(value)
         except Exception:
             if ret == RET_VALUE:
                 raise
@@ -307,7 +310,20 @@ class WorkerCore:
         return fn
 
     def _op_call(self, session: _Session, fn: Any, args: list[Any], kwargs: dict[str, Any], ret: int) -> bytes:
-        return self._result(session, self._callable(fn)(*args, **kwargs), ret)
+        # The hot path: a dotted path already imported, a value that encodes.
+        if type(fn) is str and (split := self._paths.get(fn)) is not None:
+            fn, attrs = split
+            for attr in attrs:
+                fn = getattr(fn, attr)
+        else:
+            fn = self._callable(fn)
+        value = fn(*args, **kwargs)
+        if ret == RET_AUTO and not self.wire:
+            try:
+                return pack_value(value)
+            except Exception:  # noqa: S110 - not encodable: _result below hands it over as a ref
+                pass
+        return self._result(session, value, ret)
 
     def _op_getattr(self, session: _Session, target: Any, name: str | None, ret: int) -> bytes:
         value = self._callable(target) if name is None else getattr(target, name)

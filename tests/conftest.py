@@ -13,8 +13,13 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+from hypothesis import settings
 
 import poolbridge
+
+# No example database: the suite leaves no files behind in the working tree.
+settings.register_profile("poolbridge", database=None, deadline=None)
+settings.load_profile("poolbridge")
 
 EXIT_WAIT = 15.0  # upper bound for children to go away after their pool closed
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import poolbridge
 from pb_testmods import whoami
+
+import poolbridge
 
 
 @poolbridge.helper

@@ -153,16 +153,14 @@ def pulls(token: str) -> int:
 
 def gen_with_finally(token: str, n: int) -> Any:
     try:
-        for i in range(n):
-            yield i
+        yield from range(n)
         record(token, "exhausted", whoami())
     finally:
         record(token, "finally", whoami())
 
 
 def gen_then_raise(n: int, message: str = "generator failed") -> Any:
-    for i in range(n):
-        yield i
+    yield from range(n)
     raise CustomError(message)
 
 

@@ -70,6 +70,7 @@ def path_call_by_path(pool: Pool, r: Resolved) -> Obs:
 
 def path_call_callable(pool: Pool, r: Resolved) -> Obs:
     api = r.api
+
     def probe(x: int) -> Any:  # a closure: cloudpickled by value, not importable by name
         import pb_testmods
 
@@ -329,11 +330,35 @@ PATHS: dict[str, Callable[[Pool, Any], Obs]] = {
     name[len("path_") :]: fn for name, fn in list(globals().items()) if name.startswith("path_")
 }
 EXPECTED_PATHS = {
-    "call_by_path", "call_callable", "call_lambda", "submit", "submit_callable", "getattr_module", "create",
-    "method", "ref_submit", "call_ref", "getattr_property", "setattr_property", "helper", "helper_context",
-    "stream", "stream_next", "stream_close", "release", "ref_release", "close_session",
-    "aio_call", "aio_create_method_getattr", "aio_setattr", "aio_getattr_module", "aio_helper", "aio_stream",
-    "aio_stream_close", "aio_release", "aio_close_session",
+    "call_by_path",
+    "call_callable",
+    "call_lambda",
+    "submit",
+    "submit_callable",
+    "getattr_module",
+    "create",
+    "method",
+    "ref_submit",
+    "call_ref",
+    "getattr_property",
+    "setattr_property",
+    "helper",
+    "helper_context",
+    "stream",
+    "stream_next",
+    "stream_close",
+    "release",
+    "ref_release",
+    "close_session",
+    "aio_call",
+    "aio_create_method_getattr",
+    "aio_setattr",
+    "aio_getattr_module",
+    "aio_helper",
+    "aio_stream",
+    "aio_stream_close",
+    "aio_release",
+    "aio_close_session",
 }
 
 _counter = itertools.count()

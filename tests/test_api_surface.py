@@ -74,11 +74,7 @@ def test_star_import_gives_exactly_all() -> None:
 
 
 def test_no_public_name_outside_all() -> None:
-    public = {
-        n
-        for n, v in vars(poolbridge).items()
-        if not n.startswith("_") and not inspect.ismodule(v)
-    }
+    public = {n for n, v in vars(poolbridge).items() if not n.startswith("_") and not inspect.ismodule(v)}
     assert public <= set(poolbridge.__all__), public - set(poolbridge.__all__)
 
 
@@ -139,8 +135,22 @@ def test_remote_error_pickles_with_its_fields() -> None:
 # -- the shape of the main classes -----------------------------------------------------------
 
 POOL_METHODS = [
-    "call", "submit", "getattr", "setattr", "create", "method", "release", "stream", "helper",
-    "session", "options", "slot_for", "close_session", "stats", "pids", "close",
+    "call",
+    "submit",
+    "getattr",
+    "setattr",
+    "create",
+    "method",
+    "release",
+    "stream",
+    "helper",
+    "session",
+    "options",
+    "slot_for",
+    "close_session",
+    "stats",
+    "pids",
+    "close",
 ]
 
 
@@ -158,8 +168,23 @@ def test_pool_signature() -> None:
 
 
 ASYNC_POOL_METHODS = [
-    "call", "submit", "getattr", "setattr", "create", "method", "release", "stream", "helper",
-    "session", "options", "slot_for", "close_session", "stats", "aclose", "__aenter__", "__aexit__",
+    "call",
+    "submit",
+    "getattr",
+    "setattr",
+    "create",
+    "method",
+    "release",
+    "stream",
+    "helper",
+    "session",
+    "options",
+    "slot_for",
+    "close_session",
+    "stats",
+    "aclose",
+    "__aenter__",
+    "__aexit__",
 ]
 
 
@@ -199,7 +224,17 @@ def test_stats_are_frozen_dataclasses() -> None:
         assert cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
     slot_fields = {f.name for f in dataclasses.fields(poolbridge.SlotStats)}
     assert {
-        "slot", "pid", "generation", "alive", "restarts", "in_flight", "sessions", "refs", "streams", "calls", "rss",
+        "slot",
+        "pid",
+        "generation",
+        "alive",
+        "restarts",
+        "in_flight",
+        "sessions",
+        "refs",
+        "streams",
+        "calls",
+        "rss",
     } <= slot_fields
     assert {"workers", "slots"} <= {f.name for f in dataclasses.fields(poolbridge.PoolStats)}
 

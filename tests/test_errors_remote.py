@@ -36,7 +36,7 @@ def sid() -> str:
 def test_user_exception_keeps_its_type_and_remote_traceback(pool: Pool, sid: str) -> None:
     api = pool.options(session=sid)
     pid = pool.pids()[pool.slot_for(sid)]
-    with pytest.raises(CustomError, match="^it broke$") as info:
+    with pytest.raises(CustomError, match=r"^it broke$") as info:
         api.call("pb_testmods.boom_custom_error", "it broke")
     assert type(info.value) is CustomError
     tb = remote_tb(info.value)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import expect_routed, make_pool
-from pb_testmods import sessions_on_slot, session_not_on_slot
+from pb_testmods import session_not_on_slot, sessions_on_slot
 
 import poolbridge
 from poolbridge import Pool, Ref, RefNotFoundError, SessionMismatchError
@@ -111,7 +111,7 @@ def test_release_from_another_context_runs_in_the_refs_session(
 ) -> None:
     ref, owner, tok = a_ref
     _in_foreign(pool, where, owner, lambda api: api.release(ref))
-    (kind, seen), = pool.options(session=owner).call("pb_testmods.pop_events", tok)
+    ((kind, seen),) = pool.options(session=owner).call("pb_testmods.pop_events", tok)
     assert kind == "del"
     expect_routed(pool, seen, owner)
     with pytest.raises(RefNotFoundError):
@@ -225,7 +225,7 @@ def test_override_disagreeing_with_ref_raises_before_sending(
 
 
 def test_ref_view_with_disagreeing_session_raises(pool: Pool, a_ref: tuple[Ref, str, str]) -> None:
-    ref, owner, tok = a_ref
+    ref, owner, _ = a_ref
     before = total_calls(pool)
     for act in (
         lambda v: v.call("who"),

@@ -57,9 +57,7 @@ def run_in_thread(fn: Any, *args: Any) -> Any:
         (None, None, "ctx", "ctx"),
     ],
 )
-def test_priority(
-    pool: Pool, ref: str | None, override: str | None, context: str | None, expected: str
-) -> None:
+def test_priority(pool: Pool, ref: str | None, override: str | None, context: str | None, expected: str) -> None:
     def resolve() -> str:
         return resolve_session(ref, override)
 

@@ -123,7 +123,7 @@ def test_close_stops_every_worker() -> None:
     p = make_pool(workers=2)
     procs = [psutil.Process(pid) for pid in p.pids()]
     p.close()
-    gone, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=15)
     assert not alive
     assert p.closed
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 from conftest import expect_routed
+from pb_testmods import CustomError
 
 import poolbridge
 from poolbridge import Pool, RefNotFoundError
-from pb_testmods import CustomError
 
 
 def tok() -> str:
@@ -52,7 +52,9 @@ def test_large_stream_is_pulled_in_batches(pool: Pool) -> None:
     assert pool.options(session=sid).call("pb_testmods.pulls", token) == 10
 
 
-@pytest.mark.parametrize(("n", "batch", "expected_pulls"), [(10, 3, 4), (9, 3, 3), (1, 1, 1), (5, 1, 5), (100, 1000, 1)])
+@pytest.mark.parametrize(
+    ("n", "batch", "expected_pulls"), [(10, 3, 4), (9, 3, 3), (1, 1, 1), (5, 1, 5), (100, 1000, 1)]
+)
 def test_items_per_request_follow_the_batch_size(pool: Pool, n: int, batch: int, expected_pulls: int) -> None:
     sid, token = f"bsize-{tok()[:6]}", tok()
     assert list(pool.options(session=sid, batch=batch).stream("pb_testmods.gen_counted", token, n)) == list(range(n))
@@ -88,7 +90,8 @@ def test_items_keep_their_types(pool: Pool) -> None:
         yield {1, 2}
         yield None
 
-    assert list(pool.options(session="types", batch=2).stream(gen)) == [(1, 2), {"a": [1, (2, 3)]}, b"bytes", {1, 2}, None]
+    expected = [(1, 2), {"a": [1, (2, 3)]}, b"bytes", {1, 2}, None]
+    assert list(pool.options(session="types", batch=2).stream(gen)) == expected
 
 
 def test_close_early_runs_the_generators_finally_in_the_worker(pool: Pool) -> None:
@@ -120,7 +123,7 @@ def test_close_runs_finally_in_the_streams_session_from_any_context(pool: Pool) 
     next(stream)
     with pool.session("somewhere-else"):
         stream.close()
-    (kind, seen), = pool.options(session=sid).call("pb_testmods.pop_events", token)
+    ((kind, seen),) = pool.options(session=sid).call("pb_testmods.pop_events", token)
     assert kind == "finally"
     expect_routed(pool, seen, sid)
 
@@ -138,9 +141,10 @@ def test_stream_as_context_manager(pool: Pool) -> None:
 
 def test_context_manager_closes_on_error(pool: Pool) -> None:
     sid, token = f"ctxerr-{tok()[:6]}", tok()
-    with pytest.raises(ZeroDivisionError), pool.options(session=sid).stream(
-        "pb_testmods.gen_with_finally", token, 10_000
-    ) as stream:
+    with (
+        pytest.raises(ZeroDivisionError),
+        pool.options(session=sid).stream("pb_testmods.gen_with_finally", token, 10_000) as stream,
+    ):
         next(stream)
         1 / 0  # noqa: B018
     assert events(pool, sid, token) == ["finally"]
@@ -294,7 +298,8 @@ async def test_closed_async_stream_yields_nothing_more(pool: Pool) -> None:
 async def test_async_stream_generator_raising_after_items(pool: Pool) -> None:
     got = []
     with pytest.raises(CustomError, match="async late") as info:
-        async for item in pool.aio.options(session="araise", batch=2).stream("pb_testmods.gen_then_raise", 5, "async late"):
+        stream = pool.aio.options(session="araise", batch=2).stream("pb_testmods.gen_then_raise", 5, "async late")
+        async for item in stream:
             got.append(item)
     assert got == [0, 1, 2, 3, 4]
     assert "gen_then_raise" in str(info.value.__cause__)

@@ -643,3 +643,12 @@ def test_getattr_misuse(pool: Pool, act: Callable[[Pool, Ref], Any]) -> None:
     ref = pool.options(session="misuse").create("pb_testmods.Counter", 1)
     with pytest.raises(TypeError):
         act(pool, ref)
+
+
+@pytest.mark.parametrize("bad", ["", 5, None, ["x"], {"a": 1}], ids=["empty", "int", "nil", "list", "map"])
+def test_worker_rejects_a_malformed_session_as_bad_request(core: Any, bad: Any) -> None:
+    from poolbridge import _protocol
+
+    status, err = _raw(core, "call", bad, ["pb_testmods.whoami", [], {}, 0])
+    assert status == _protocol.ERROR
+    assert err[0] == "bad_request", err[:3]

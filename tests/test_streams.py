@@ -310,3 +310,26 @@ async def test_async_stream_runs_in_the_task_session(pool: Pool) -> None:
         items = [i async for i in pool.aio.options(batch=1).stream("pb_testmods.gen_whoami", 3)]
     for seen in items:
         expect_routed(pool, seen, "astream-ctx")
+
+
+def test_closing_a_stream_whose_session_was_closed_is_a_no_op(pool: Pool) -> None:
+    """``close()`` is idempotent: if the generator is already gone (close_session, idle TTL) there
+    is nothing left to close, and leaving a ``with`` block must not raise over the block's result."""
+    api = pool.options(session=f"gone-{tok()[:6]}", batch=1)
+    stream = api.stream("pb_testmods.gen_range", 100)
+    next(stream)
+    pool.close_session(stream.session_id)
+    stream.close()
+    assert stream.closed
+    with pytest.raises(KeyError, match="the block's own error"), api.stream("pb_testmods.gen_range", 100) as other:
+        next(other)
+        pool.close_session(other.session_id)
+        raise KeyError("the block's own error")
+
+
+async def test_aclosing_an_async_stream_whose_session_was_closed_is_a_no_op(pool: Pool) -> None:
+    sid = f"agone-{tok()[:6]}"
+    stream = pool.aio.options(session=sid, batch=1).stream("pb_testmods.gen_range", 100)
+    await stream.__anext__()
+    pool.close_session(sid)
+    await stream.aclose()

@@ -278,27 +278,26 @@ def test_a_killed_worker_costs_its_in_flight_calls_and_refs_and_comes_back(bpool
 # -- Ray only --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def ray_pool(bpool: Pool) -> Pool:
-    if bpool.backend != "ray":
-        pytest.skip("Ray backend only")
-    return bpool
+# The Ray-only tests take ``bpool`` with its "ray" parameter only: same module-scoped pool, no skips.
+ray_only = pytest.mark.parametrize("bpool", ["ray"], indirect=True)
 
 
-def test_ray_slots_are_actors_in_other_processes(ray_pool: Pool) -> None:
+@ray_only
+def test_ray_slots_are_actors_in_other_processes(bpool: Pool) -> None:
     from poolbridge.backends.ray import RayChannel
 
     assert ray.is_initialized()
-    channels = ray_pool._router.channels()
+    channels = bpool._router.channels()
     assert all(isinstance(ch, RayChannel) for ch in channels)
-    for pid in ray_pool.pids():
+    for pid in bpool.pids():
         assert "ray" in " ".join(psutil.Process(pid).cmdline()).lower()
 
 
-def test_ray_timeout_with_restart_kills_the_actor(ray_pool: Pool) -> None:
-    (sid,) = sessions_on(ray_pool, 1)
-    view = ray_pool.options(session=sid)
-    generation = ray_pool._router.generation(1)
+@ray_only
+def test_ray_timeout_with_restart_kills_the_actor(bpool: Pool) -> None:
+    (sid,) = sessions_on(bpool, 1)
+    view = bpool.options(session=sid)
+    generation = bpool._router.generation(1)
     box = view.create("ray_testmods.Box", 1)
     with tempfile.TemporaryDirectory() as tmp:
         gate = str(Path(tmp) / "gate")
@@ -309,15 +308,16 @@ def test_ray_timeout_with_restart_kills_the_actor(ray_pool: Pool) -> None:
         box.call("add", 1)
 
 
-def test_ray_close_lets_in_flight_calls_finish_and_ray_stays_for_other_pools(ray_pool: Pool) -> None:
+@ray_only
+def test_ray_close_lets_in_flight_calls_finish_and_ray_stays_for_other_pools(bpool: Pool) -> None:
     pool = _new_pool("ray")
     futures = [pool.options(session=f"c-{i}").submit("operator.add", i, 1) for i in range(50)]
     pool.close()
     assert [f.result(timeout=10) for f in futures] == [i + 1 for i in range(50)]
     with pytest.raises(poolbridge.PoolClosedError):
         pool.call("operator.add", 1, 2)
-    assert ray.is_initialized()  # started for ray_pool, which is still open
-    assert ray_pool.call("operator.add", 2, 2) == 4
+    assert ray.is_initialized()  # started for bpool, which is still open
+    assert bpool.call("operator.add", 2, 2) == 4
 
 
 def test_ray_init_arguments_for_a_local_start() -> None:

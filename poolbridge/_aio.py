@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from ._errors import CallTimeoutError
+from ._errors import CallTimeoutError, RefNotFoundError, SessionLostError
 from ._handles import Ref
 from ._pool import Pool, PoolStats, _Api, _Req
 from ._protocol import WireRef
@@ -235,6 +235,8 @@ class AsyncStream(AsyncIterator[Any]):
                 self._items, self._done = await pending
             except BaseException:
                 self._done = self._closed = True
+                if self._key is not None:  # do not leave the generator suspended in the worker
+                    self._apool._api._pool._discard(self._key.key(), "stream_close")
                 raise
             self._pos = 0
             self._prefetch()
@@ -254,7 +256,10 @@ class AsyncStream(AsyncIterator[Any]):
                 await pending
             except Exception:  # noqa: S110 - the close below reports what matters
                 pass
-        await self._apool._arun(self._apool._api._req_stream_close(self._key))
+        try:
+            await self._apool._arun(self._apool._api._req_stream_close(self._key))
+        except (RefNotFoundError, SessionLostError):
+            pass  # already gone in the worker (session closed or expired, worker restarted)
 
     async def __aenter__(self) -> AsyncStream:
         return self

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from ._errors import RefNotFoundError, SessionLostError
 from ._protocol import WireRef, check_ref_session
 
 if TYPE_CHECKING:
@@ -171,7 +172,10 @@ class Stream(Iterator[Any]):
             try:
                 self._items, self._done = self._api._stream_result(pending)
             except BaseException:
+                # Giving up on the stream here (a batch we could not decode, a lost worker): make
+                # sure the generator does not stay suspended in the worker.
                 self._done = self._closed = True
+                self._api._pool._discard(self._key.key(), "stream_close")
                 raise
             self._pos = 0
             if self._done:
@@ -191,7 +195,10 @@ class Stream(Iterator[Any]):
                 self._api._stream_result(pending)
             except Exception:  # noqa: S110 - the close below reports what matters
                 pass
-        self._api._stream_close(self._key)
+        try:
+            self._api._stream_close(self._key)
+        except (RefNotFoundError, SessionLostError):
+            pass  # already gone in the worker (session closed or expired, worker restarted)
 
     def __enter__(self) -> Stream:
         return self

@@ -403,7 +403,13 @@ class _Api:
                 raise rebuild_error(body)
             stream_id, items, done, generation = unpack_plain(body)
             key = WireRef(session_id, stream_id, slot, generation)
-            return make(self, key, self._pool._unpack(items), done, batch)
+            try:
+                decoded = self._pool._unpack(items)
+            except BaseException:
+                if not done:  # the first batch is lost: close the generator rather than leak it
+                    self._pool._discard(key.key(), "stream_close")
+                raise
+            return make(self, key, decoded, done, batch)
 
         return pinned, (OP_STREAM_OPEN, None, [self._fn(fn), list(args), kwargs, batch], opened)
 

@@ -19,6 +19,9 @@ behave exactly as in threads.
 from __future__ import annotations
 
 import asyncio
+import collections
+import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -56,10 +59,53 @@ class _LoopSink(Sink):
         self._post(None, exc)
 
     def _post(self, value: Any, exc: BaseException | None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(_settle, self.future, value, exc)
-        except RuntimeError:  # the loop is closed; nobody is waiting any more
-            pass
+        _inbox(self.loop).post(self.future, value, exc)
+
+
+class _Inbox:
+    """Results for one event loop, handed over in batches.
+
+    ``call_soon_threadsafe`` writes to the loop's self-pipe on every call; a reader delivering a
+    batch of 50 replies would pay 50 syscalls and 50 loop wake-ups. Instead replies queue here and
+    one scheduled ``drain`` settles all that have arrived. ``scheduled`` is cleared before draining,
+    so an item appended during a drain is either drained now or schedules the next one.
+    """
+
+    __slots__ = ("__weakref__", "items", "loop", "scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: collections.deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = collections.deque()
+        self.scheduled = False
+
+    def post(self, future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+        self.items.append((future, value, exc))
+        if not self.scheduled:
+            self.scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self.drain)
+            except RuntimeError:  # the loop is closed; nobody is waiting any more
+                self.items.clear()
+
+    def drain(self) -> None:
+        self.scheduled = False
+        items = self.items
+        while items:
+            _settle(*items.popleft())
+
+
+_inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()
+_inboxes_lock = threading.Lock()
+
+
+def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
+    inbox = _inboxes.get(loop)
+    if inbox is None:
+        with _inboxes_lock:
+            inbox = _inboxes.get(loop)
+            if inbox is None:
+                inbox = _inboxes[loop] = _Inbox(loop)
+    return inbox
 
 
 def _settle(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:

@@ -194,6 +194,7 @@ class ProcessChannel:
         self._read_lock = threading.Lock()
         self._frames = FrameReader()
         self._need_reader = threading.Event()
+        self._bg_active = False
         self._space = threading.Condition()
         self._space_waiters = 0
         self._seq = 0  # request frames written, numbered as the worker numbers them
@@ -263,7 +264,8 @@ class ProcessChannel:
 
     def wake_reader(self) -> None:
         """Someone must read replies that no blocked caller is going to read."""
-        self._need_reader.set()
+        if not self._bg_active:
+            self._need_reader.set()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -329,14 +331,22 @@ class ProcessChannel:
         while True:
             self._need_reader.wait()
             self._need_reader.clear()
+            while not self.dead:
+                # While active, senders skip waking us (an Event.set per submit is a Condition
+                # round trip). The flag is cleared *before* pending is re-checked, so a request
+                # added meanwhile is either seen here or wakes us.
+                self._bg_active = True
+                with self._read_lock:
+                    try:
+                        while self.pending and not self.dead and self._read_once(None):
+                            pass
+                    except OSError:
+                        return
+                self._bg_active = False
+                if not self.pending:
+                    break
             if self.dead:
                 return
-            with self._read_lock:
-                try:
-                    while self.pending and not self.dead and self._read_once(None):
-                        pass
-                except OSError:
-                    return
 
     # -- death -----------------------------------------------------------------------------
 

@@ -207,7 +207,7 @@ class WorkerCore:
             return pack_plain([req_id, ERROR, pack_plain(error_fields(exc))])
 
     def _enter(self, session_id: Any) -> _Session:
-        session = self._sessions.get(session_id)  # type: ignore[arg-type]
+        session = self._sessions.get(session_id)
         if session is None:
             # A session's slot never changes, so routing is checked once, when it first arrives.
             if not isinstance(session_id, str) or not session_id:

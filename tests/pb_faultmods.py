@@ -361,3 +361,13 @@ def yield_made(factory: str, n: int, bad_at: int = 0) -> Iterator[Any]:
     make = globals()[factory]
     for i in range(n):
         yield make(i) if i == bad_at else i
+
+
+def gone(pid: int) -> bool:
+    """Not running any more (a zombie waiting for a non-reaping init counts as gone)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -134,6 +134,29 @@ def test_timeout_restart_kills_the_worker_and_fails_its_other_calls(make_pool, f
         ref.call("get")
 
 
+def test_call_after_a_restart_timeout_goes_to_the_new_worker(make_pool, fifo):
+    """The caller got CallTimeoutError and the pool chose to restart the worker: a call made
+    *after* that must run on the restarted worker, not be sent into the one being killed.
+
+    BUG (poolbridge): ``Router.kill_slot`` only sends SIGKILL; until the monitor has noticed the
+    death (a few ms later) ``Router.channel()`` still hands out the doomed channel, so the next
+    call is written to it and fails with WorkerCrashedError ("died: killed by SIGKILL"), or with
+    "is gone" on a broken pipe. Suggested fix: mark the channel unusable before killing it (e.g.
+    ``ch.retiring = True`` in ``kill_slot``, which makes ``send`` raise ``Retired`` and
+    ``channel()`` wait for generation + 1).
+    """
+    pool = make_pool()
+    failures = []
+    for i in range(5):
+        with pytest.raises(CallTimeoutError):
+            pool.options(session="t", timeout=0.2, on_timeout="restart").call(f"{M}.wait_fifo", fifo.path, 30.0)
+        try:
+            assert pool.options(session="t").call(f"{M}.add", i, 1) == i + 1
+        except WorkerCrashedError as exc:
+            failures.append(str(exc))
+    assert not failures, failures
+
+
 def test_timeout_option_is_validated(make_pool):
     pool = make_pool()
     with pytest.raises(ValueError):

@@ -31,6 +31,7 @@ the application called ``ray.init`` itself, poolbridge neither re-initialises no
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import queue
@@ -75,6 +76,10 @@ _ACTOR_OPTIONS: dict[str, Any] = {
     "scheduling_strategy": "SPREAD",
 }
 _UNSUPPORTED = ("max_calls", "max_rss")
+#: Actor calls a channel keeps in flight; requests sent meanwhile queue and go as one batch call
+#: when one returns (the actor runs one at a time anyway, so this costs no parallelism).
+MAX_OUTSTANDING = 2
+MAX_BATCH = 512
 
 
 # -- the actor ------------------------------------------------------------------------------------
@@ -109,6 +114,12 @@ class _SlotWorker:
     def handle(self, body: bytes) -> bytes:
         with self._lock:
             return self._core.handle(body)
+
+    def handle_many(self, bodies: list[bytes]) -> list[bytes]:
+        """Requests that queued up while the actor was busy, run in order: one Ray task, not N."""
+        with self._lock:
+            handle = self._core.handle
+            return [handle(body) for body in bodies]
 
     def _sweeper(self) -> None:
         core = self._core
@@ -279,9 +290,13 @@ class RayChannel:
         self.finished = threading.Event()
         self.max_in_flight = router.max_in_flight
         self._router = router
-        self._lock = threading.Lock()  # dead/input-closed checks vs. submission; once-only exit report
-        self._inflight: dict[int, Any] = {}  # req_id -> ObjectRef not settled yet
-        self._settle = threading.Condition()
+        # One lock for submission order, the dead/input-closed checks, the batch tables and the
+        # once-only exit report; ``_settle`` (same lock) is notified whenever a batch settles.
+        self._lock = threading.RLock()
+        self._settle = threading.Condition(self._lock)
+        self._inflight: dict[int, list[int]] = {}  # batch id -> its req ids, submitted, not settled
+        self._queued: list[tuple[int, bytes]] = []  # (req id, body) waiting for a free batch
+        self._batch_ids = itertools.count()
         self._space_waiters = 0
         self._input_closed = False
         #: Part of the channel surface: the process backend's recycling (max_calls/max_rss) is not
@@ -354,10 +369,21 @@ class RayChannel:
                     f"worker slot {self.slot} (Ray actor, generation {self.generation}) is gone", slot=self.slot
                 )
             self.pending[req_id] = sink
-            ref = self._actor.handle.remote(body)
-            self._inflight[req_id] = ref
+            if len(self._inflight) < MAX_OUTSTANDING:
+                self._submit([(req_id, body)])
+            else:  # the actor is busy anyway: this goes with the next batch
+                self._queued.append((req_id, body))
+
+    def _submit(self, items: list[tuple[int, bytes]]) -> None:
+        """One actor call for ``items`` (in order). Called with the lock held: submission order is send order."""
+        batch = next(self._batch_ids)
+        if len(items) == 1:
+            ref = self._actor.handle.remote(items[0][1])
+        else:
+            ref = self._actor.handle_many.remote([body for _, body in items])
+        self._inflight[batch] = [req_id for req_id, _ in items]
         put = self._queue.put
-        ref.future().add_done_callback(lambda future: put((req_id, future)))
+        ref.future().add_done_callback(lambda future: put((batch, future)))
 
     def _wait_for_space(self, block: bool) -> None:
         # Approximate by design, like ProcessChannel: concurrent senders may overshoot by their number.
@@ -388,35 +414,45 @@ class RayChannel:
             item = get()
             if item is _STOP:
                 return
-            req_id, future = item
+            batch, future = item
+            with self._lock:
+                req_ids = self._inflight.get(batch, [])
             try:
-                self._deliver(req_id, future)
+                self._deliver(req_ids, future)
             except Exception:
-                log.exception("slot %d: delivering reply %s failed", self.slot, req_id)
+                log.exception("slot %d: delivering replies %s failed", self.slot, req_ids)
             with self._settle:
-                self._inflight.pop(req_id, None)
-                idle = not self._inflight
+                self._inflight.pop(batch, None)
+                if self._queued and not self.dead:
+                    items = self._queued[:MAX_BATCH]
+                    del self._queued[:MAX_BATCH]
+                    self._submit(items)
+                idle = not self._inflight and not self._queued
                 self._settle.notify_all()
             if idle and self._input_closed and not self._ending_actor:
                 self._retire()
             if idle and self._drained:
                 return
 
-    def _deliver(self, req_id: int, future: Any) -> None:
+    def _deliver(self, req_ids: list[int], future: Any) -> None:
         try:
-            reply = future.result()
+            result = future.result()
         except RayActorError as exc:
             self._died(_first_line(exc))
-            if self._drained:  # the router already failed what was pending; this one came late
-                self._fail(req_id, self._crash_error())
+            if self._drained:  # the router already failed what was pending; these came late
+                for req_id in req_ids:
+                    self._fail(req_id, self._crash_error())
             return
         except BaseException as exc:
-            self._fail(req_id, RemoteError(type(exc).__name__, str(exc)))
+            for req_id in req_ids:
+                self._fail(req_id, RemoteError(type(exc).__name__, str(exc)))
             return
-        rid, status, body = unpack_plain(reply)
-        sink = self.pending.pop(rid, None)
-        if sink is not None:
-            sink.deliver(status, body)
+        pending = self.pending
+        for reply in [result] if isinstance(result, bytes) else result:
+            rid, status, body = unpack_plain(reply)
+            sink = pending.pop(rid, None)
+            if sink is not None:
+                sink.deliver(status, body)
 
     def _fail(self, req_id: int, exc: BaseException) -> None:
         sink = self.pending.pop(req_id, None)
@@ -476,6 +512,7 @@ class RayChannel:
             while self._inflight and (remaining := deadline - time.monotonic()) > 0:
                 self._settle.wait(remaining)
             self._drained = True
+            self._queued.clear()  # never sent: still in ``pending``, the router fails them
             idle = not self._inflight
             self._settle.notify_all()
         if idle:
@@ -492,7 +529,7 @@ class RayChannel:
             self._input_closed = True
         self.release_hold()
         with self._settle:
-            idle = not self._inflight
+            idle = not self._inflight and not self._queued
         if idle and not self._ending_actor:
             self._retire()
 

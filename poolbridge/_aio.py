@@ -136,11 +136,29 @@ class AsyncPool:
         op, ref, fields, decode = req
         api = self._api
         pool = api._pool
+        router = pool._router
         slot, req_id, data = api._prepare(op, ref, fields)
         pool._flush_discards()
-        sink = _LoopSink(asyncio.get_running_loop(), decode)
-        channel = pool._router.send(slot, req_id, data, sink, block=api._opts.block)
+        loop = asyncio.get_running_loop()
+        sink = _LoopSink(loop, decode)
+        if router.ready(slot):
+            self._sent(sink, router.send(slot, req_id, data, sink, block=api._opts.block), req_id, slot, op)
+        else:
+            # The slot is restarting or at its in-flight bound: waiting for it must not block the
+            # loop, so that (rare) wait happens on a thread.
+            def sent(done: asyncio.Future[Any]) -> None:
+                if done.cancelled() or done.exception() is not None:
+                    _settle(sink.future, None, done.exception() or asyncio.CancelledError())
+                else:
+                    self._sent(sink, done.result(), req_id, slot, op)
 
+            sending = loop.run_in_executor(
+                None, lambda: router.send(slot, req_id, data, sink, block=api._opts.block)
+            )
+            sending.add_done_callback(sent)
+        return sink.future
+
+    def _sent(self, sink: _LoopSink, channel: Any, req_id: int, slot: int, op: str) -> None:
         def on_done(future: asyncio.Future[Any]) -> None:
             # A cancelled await (task cancelled, wait_for expired) also cancels the call in the
             # worker when it has not started there yet.
@@ -148,11 +166,10 @@ class AsyncPool:
                 channel.try_cancel(req_id, sink.seq)
 
         sink.future.add_done_callback(on_done)
-        timeout = api._opts.timeout
-        if timeout is not None:
+        timeout = self._api._opts.timeout
+        if timeout is not None and not sink.future.done():
             handle = sink.loop.call_later(timeout, self._expire, sink, channel, req_id, slot, op)
             sink.future.add_done_callback(lambda _: handle.cancel())
-        return sink.future
 
     def _expire(self, sink: _LoopSink, channel: Any, req_id: int, slot: int, op: str) -> None:
         if channel.pending.pop(req_id, None) is None:

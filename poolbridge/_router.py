@@ -135,6 +135,17 @@ class Router:
                     raise WorkerCrashedError(f"worker slot {slot} did not come back", slot=slot)
                 s.cond.wait(remaining)
 
+    def ready(self, slot: int) -> bool:
+        """Would a send to ``slot`` go through without waiting (live, not recycling, below the bound)?"""
+        ch = self._slots[slot].channel
+        return (
+            ch is not None
+            and not ch.dead
+            and not getattr(ch, "retiring", False)
+            and len(ch.pending) < ch.max_in_flight
+            and not self.closing
+        )
+
     def generation(self, slot: int) -> int:
         ch = self._slots[slot].channel
         return ch.generation if ch is not None else -1

@@ -135,3 +135,27 @@ def test_context_manager_closes() -> None:
     assert p.closed
     _, alive = psutil.wait_procs(procs, timeout=15)
     assert not alive
+
+
+def test_stats_of_a_busy_slot_reports_it_alive(fresh_pool: Pool, tmp_path: object) -> None:
+    """A worker busy with a long call is alive: ``alive`` is about the process, not whether it
+    answered within the stats wait."""
+    import os
+
+    pool = fresh_pool
+    gate = os.path.join(str(tmp_path), "gate")
+    sid = sessions_on_slot(pool, 0, 1, "busy")[0]
+    fut = pool.options(session=sid).submit("pb_testmods.wait_for_path", gate)
+    try:
+        stats = pool.stats()
+        busy, idle = stats.slots
+        assert idle.alive is True
+        assert busy.pid == pool.pids()[0]
+        assert busy.alive is True, "a live worker busy with a call was reported dead"
+        assert busy.in_flight >= 1
+    finally:
+        with open(gate, "w"):
+            pass
+    assert fut.result(60) is True
+    pool.options(session=sid).call("operator.add", 1, 1)  # replies arrive in order: all earlier ones are in
+    assert pool.stats().in_flight == 0

@@ -225,6 +225,41 @@ def test_cross_session_ref_argument_is_rejected_before_sending(bpool: Pool) -> N
     assert box.call("add", 1) == 2
 
 
+def test_a_sessions_operations_run_in_order_under_concurrent_senders(bpool: Pool) -> None:
+    import threading
+
+    results: dict[str, list[Any]] = {}
+    errors: list[BaseException] = []
+
+    def run(sid: str) -> None:
+        try:
+            box = bpool.options(session=sid).create("ray_testmods.Box", 0)
+            futures = [box.submit("add", 1) for _ in range(60)]
+            results[sid] = [f.result(timeout=30) for f in futures] + [box.call("add", 0)]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(f"ord-{uuid.uuid4().hex[:6]}-{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 8
+    for values in results.values():
+        assert values == [*range(1, 61), 60]
+
+
+async def test_the_asyncio_face(bpool: Pool) -> None:
+    import asyncio
+
+    sid = f"aio-{uuid.uuid4().hex[:8]}"
+    apool = bpool.aio
+    assert await apool.call("operator.add", 1, 2) == 3
+    seen = await asyncio.gather(*(apool.options(session=sid).call("ray_testmods.where") for _ in range(20)))
+    for item in seen:
+        check_routed(bpool, item, sid)
+
+
 def test_a_killed_worker_costs_its_in_flight_calls_and_refs_and_comes_back(bpool: Pool) -> None:
     pool = _new_pool(bpool.backend)
     try:

@@ -192,3 +192,34 @@ def test_idle_session_refs_expire_with_ttl() -> None:
             time.sleep(0.05)
         with pytest.raises(poolbridge.RefNotFoundError):
             ref.getattr("n")
+
+
+def test_concurrent_sessions_keep_separate_helper_state(pool: Pool) -> None:
+    import threading
+
+    n, rounds = 6, 30
+    barrier = threading.Barrier(n, timeout=60)
+    finals: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def body(i: int) -> None:
+        s = f"conc-state-{i}-{uuid.uuid4().hex[:6]}"
+        try:
+            barrier.wait()
+            with pool.session(s):
+                for r in range(rounds):
+                    pool.helper("pbh_remember", f"k{r}", i)
+                finals[s] = pool.helper("pbh_named_ctx", "x")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[:3]
+    for s, (seen_session, keys) in finals.items():
+        assert seen_session == s
+        assert keys == sorted(f"k{r}" for r in range(rounds))

@@ -652,3 +652,31 @@ def test_worker_rejects_a_malformed_session_as_bad_request(core: Any, bad: Any) 
     status, err = _raw(core, "call", bad, ["pb_testmods.whoami", [], {}, 0])
     assert status == _protocol.ERROR
     assert err[0] == "bad_request", err[:3]
+
+
+def test_a_ref_shared_by_many_threads_is_used_in_one_worker(pool: Pool) -> None:
+    ref = pool.options(session="shared-counter").create("pb_testmods.Counter", 0)
+    n_threads, per_thread = 8, 40
+    barrier = threading.Barrier(n_threads, timeout=WAIT)
+    errors: list[BaseException] = []
+
+    def body(t: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(per_thread):
+                if i % 2:
+                    ref.call("incr")
+                else:
+                    ref.submit("incr").result(WAIT)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(t,)) for t in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[:3]
+    assert ref.getattr("n") == n_threads * per_thread  # one object, one process: no lost update
+    ref.release()

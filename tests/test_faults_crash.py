@@ -414,8 +414,9 @@ def test_open_stream_of_a_dead_generation_raises_session_lost(pool):
         # item 1 was prefetched; asking for item 2 needs the dead worker
         next(s1)
         next(s1)
-    with pytest.raises(SessionLostError):
-        s2.close()
+    s2.close()  # closing a stream whose worker is gone is a no-op (there is nothing to close)
+    assert s2.closed
+    assert list(s2) == []
     assert list(api.stream("builtins.range", 3)) == [0, 1, 2]
     serves_every_slot(pool)
 

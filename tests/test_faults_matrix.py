@@ -258,12 +258,10 @@ def test_stream_item_that_the_router_cannot_decode(pool, bad_at):
     """An item that unpickles only inside a worker: the iteration raises, the pool is fine, and
     the generator is closed in the worker (its ``finally`` runs; no stream left behind).
 
-    BUG (poolbridge): when the router cannot decode a stream batch, the client handle is marked
-    closed (or, for the opening batch, never created) and no ``stream_close`` is sent, so the
-    generator stays suspended in the worker — counted in ``stats().streams`` — until
-    ``close_session`` or the TTL. Expected: the client closes the worker-side stream when it gives
-    up on it (e.g. ``Stream.__next__``'s ``except`` path and the ``opened`` decode failure send
-    ``stream_close`` / a discard, as ``Stream.__del__`` does).
+    Regression (b358b83): when the router could not decode a stream batch, the client handle was
+    marked closed (or, for the opening batch, never created) and no ``stream_close`` was sent, so
+    the generator stayed suspended in the worker — counted in ``stats().streams`` — until
+    ``close_session`` or the TTL.
     """
     slot = 1
     sid = fresh_session(pool, slot, "stream-undecodable")

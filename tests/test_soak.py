@@ -2,7 +2,7 @@
 random; afterwards every call is accounted for — its own value, delivered to its own caller, in
 its own session — or a typed WorkerCrashedError. None lost, none crossed.
 
-Sized by ``POOLBRIDGE_SOAK_CALLS`` (default fits ~30–60 s on a 2-core VM; CI may raise it).
+Sized by ``POOLBRIDGE_SOAK_CALLS`` (default, 250 000, takes ~45 s on a 2-core VM; CI may raise it).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import poolbridge
 from poolbridge import WorkerCrashedError
 
 M = "pb_faultmods"
-TOTAL = int(os.environ.get("POOLBRIDGE_SOAK_CALLS", "150000"))
+TOTAL = int(os.environ.get("POOLBRIDGE_SOAK_CALLS", "250000"))
 THREADS = 4
 SESSIONS = 10_000
 WINDOW = 512

@@ -228,6 +228,38 @@ def test_max_in_flight_under_many_threads_all_results_correct(make_pool):
     assert len(results) == 4
 
 
+def test_sender_waiting_for_room_survives_the_death_of_its_worker(make_pool, fifo, tmp_path):
+    """A caller blocked at max_in_flight has sent nothing; if the worker dies meanwhile, its
+    request should go to the restarted worker ("callers arriving meanwhile wait for it").
+
+    BUG (poolbridge): ``ProcessChannel._wait_for_space`` returns when the channel is dead, and
+    ``send`` then finds ``self.dead`` and raises WorkerCrashedError("... is gone") for a request
+    that never reached any worker. Suggested fix: when nothing was written (dead channel, or
+    EPIPE on the first write), raise ``Retired`` instead so ``Router.send`` waits for
+    generation + 1 — the request is safe to send there since no worker ever saw it.
+    """
+    pool = make_pool(max_in_flight=1)
+    marker = str(tmp_path / "running")
+    blocked = pool.options(session="a").submit(f"{M}.mark_and_wait", marker, fifo.path)
+    pid = wait_until(lambda: pid_in(marker), 10.0)
+    outcome: list[Any] = []
+
+    def waiting_sender() -> None:
+        try:
+            outcome.append(pool.options(session="b").submit(f"{M}.add", 2, 3).result(timeout=10.0))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcome.append(exc)
+
+    t = threading.Thread(target=waiting_sender)
+    t.start()
+    wait_until(lambda: pool._router.channels()[0]._space_waiters, 5.0, what="the sender waiting for room")
+    os.kill(pid, signal.SIGKILL)
+    assert isinstance(blocked.exception(timeout=5.0), WorkerCrashedError)
+    t.join(15.0)
+    assert not t.is_alive()
+    assert outcome == [5], f"a request that never reached a worker failed: {outcome!r}"
+
+
 # -- session TTL and caps -------------------------------------------------------------------------------
 
 
@@ -269,6 +301,19 @@ def test_max_refs_per_session(make_pool):
     assert len([api.create(f"{M}.Box", i) for i in range(3)]) == 3
 
 
+def test_session_ttl_closes_the_streams_of_an_idle_session(make_pool):
+    pool = make_pool(session_ttl=0.5)
+    api = pool.options(session="idle-stream", batch=1)
+    stream = api.stream(f"{M}.counting_gen", "ttl", 100)
+    assert next(stream) == 0
+    wait_until(lambda: pool.stats().slots[0].streams == 0, 15.0, interval=0.05, what="the stream expired")
+    # its generator was closed in the worker: its finally ran
+    assert api.call(f"{M}.finally_count", "ttl") == 1
+    with pytest.raises(RefNotFoundError):
+        next(stream)  # item 1 was prefetched, item 2 needs the expired generator
+        next(stream)
+
+
 @pytest.mark.parametrize("how", ["close_session", "ttl"])
 def test_dropping_a_session_frees_worker_memory(make_pool, how):
     pool = make_pool(session_ttl=0.5 if how == "ttl" else None)
@@ -308,6 +353,35 @@ def test_recycle_after_max_calls_loses_nothing_in_flight(make_pool):
     assert gen >= 3, gen
     assert pool.pids()[0] != first
     assert pool.stats().slots[0].restarts == gen
+
+
+def test_recycle_under_concurrent_blocking_callers(make_pool):
+    """Sync callers (who read their own replies off the pipe) from several threads, across many
+    recycles: every call gets its own answer."""
+    pool = make_pool(max_calls_per_worker=50)
+    first = pool.pids()[0]
+    errors: list[str] = []
+
+    def caller(t: int) -> None:
+        for i in range(40):
+            sid = f"rc-{t}-{i % 3}"
+            try:
+                got = pool.options(session=sid).call(f"{M}.echo", t, i)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(f"{t}/{i}: {exc!r}")
+                return
+            if got != [[t, i], sid]:
+                errors.append(f"{t}/{i}: {got!r}")
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60.0)
+    assert not any(th.is_alive() for th in threads)
+    assert not errors, errors[:5]
+    assert pool.pids()[0] != first
+    assert pool.stats().slots[0].generation >= 2
 
 
 @pytest.mark.parametrize("state", ["ref", "stream", "helper"])

@@ -220,28 +220,31 @@ class ProcessChannel:
     # -- sending ---------------------------------------------------------------------------
 
     def send(self, req_id: int, data: bytes, sink: Sink, block: bool = True) -> None:
-        """Write one request frame. Raises :class:`WorkerCrashedError` if the worker is gone."""
+        """Write one request frame.
+
+        Raises :class:`Retired` when the frame did not reach this worker (it is recycling, dead, or
+        the write hit a closed pipe): no worker saw the request, so the router sends it to the
+        slot's next generation instead of failing it.
+        """
         if len(self.pending) >= self.max_in_flight:
             self._wait_for_space(block)
         self.pending[req_id] = sink
-        cause: BaseException | None = None
         with self._write_lock:
-            if self.retiring:
-                self.pending.pop(req_id, None)
-                raise Retired
-            if not self.dead:
+            if not self.retiring and not self.dead:
                 try:
                     self._seq += 1
                     if sink.cancellable:
                         sink.seq = self._seq  # type: ignore[attr-defined]
                     _write_all(self._write_fd, data)
                     return
-                except OSError as exc:  # EPIPE/EBADF: the worker is gone; the monitor restarts it
-                    cause = exc
-        if self.pending.pop(req_id, None) is not None:
-            raise WorkerCrashedError(
-                f"worker slot {self.slot} (pid {self.pid}) is gone", slot=self.slot, pid=self.pid
-            ) from cause
+                except OSError:  # EPIPE/EBADF: the worker is gone; the monitor restarts it
+                    # A pipe write that fails has written nothing; an earlier partial write left an
+                    # incomplete frame the dead worker never ran. Either way: not delivered.
+                    pass
+        if self.pending.pop(req_id, None) is None:
+            # The monitor already failed this sink with the crash: it must not be sent again.
+            raise WorkerCrashedError(f"worker slot {self.slot} (pid {self.pid}) is gone", slot=self.slot, pid=self.pid)
+        raise Retired
 
     def _wait_for_space(self, block: bool) -> None:
         # Approximate by design: several threads may pass the check at once, so the bound can be

@@ -275,7 +275,8 @@ class _Api:
         """Send and block for the reply, reading it ourselves when nobody else is (no thread hop)."""
         pool = self._pool
         slot, req_id, data = self._prepare(op, ref, fields)
-        pool._flush_discards()
+        if pool._discards:
+            pool._flush_discards()
         waiter = _Waiter()
         channel = pool._router.send(slot, req_id, data, waiter, lead=True, block=self._opts.block)
         timeout = self._opts.timeout
@@ -294,7 +295,8 @@ class _Api:
     def _submit(self, op: str, ref: WireRef | None, fields: list[Any], decode: Callable[[int, Any], Any]) -> Any:
         pool = self._pool
         slot, req_id, data = self._prepare(op, ref, fields)
-        pool._flush_discards()
+        if pool._discards:
+            pool._flush_discards()
         sink = _FutureSink(decode)
         channel = pool._router.send(slot, req_id, data, sink, block=self._opts.block)
         sink.future._target = (channel, req_id, sink)  # type: ignore[attr-defined]

@@ -225,6 +225,9 @@ class Router:
         """SIGKILL a slot's worker; the monitor restarts it (used by ``on_timeout='restart'``)."""
         ch = self._slots[slot].channel
         if ch is not None and not ch.dead:
+            # Mark it leaving first: a call made after this must wait for generation + 1, not be
+            # written into the process being killed before the monitor has seen it die.
+            ch.retiring = True
             ch.kill()
 
     def close(self, cancel: bool = False, timeout: float = 10.0) -> None:

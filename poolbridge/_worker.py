@@ -549,9 +549,11 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    written = os.write(fd, data)
+    if written < len(data):  # a large frame into a full pipe: finish it piece by piece
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 # Replies produced from one read are written together, but never held back longer than this, so a
@@ -596,18 +598,26 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
     reader = FrameReader()
     check_retire = options.get("max_calls") is not None or options.get("max_rss") is not None
     perf = time.perf_counter
+    handle = core.handle
+    sweeping = core.session_ttl is not None
     while True:
-        wait = core.next_sweep_in()
-        if wait is not None:
+        if sweeping:
+            wait = core.next_sweep_in()
             if wait == 0.0 or not select.select([read_fd], [], [], wait)[0]:
                 core.sweep()
                 continue
         data = os.read(read_fd, 1 << 16)
         if not data:
             return
+        frames = reader.feed(data)
+        if len(frames) == 1 and not check_retire:  # the common case: one request, one reply
+            seq += 1
+            if board is None or board.claim(seq):
+                _write_all(write_fd, encode_frame(handle(frames[0])))  # type: ignore[arg-type]
+            continue
         out: list[bytes] = []
         started = 0.0
-        for frame in reader.feed(data):
+        for frame in frames:
             if out and perf() - started > _FLUSH_AFTER:
                 _write_all(write_fd, b"".join(out))
                 out.clear()
@@ -617,7 +627,7 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
             seq += 1
             if board is not None and not board.claim(seq):
                 continue  # cancelled before it started: the router expects no reply
-            out.append(encode_frame(core.handle(frame)))
+            out.append(encode_frame(handle(frame)))
         if check_retire and core.wants_retire():
             # Ask to be replaced; keep serving until the router closes our input (EOF below).
             out.append(encode_frame(pack_plain([None, RETIRING, b""])))

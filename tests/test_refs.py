@@ -680,3 +680,17 @@ def test_a_ref_shared_by_many_threads_is_used_in_one_worker(pool: Pool) -> None:
     assert not errors, errors[:3]
     assert ref.getattr("n") == n_threads * per_thread  # one object, one process: no lost update
     ref.release()
+
+
+async def test_a_refused_async_release_leaves_the_ref_live(pool: Pool) -> None:
+    """A release refused before sending (session mismatch) must not mark the handle released:
+    the object is still there, and dropping the handle must still release it."""
+    sid, tok = f"arel-{token()[:6]}", token()
+    ref = pool.options(session=sid).create("pb_testmods.Recorder", tok)
+    with pytest.raises(SessionMismatchError):
+        await pool.aio.options(session=f"not-{sid}").release(ref)
+    assert "released" not in repr(ref)
+    expect_routed(pool, ref.call("who"), sid)
+    del ref
+    gc.collect()
+    assert [k for k, _ in pool.options(session=sid).call("pb_testmods.pop_events", tok)] == ["del"]

@@ -7,6 +7,7 @@ Sized by ``POOLBRIDGE_SOAK_CALLS`` (default, 250 000, takes ~45 s on a 2-core VM
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import random
 import signal
@@ -24,7 +25,7 @@ from poolbridge import WorkerCrashedError
 
 M = "pb_faultmods"
 TOTAL = int(os.environ.get("POOLBRIDGE_SOAK_CALLS", "250000"))
-THREADS = 4
+SUBMITTERS = 4  # threads submitting in windows of futures
 SESSIONS = 10_000
 WINDOW = 512
 KILLS = int(os.environ.get("POOLBRIDGE_SOAK_KILLS", "6"))
@@ -112,8 +113,8 @@ def test_soak_every_reply_reaches_its_caller_across_random_kills() -> None:
     rng = random.Random(int(os.environ.get("POOLBRIDGE_SOAK_SEED", "1234")))
     pool = poolbridge.Pool(2)
     try:
-        sync_share = max(1, TOTAL // 40)  # blocking calls are slower: a small share
-        shares = [(TOTAL - sync_share) // (THREADS - 1)] * (THREADS - 1) + [sync_share]
+        sync_share = max(1, TOTAL // 40)  # plus one thread of blocking calls (slower: a small share)
+        shares = [(TOTAL - sync_share) // SUBMITTERS] * SUBMITTERS + [sync_share]
         total = sum(shares)
         tally = Tally()
         kills: list[tuple[int, int]] = []
@@ -140,10 +141,10 @@ def test_soak_every_reply_reaches_its_caller_across_random_kills() -> None:
 
         threads = [
             threading.Thread(target=_submitter, args=(pool, t, shares[t], tally), name=f"soak-submit-{t}")
-            for t in range(THREADS - 1)
+            for t in range(SUBMITTERS)
         ]
         threads.append(
-            threading.Thread(target=_caller, args=(pool, THREADS - 1, shares[-1], tally), name="soak-call")
+            threading.Thread(target=_caller, args=(pool, SUBMITTERS, shares[-1], tally), name="soak-call")
         )
         k = threading.Thread(target=killer, name="soak-killer")
         started = time.monotonic()
@@ -154,7 +155,9 @@ def test_soak_every_reply_reaches_its_caller_across_random_kills() -> None:
         stop.set()
         k.join(15.0)
         elapsed = time.monotonic() - started
-        assert not any(th.is_alive() for th in [*threads, k]), "a soak thread hung"
+        if any(th.is_alive() for th in [*threads, k]):
+            faulthandler.dump_traceback(all_threads=True)
+            pytest.fail("a soak thread hung (stacks dumped to stderr)")
 
         counts = tally.counts
         print(f"\nsoak: {total} calls in {elapsed:.1f}s ({total / elapsed:.0f}/s), kills={len(kills)}, {dict(counts)}")
@@ -166,8 +169,8 @@ def test_soak_every_reply_reaches_its_caller_across_random_kills() -> None:
         if kills:
             assert counts["crashed"] + counts["crashed-unsent"] >= 1
         # a crash costs only the calls in flight on that worker: bounded by the windows in flight
-        assert counts["crashed"] + counts["crashed-unsent"] <= len(kills) * (THREADS * WINDOW + 64)
-        assert counts["ok"] >= total - len(kills) * (THREADS * WINDOW + 64)
+        assert counts["crashed"] + counts["crashed-unsent"] <= len(kills) * ((SUBMITTERS + 1) * WINDOW + 64)
+        assert counts["ok"] >= total - len(kills) * ((SUBMITTERS + 1) * WINDOW + 64)
 
         # each kill restarted exactly its slot once; every slot still serves
         stats = pool.stats()

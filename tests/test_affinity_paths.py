@@ -110,6 +110,14 @@ def path_create(pool: Pool, r: Resolved) -> Obs:
     return [ref.getattr("created_in"), _ref_as_obs(pool, ref)]
 
 
+def path_create_from_ref(pool: Pool, r: Resolved) -> Obs:
+    api = r.api
+    cls = api.options(ret="ref").getattr("pb_testmods.Recorder")  # the class itself, kept as a ref
+    assert isinstance(cls, poolbridge.Ref)
+    ref = api.create(cls, _token())
+    return [ref.getattr("created_in"), _ref_as_obs(pool, ref), _ref_as_obs(pool, cls)]
+
+
 def path_method(pool: Pool, r: Resolved) -> Obs:
     api = r.api
     ref = api.create("pb_testmods.Recorder", _token())

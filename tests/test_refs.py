@@ -94,6 +94,7 @@ REF_OPS: dict[str, Callable[[Any, Ref], Any]] = {
     "pool.setattr": lambda api, r: (api.setattr(r, "where", 1), r.getattr("set_in"))[1],
     "ref.setattr": lambda api, r: (r.setattr("where", 2), r.getattr("set_in"))[1],
     "ref.options.call": lambda api, r: r.options(timeout=30).call("who"),
+    "ref.call(ref args)": lambda api, r: r.call("who", r, [r], k={"r": r}),
 }
 
 
@@ -694,3 +695,12 @@ async def test_a_refused_async_release_leaves_the_ref_live(pool: Pool) -> None:
     del ref
     gc.collect()
     assert [k for k, _ in pool.options(session=sid).call("pb_testmods.pop_events", tok)] == ["del"]
+
+
+@pytest.mark.parametrize("where", FOREIGN_CONTEXTS)
+def test_create_from_a_class_ref_runs_in_the_refs_session(pool: Pool, a_ref: tuple[Ref, str, str], where: str) -> None:
+    _, owner, _ = a_ref
+    cls = pool.options(session=owner, ret="ref").getattr("pb_testmods.Recorder")
+    made = _in_foreign(pool, where, owner, lambda api: api.create(cls, token()))
+    assert made.session_id == owner
+    expect_routed(pool, made.getattr("created_in"), owner)

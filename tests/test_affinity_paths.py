@@ -338,6 +338,7 @@ PATHS: dict[str, Callable[[Pool, Any], Obs]] = {
     name[len("path_") :]: fn for name, fn in list(globals().items()) if name.startswith("path_")
 }
 EXPECTED_PATHS = {
+    "create_from_ref",
     "call_by_path",
     "call_callable",
     "call_lambda",

@@ -16,6 +16,7 @@ tagged maps that become :class:`~poolbridge._protocol.WireRef` keys here.
 
 from __future__ import annotations
 
+import concurrent.futures
 import fnmatch
 import logging
 import os
@@ -418,6 +419,9 @@ class Server:
         )
         self.router = self.pool._router
         self._side_threads: list[threading.Thread] = []
+        self._restart_waits = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, workers), thread_name_prefix="poolbridge-restart-wait"
+        )
         self._handlers: dict[str, Callable[[_Request, Any], None]] = {
             OP_CALL: self._op_call,
             "create": self._op_create,
@@ -470,6 +474,7 @@ class Server:
     def close(self) -> None:
         # The client is gone (or asked us to go): in-flight work has nobody to reply to.
         self.pool.close(cancel=True)
+        self._restart_waits.shutdown(wait=False, cancel_futures=True)
         for t in self._side_threads:
             t.join(1.0)
 
@@ -543,11 +548,22 @@ class Server:
         body = pack_value(fields, session_id)
         rid = router.next_id()
         stream_key = [session_id, slot] if kind == _STREAM_OPEN else None
-        # block=False: the reading thread never waits on one busy slot (that would stall every other
-        # slot's requests behind it); past max_in_flight the request gets a `busy` error instead.
-        router.send(
-            slot, rid, pack_plain([rid, op, session_id, body]), _Reply(self.out, req_id, kind, stream_key), block=False
-        )
+        data = pack_plain([rid, op, session_id, body])
+        reply = _Reply(self.out, req_id, kind, stream_key)
+        if router.ready(slot):
+            # block=False: the reading thread never waits on one busy slot (that would stall every
+            # other slot's requests behind it); past max_in_flight the request gets `busy` instead.
+            router.send(slot, rid, data, reply, block=False)
+        else:
+            # The slot is restarting after a crash (or busy): wait for it off the reading thread,
+            # so the other slots keep being served meanwhile.
+            self._restart_waits.submit(self._send_when_ready, slot, rid, data, reply)
+
+    def _send_when_ready(self, slot: int, rid: int, data: bytes, reply: _Reply) -> None:
+        try:
+            self.router.send(slot, rid, data, reply, block=False)
+        except BaseException as exc:
+            reply.fail(exc)
 
     def _check_ref(self, ref: WireRef, slot: int) -> None:
         if ref.slot != slot:

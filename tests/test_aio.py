@@ -268,11 +268,10 @@ async def test_backpressure_does_not_block_the_event_loop(fifo):
     the loop thread at the in-flight bound, the ticker cannot tick until the workers give up on
     their fifo (5 s) — the third call then completes with the ticker having ticked 0 times.
 
-    BUG (poolbridge): ``AsyncPool._arun`` calls ``pool._router.send(..., block=True)`` on the loop
-    thread; at the bound ``ProcessChannel._wait_for_space`` waits on a ``threading.Condition``,
-    freezing the whole event loop until a reply arrives (a deadlock if that reply depends on
-    the loop). Expected: the task awaits room (e.g. send with ``block=False`` and, on
-    PoolBusyError, await a loop-side notification or retry from an executor).
+    Regression: ``AsyncPool._arun`` used to call ``pool._router.send(..., block=True)`` on the
+    loop thread; at the bound ``ProcessChannel._wait_for_space`` waited on a
+    ``threading.Condition``, freezing the whole event loop until a reply arrived (a deadlock if
+    that reply depends on the loop).
     """
     async with AsyncPool(workers=1, max_in_flight=2) as apool:
         assert await bounded(apool.call(f"{M}.add", 0, 0)) == 0
@@ -315,10 +314,8 @@ async def test_async_timeout_restart(pool, fifo):
     gen = pool._router.generation(0)
     with pytest.raises(CallTimeoutError):
         await bounded(apool.options(timeout=0.3, on_timeout="restart").call(f"{M}.wait_fifo", fifo.path, 30.0))
-    # BUG (poolbridge): the next call, made after the timeout error, can be sent to the worker
-    # the pool has just SIGKILLed (the monitor has not noticed yet) and fail with
-    # WorkerCrashedError; it should go to the restarted worker. See the sync twin in
-    # test_faults_limits.py.
+    # The next call, made after the timeout error, goes to the restarted worker — not into the
+    # one being killed (regression, see the sync twin in test_faults_limits.py).
     assert await bounded(apool.call(f"{M}.add", 1, 1)) == 2
     assert pool.pids()[0] != pid
     assert pool._router.generation(0) == gen + 1

@@ -138,12 +138,10 @@ def test_call_after_a_restart_timeout_goes_to_the_new_worker(make_pool, fifo):
     """The caller got CallTimeoutError and the pool chose to restart the worker: a call made
     *after* that must run on the restarted worker, not be sent into the one being killed.
 
-    BUG (poolbridge): ``Router.kill_slot`` only sends SIGKILL; until the monitor has noticed the
-    death (a few ms later) ``Router.channel()`` still hands out the doomed channel, so the next
-    call is written to it and fails with WorkerCrashedError ("died: killed by SIGKILL"), or with
-    "is gone" on a broken pipe. Suggested fix: mark the channel unusable before killing it (e.g.
-    ``ch.retiring = True`` in ``kill_slot``, which makes ``send`` raise ``Retired`` and
-    ``channel()`` wait for generation + 1).
+    Regression (fixed in f6e8d2f): ``Router.kill_slot`` only sent SIGKILL; until the monitor had
+    noticed the death (a few ms later) ``Router.channel()`` still handed out the doomed channel,
+    so the next call was written to it and failed with WorkerCrashedError ("died: killed by
+    SIGKILL") — 5 times out of 5. Now the channel is marked leaving before the kill.
     """
     pool = make_pool()
     failures = []
@@ -232,11 +230,9 @@ def test_sender_waiting_for_room_survives_the_death_of_its_worker(make_pool, fif
     """A caller blocked at max_in_flight has sent nothing; if the worker dies meanwhile, its
     request should go to the restarted worker ("callers arriving meanwhile wait for it").
 
-    BUG (poolbridge): ``ProcessChannel._wait_for_space`` returns when the channel is dead, and
-    ``send`` then finds ``self.dead`` and raises WorkerCrashedError("... is gone") for a request
-    that never reached any worker. Suggested fix: when nothing was written (dead channel, or
-    EPIPE on the first write), raise ``Retired`` instead so ``Router.send`` waits for
-    generation + 1 — the request is safe to send there since no worker ever saw it.
+    Regression (fixed in f6e8d2f): ``ProcessChannel._wait_for_space`` returned when the channel
+    died, and ``send`` then raised WorkerCrashedError("... is gone") for a request that never
+    reached any worker. Now a request that was not written goes to generation + 1.
     """
     pool = make_pool(max_in_flight=1)
     marker = str(tmp_path / "running")

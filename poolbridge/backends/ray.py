@@ -327,7 +327,8 @@ class RayChannel:
     @property
     def pid(self) -> int:
         """The actor process's pid (waits, bounded, for the actor to come up); -1 if it never did."""
-        self._up.wait(START_WAIT)
+        if not self._up.is_set():
+            self._up.wait(1.0 if self.dead else START_WAIT)  # a dead channel's ping may never settle
         return self._pid
 
     def wait_started(self, timeout: float) -> BaseException | None:

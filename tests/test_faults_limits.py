@@ -474,6 +474,63 @@ def test_close_cancel_fails_in_flight_calls_promptly(make_pool, fifo, tmp_path):
     pool.close()  # idempotent
 
 
+def test_close_during_a_slot_restart_leaves_no_worker_behind(make_pool):
+    """close() racing a restart: the worker of generation + 1 must be stopped too.
+
+    Deterministic: the restart's factory is held until ``close()`` has taken its snapshot of the
+    slots' channels (it calls ``router.channels()``), then let go.
+
+    BUG (poolbridge): ``Router.close`` snapshots ``self.channels()`` once; ``Router._restart``
+    checks ``self.closing`` *before* spawning, so a restart that passed that check spawns
+    generation + 1 after the snapshot. close() returns with that worker still running (its
+    request pipe still open in this process, so it never sees EOF) — an orphan until the router
+    process exits. Seen without any patching too: SIGKILL a worker, then ``close()`` at once,
+    leaves a live worker in ~1 of 5 tries. Suggested fix: in ``_restart``, after the factory
+    returns, re-check ``self.closing`` under ``s.cond`` and close the new channel (close_input +
+    wait/kill) instead of installing it — or have ``close()`` wait for restarts in progress and
+    re-snapshot.
+    """
+    pool = make_pool(workers=2)
+    assert pool.call(f"{M}.add", 1, 1) == 2
+    router = pool._router
+    real_factory, real_channels = router._factory, router.channels
+    gate = threading.Event()
+
+    def held_factory(r: Any, slot: int, generation: int) -> Any:
+        if generation > 0:
+            gate.wait(10.0)
+        return real_factory(r, slot, generation)
+
+    def channels() -> list[Any]:
+        snapshot = real_channels()
+        if router.closing:
+            gate.set()  # close() has its snapshot: now let the restart finish
+        return snapshot
+
+    router._factory = held_factory
+    router.channels = channels  # type: ignore[method-assign]
+    old = pool.pids()
+    os.kill(old[0], signal.SIGKILL)
+    wait_until(lambda: real_channels()[0].dead, 5.0, what="the monitor noticed the death")
+    closer = threading.Thread(target=pool.close)
+    closer.start()
+    closer.join(30.0)
+    assert not closer.is_alive()
+    assert gate.is_set()
+    me = psutil.Process()
+    try:
+        wait_until(
+            lambda: all(gone(c.pid) for c in me.children()),
+            5.0,
+            what="every worker gone after close() (one was restarted while closing)",
+        )
+    finally:
+        for c in me.children():
+            if not gone(c.pid):
+                c.kill()
+                c.wait(5.0)
+
+
 # -- the router process dies ----------------------------------------------------------------------------
 
 ROUTER = textwrap.dedent(

@@ -351,3 +351,23 @@ async def test_cancelled_await_leaves_the_pool_consistent(pool, fifo):
     fifo.release(1)
     assert await bounded(apool.call(f"{M}.add", 1, 2)) == 3
     assert all(not ch.pending for ch in pool._router.channels())
+
+
+async def test_async_stream_of_a_dead_generation(pool):
+    (sid,) = sessions_for_slot(pool, 0, 1, "aio-lost-stream")
+    apool = pool.aio.options(session=sid, batch=1)
+    s1 = apool.stream("builtins.range", 10)
+    s2 = apool.stream("builtins.range", 10)
+    assert await bounded(s1.__anext__()) == 0
+    assert await bounded(s2.__anext__()) == 0
+    assert await bounded(apool.call(f"{M}.add", 0, 0)) == 0  # prefetches answered before this
+    old = pool.pids()[0]
+    os.kill(old, signal.SIGKILL)
+    loop = asyncio.get_running_loop()
+    await bounded(loop.run_in_executor(None, lambda: wait_until(lambda: pool.pids()[0] != old, 10.0)))
+    with pytest.raises(SessionLostError):
+        # item 1 was prefetched; item 2 needs the dead worker
+        await bounded(s1.__anext__())
+        await bounded(s1.__anext__())
+    await bounded(s2.aclose())  # closing a stream whose worker is gone is a no-op, as in sync code
+    assert [x async for x in apool.stream("builtins.range", 3)] == [0, 1, 2]

@@ -155,6 +155,29 @@ def test_call_after_a_restart_timeout_goes_to_the_new_worker(make_pool, fifo):
     assert not failures, failures
 
 
+def test_timeout_applies_to_submit_too(make_pool, fifo):
+    """``options(timeout=...)`` documents "seconds before CallTimeoutError" for the view's calls;
+    ``AsyncPool.submit`` honours it. ``Pool.submit`` should too: its future fails with
+    CallTimeoutError (and on_timeout applies), instead of waiting for the worker forever.
+
+    BUG (poolbridge): ``_Api._submit`` ignores ``self._opts.timeout`` (only ``_run`` and the
+    asyncio ``_arun`` arm a timer), so the future stays pending for as long as the call runs.
+    Suggested fix: arm a deadline (e.g. one timer thread with a heap per router) that pops the
+    pending entry and fails the future with CallTimeoutError (killing the slot for
+    on_timeout="restart"), as ``AsyncPool._expire`` does for asyncio.
+    """
+    pool = make_pool()
+    assert pool.call(f"{M}.add", 0, 0) == 0
+    fut = pool.options(session="s", timeout=0.3).submit(f"{M}.wait_fifo", fifo.path, 10.0, "late")
+    try:
+        exc = fut.exception(timeout=5.0)
+    except TimeoutError:
+        exc = None
+    finally:
+        fifo.release(1)
+    assert isinstance(exc, CallTimeoutError), f"submit ignored its timeout: the future is {fut!r}"
+
+
 def test_timeout_option_is_validated(make_pool):
     pool = make_pool()
     with pytest.raises(ValueError):

@@ -299,6 +299,30 @@ def test_session_ttl_drops_idle_sessions_only(make_pool):
     assert pool.stats().slots[0].sessions >= 1
 
 
+def test_session_ttl_counts_idle_time_not_the_time_of_its_own_call(make_pool, fifo, tmp_path):
+    """A session busy in one long call is not idle: the ref that call returns must be usable.
+
+    BUG (poolbridge): ``WorkerCore._enter`` stamps ``session.last_used`` when a request *starts*;
+    nothing updates it when the request ends. A call longer than ``session_ttl`` therefore
+    leaves its session looking idle for the whole call, and the sweep that runs right after the
+    reply drops it — the Ref the caller just received raises RefNotFoundError at once.
+    Suggested one-line fix: also set ``session.last_used = time.monotonic()`` when the request
+    finishes (in the ``finally`` of ``WorkerCore.handle``).
+    """
+    ttl = 0.5
+    pool = make_pool(session_ttl=ttl)
+    api = pool.options(session="long-call")
+    assert api.call(f"{M}.add", 0, 0) == 0
+    marker = str(tmp_path / "running")
+    fut = api.options(ret="ref").submit(f"{M}.mark_and_wait", marker, fifo.path, 30.0, "kept")
+    wait_until(lambda: pid_in(marker), 10.0)
+    time.sleep(2 * ttl)  # the subject under test is time itself: the call outlasts the TTL
+    fifo.release(1)
+    ref = fut.result(timeout=10.0)
+    assert isinstance(ref, poolbridge.Ref)
+    assert ref.call("upper") == "KEPT", "the session expired while its own call was running"
+
+
 def test_max_refs_per_session(make_pool):
     pool = make_pool(max_refs_per_session=3)
     api = pool.options(session="capped")

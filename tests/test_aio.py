@@ -371,3 +371,25 @@ async def test_async_stream_of_a_dead_generation(pool):
         await bounded(s1.__anext__())
     await bounded(s2.aclose())  # closing a stream whose worker is gone is a no-op, as in sync code
     assert [x async for x in apool.stream("builtins.range", 3)] == [0, 1, 2]
+
+
+def test_loop_closed_with_calls_in_flight_leaves_the_pool_working(pool, fifo):
+    """asyncio.run() ends while a call is still running in a worker: its reply arrives for a
+    closed loop and is dropped quietly; the pool (and a new loop) keep working."""
+    (sid,) = sessions_for_slot(pool, 1, 1, "aio-closed-loop")
+
+    async def leave_a_call_behind() -> None:
+        apool = pool.aio.options(session=sid)
+        apool.submit(f"{M}.wait_fifo", fifo.path, 30.0, "orphaned reply")
+        await asyncio.sleep(0)
+
+    asyncio.run(leave_a_call_behind())
+    fifo.release(1)
+    # the same session, after the abandoned call: served in order, with its own value
+    assert pool.options(session=sid).call(f"{M}.add", 2, 2) == 4
+
+    async def again() -> Any:
+        return await bounded(pool.aio.options(session=sid).call(f"{M}.add", 3, 3))
+
+    assert asyncio.run(again()) == 6
+    assert all(not ch.pending for ch in pool._router.channels())

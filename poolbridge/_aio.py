@@ -215,8 +215,8 @@ class AsyncPool:
         return await self._arun(self._api._req_helper(name, args, kwargs))
 
     async def release(self, ref: Ref) -> None:
-        ref._released = True
         await self._arun(self._api._req_release(ref))
+        ref._released = True
 
     async def close_session(self, session_id: str | None = None) -> int:
         api = self._api if session_id is None else self._api.options(session=session_id)

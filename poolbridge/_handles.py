@@ -43,6 +43,11 @@ class Ref(WireRef):
         self._api = api
         self._released = False
 
+    @property
+    def owner(self) -> object:
+        """The pool this ref belongs to (ref ids mean nothing in another pool's workers)."""
+        return self._api._pool
+
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call method ``name`` of the object."""
         return self._api.method(self, name, *args, **kwargs)
@@ -59,8 +64,8 @@ class Ref(WireRef):
 
     def release(self) -> None:
         """Drop the object in its worker. Using the ref afterwards raises :class:`RefNotFoundError`."""
-        self._released = True
         self._api.release(self)
+        self._released = True
 
     async def acall(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Awaitable :meth:`call` (for asyncio code)."""

@@ -13,6 +13,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -96,7 +97,8 @@ class SlotStats:
     slot: int
     pid: int
     generation: int
-    alive: bool
+    alive: bool  # the worker process is running
+    responsive: bool  # it answered within the stats wait (else the worker-side counts are -1)
     restarts: int
     in_flight: int
     sessions: int
@@ -267,7 +269,7 @@ class _Api:
                     f"{ref!r} outlived its worker: slot {slot} is now generation "
                     f"{pool._router.generation(slot)}; the session's objects are gone"
                 )
-        body = pack_value(fields, session_id)
+        body = pack_value(fields, session_id, pool)
         req_id = pool._router.next_id()
         return slot, req_id, pack_plain([req_id, op, session_id, body])
 
@@ -592,34 +594,47 @@ class Pool(_Api):
                 pass
 
     def stats(self) -> PoolStats:
-        """A frozen snapshot of every slot: pid, generation, sessions, refs, streams, in-flight."""
-        waiters = []
+        """A frozen snapshot of every slot: pid, generation, sessions, refs, streams, in-flight.
+
+        Worker-side counts come from the worker itself, queued behind the calls it already has; a
+        worker busy for longer than the 2 s wait is reported ``alive`` (its process runs) but not
+        ``responsive``, with those counts as -1.
+        """
+        router = self._router
+        asked = []
         for slot in range(self.workers):
             waiter = _Waiter()
-            req_id = self._router.next_id()
+            req_id = router.next_id()
             try:
-                ch = self._router.send(slot, req_id, pack_plain([req_id, OP_STATS, None, b""]), waiter)
+                ch = router.send(slot, req_id, pack_plain([req_id, OP_STATS, None, b""]), waiter)
             except (WorkerCrashedError, PoolClosedError):
                 ch = None
-            waiters.append((slot, ch, waiter))
+            asked.append((slot, ch, req_id, waiter))
+        deadline = time.monotonic() + 2.0
         slots = []
-        for slot, ch, waiter in waiters:
+        for slot, ch, req_id, waiter in asked:
             worker: dict[str, Any] = {}
-            if ch is not None and waiter.wait(10.0) and waiter.status == OK:
-                worker = unpack_plain(waiter.body)
+            if ch is not None:
+                if waiter.wait(max(0.0, deadline - time.monotonic())):
+                    if waiter.status == OK:
+                        worker = unpack_plain(waiter.body)
+                else:
+                    ch.pending.pop(req_id, None)  # its late reply is dropped
+            alive = ch is not None and not ch.dead
             slots.append(
                 SlotStats(
                     slot=slot,
                     pid=ch.pid if ch is not None else -1,
                     generation=ch.generation if ch is not None else -1,
-                    alive=bool(worker),
-                    restarts=self._router.restarts(slot),
-                    in_flight=max(0, len(ch.pending)) if ch is not None else 0,
-                    sessions=worker.get("sessions", 0),
-                    refs=worker.get("refs", 0),
-                    streams=worker.get("streams", 0),
-                    calls=worker.get("calls", 0),
-                    rss=worker.get("rss", 0),
+                    alive=alive,
+                    responsive=bool(worker),
+                    restarts=router.restarts(slot),
+                    in_flight=len(ch.pending) if ch is not None else 0,
+                    sessions=worker.get("sessions", -1),
+                    refs=worker.get("refs", -1),
+                    streams=worker.get("streams", -1),
+                    calls=worker.get("calls", -1),
+                    rss=worker.get("rss", -1),
                 )
             )
         return PoolStats(workers=self.workers, slots=tuple(slots))

@@ -168,6 +168,7 @@ class WireRef:
 class _EncoderState(threading.local):
     def __init__(self) -> None:
         self.session: str | None = None
+        self.owner: object = None  # the pool whose refs may be arguments (None: any)
         self.depth = 0
         self.value = msgpack.Packer(default=_default, strict_types=True, use_bin_type=True)
         self.plain = msgpack.Packer(use_bin_type=True)
@@ -188,6 +189,10 @@ def _default(obj: Any) -> msgpack.ExtType:
 
 
 def check_ref_session(ref: WireRef) -> None:
+    owner = _encoding.owner
+    if owner is not None and getattr(ref, "owner", owner) is not owner:
+        # Ref ids are per worker process: another pool's (session, id) could name an object here.
+        raise ValueError(f"{ref!r} belongs to another pool; refs are only usable in their own pool")
     session = encoding_session()
     if session is not None and ref.session_id != session:
         raise SessionMismatchError(
@@ -199,10 +204,12 @@ def check_ref_session(ref: WireRef) -> None:
 _encoding = _EncoderState()
 
 
-def pack_value(obj: Any, session: str | None = None) -> bytes:
-    """Encode ``obj`` for the embedded channel; ref arguments must belong to ``session``."""
+def pack_value(obj: Any, session: str | None = None, owner: object = None) -> bytes:
+    """Encode ``obj`` for the embedded channel; ref arguments must belong to ``session`` (and to
+    the pool ``owner``, when given)."""
     state = _encoding
     state.session = session
+    state.owner = owner
     try:
         return state.value.pack(obj)  # type: ignore[no-any-return]
     except BaseException:
@@ -211,6 +218,7 @@ def pack_value(obj: Any, session: str | None = None) -> bytes:
         raise
     finally:
         state.session = None
+        state.owner = None
 
 
 def make_unpacker(on_ref: Callable[[list[Any]], Any]) -> Callable[[bytes], Any]:

@@ -207,7 +207,10 @@ class WorkerCore:
             return pack_plain([req_id, ERROR, pack_plain(error_fields(exc))])
 
     def _enter(self, session_id: Any) -> _Session:
-        session = self._sessions.get(session_id)
+        try:
+            session = self._sessions.get(session_id)
+        except TypeError:  # unhashable: a list or map where the session id belongs
+            session = None
         if session is None:
             # A session's slot never changes, so routing is checked once, when it first arrives.
             if not isinstance(session_id, str) or not session_id:

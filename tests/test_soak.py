@@ -44,9 +44,12 @@ class Tally:
         self.counts: Counter[str] = Counter()
         self.done = 0
         self.problems: list[str] = []
+        self.samples: dict[str, str] = {}
 
-    def add(self, kind: str, n: int = 1) -> None:
+    def add(self, kind: str, n: int = 1, sample: str | None = None) -> None:
         with self.lock:
+            if sample is not None:
+                self.samples.setdefault(kind, sample)
             self.counts[kind] += n
             self.done += n
 
@@ -66,7 +69,7 @@ def _check(tally: Tally, t: int, i: int, sid: str, outcome: Any, exc: BaseExcept
     elif isinstance(exc, WorkerCrashedError):
         if exc.pid is None or exc.signal != signal.SIGKILL:
             # the "is gone" flavour (broken pipe before the monitor noticed) carries no exit status
-            tally.add("crashed-unsent" if exc.exitcode is None else "crashed-other")
+            tally.add("crashed-unsent" if exc.exitcode is None else "crashed-other", sample=str(exc))
         else:
             tally.add("crashed")
     else:
@@ -160,7 +163,7 @@ def test_soak_every_reply_reaches_its_caller_across_random_kills() -> None:
             pytest.fail("a soak thread hung (stacks dumped to stderr)")
 
         counts = tally.counts
-        print(f"\nsoak: {total} calls in {elapsed:.1f}s ({total / elapsed:.0f}/s), kills={len(kills)}, {dict(counts)}")
+        print(f"\nsoak: {total} calls in {elapsed:.1f}s ({total / elapsed:.0f}/s), kills={len(kills)}, {dict(counts)} {tally.samples}")
         assert not tally.problems, tally.problems
         # every call accounted for exactly once
         assert tally.done == total, (tally.done, total)

@@ -65,7 +65,6 @@ class Ref(WireRef):
     def release(self) -> None:
         """Drop the object in its worker. Using the ref afterwards raises :class:`RefNotFoundError`."""
         self._api.release(self)
-        self._released = True
 
     async def acall(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Awaitable :meth:`call` (for asyncio code)."""

@@ -456,7 +456,9 @@ class _Api:
         return self._run(*self._req_helper(name, args, kwargs))
 
     def release(self, ref: Ref) -> None:
+        """Drop the object behind ``ref`` in its worker (the handle is then marked released)."""
         self._run(*self._req_release(ref))
+        ref._released = True
 
     def stream(self, fn: Any, /, *args: Any, **kwargs: Any) -> Stream:
         """Iterate ``fn(*args, **kwargs)`` in the session's worker; items arrive in batches."""

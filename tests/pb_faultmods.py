@@ -141,14 +141,12 @@ def die(how: str, arg: Any = None) -> Any:
 
 def crash_after(n: int, how: str = "sigkill") -> Iterator[int]:
     """A generator that yields ``n`` items, then takes its worker down."""
-    for i in range(n):
-        yield i
+    yield from range(n)
     die(how)
 
 
 def gen_raise_after(n: int) -> Iterator[int]:
-    for i in range(n):
-        yield i
+    yield from range(n)
     raise Boom(f"after {n}")
 
 
@@ -297,7 +295,6 @@ class ProcessHygiene:
             if time.monotonic() > deadline:
                 raise AssertionError(f"process hygiene: {bad}")
             time.sleep(0.02)
-
 
 
 # -- helpers with session state (Pool(helpers=["pb_faultmods"])) -------------------------------------

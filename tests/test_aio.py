@@ -253,9 +253,7 @@ async def test_event_loop_keeps_running_while_slow_calls_are_awaited(pool, fifo)
     apool = pool.aio
     with Ticker() as ticker:
         ticker.at(50, lambda: fifo.release(20))
-        calls = [
-            apool.options(session=f"slow-{i}").call(f"{M}.wait_fifo", fifo.path, 10.0, i) for i in range(20)
-        ]
+        calls = [apool.options(session=f"slow-{i}").call(f"{M}.wait_fifo", fifo.path, 10.0, i) for i in range(20)]
         results = await bounded(asyncio.gather(*calls), 30.0)
         assert results == list(range(20))
         assert ticker.ticks >= 50

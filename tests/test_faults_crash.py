@@ -180,7 +180,7 @@ def test_external_kill_fails_every_in_flight_call_of_that_slot_only(pool, fifo, 
     def sync_caller() -> None:
         try:
             sync_result.append(pool.options(session=a_sessions[3]).call(f"{M}.add", 2, 2))
-        except BaseException as exc:  # noqa: BLE001 - inspected below
+        except BaseException as exc:
             sync_result.append(exc)
 
     t = threading.Thread(target=sync_caller)
@@ -368,7 +368,7 @@ def test_stream_opened_while_its_slot_restarts_lives_in_the_new_generation(pool,
     def open_stream() -> None:
         try:
             outcome.append(list(api.stream("builtins.range", 7)))
-        except BaseException as exc:  # noqa: BLE001 - inspected below
+        except BaseException as exc:
             outcome.append(exc)
 
     import sys
@@ -464,7 +464,7 @@ def test_worker_crash_with_many_threads_blocked_in_call(pool, fifo, tmp_path):
                 results[i] = pool.options(session=sessions[i]).call(f"{M}.mark_and_wait", marker, fifo.path)
             else:
                 results[i] = pool.options(session=sessions[i]).call(f"{M}.add", i, i)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             results[i] = exc
 
     threads = [threading.Thread(target=caller, args=(0,))]

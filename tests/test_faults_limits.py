@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
-from pb_faultmods import Fifo, ProcessHygiene, pid_in, sessions_for_slot, wait_until
+from pb_faultmods import Fifo, ProcessHygiene, pid_in, wait_until
 
 import poolbridge
 from poolbridge import (
@@ -237,7 +237,7 @@ def test_max_in_flight_under_many_threads_all_results_correct(make_pool):
                 value, _ = f.result(timeout=30.0)
                 assert value == [t, i]
             results[t] = True
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
@@ -266,7 +266,7 @@ def test_sender_waiting_for_room_survives_the_death_of_its_worker(make_pool, fif
     def waiting_sender() -> None:
         try:
             outcome.append(pool.options(session="b").submit(f"{M}.add", 2, 3).result(timeout=10.0))
-        except BaseException as exc:  # noqa: BLE001 - inspected below
+        except BaseException as exc:
             outcome.append(exc)
 
     t = threading.Thread(target=waiting_sender)
@@ -410,7 +410,7 @@ def test_recycle_under_concurrent_blocking_callers(make_pool):
             sid = f"rc-{t}-{i % 3}"
             try:
                 got = pool.options(session=sid).call(f"{M}.echo", t, i)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 errors.append(f"{t}/{i}: {exc!r}")
                 return
             if got != [[t, i], sid]:
@@ -499,7 +499,7 @@ def test_close_cancel_fails_in_flight_calls_promptly(make_pool, fifo, tmp_path):
     def sync_caller() -> None:
         try:
             sync_outcome.append(pool.options(session="blocked").call(f"{M}.add", 1, 1))
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             sync_outcome.append(exc)
 
     t = threading.Thread(target=sync_caller)
@@ -635,7 +635,9 @@ def test_sigkill_of_the_router_takes_its_workers_down(tmp_path, fifo):
 
 def test_router_exiting_without_close_takes_its_workers_down(tmp_path, fifo):
     # The router just returns from its script with a busy pool it never closed.
-    proc, pids, _ = _start_router(tmp_path, fifo, "from pb_faultmods import pid_in, wait_until; wait_until(lambda: pid_in(sys.argv[1]), 30.0)")
+    proc, pids, _ = _start_router(
+        tmp_path, fifo, "from pb_faultmods import pid_in, wait_until; wait_until(lambda: pid_in(sys.argv[1]), 30.0)"
+    )
     try:
         assert proc.wait(30.0) == 0
         wait_until(lambda: all(gone(p) for p in pids), 5.0, interval=0.02, what="workers gone")

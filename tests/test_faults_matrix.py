@@ -290,7 +290,7 @@ def test_every_stage_fails_in_a_row_then_the_pool_is_whole(pool):
         view = api.options(**case.options) if case.options else api
         try:
             view.call(fn, *args)
-        except (BaseException,) as exc:  # noqa: BLE001 - every one is typed, checked below
+        except BaseException as exc:
             expected = case.raises or WorkerCrashedError
             assert isinstance(exc, expected), (case.name, exc)
         assert api.call(f"{M}.echo", case.name)[0] == [case.name]
@@ -312,7 +312,7 @@ def test_concurrent_faults_do_not_disturb_good_calls(pool):
             except WorkerCrashedError:
                 i += 1
                 continue  # its worker was killed by a fault case: typed, allowed
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 errors.append(exc)
                 return
             if value != [tag, i] or seen != sid:
@@ -331,7 +331,7 @@ def test_concurrent_faults_do_not_disturb_good_calls(pool):
             fn, args = case.make()
             try:
                 pool.options(session=sid, **case.options).call(fn, *args)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 assert isinstance(exc, case.raises or WorkerCrashedError), (case.name, exc)
     finally:
         stop.set()

@@ -105,7 +105,7 @@ def _caller(pool: poolbridge.Pool, t: int, n: int, tally: Tally) -> None:
         sid = f"soak-{(t * 7919 + i) % SESSIONS}"
         try:
             outcome = pool.options(session=sid).call(f"{M}.echo", t, i)
-        except BaseException as exc:  # noqa: BLE001 - classified by _check
+        except BaseException as exc:
             _check(tally, t, i, sid, None, exc)
         else:
             _check(tally, t, i, sid, outcome, None)
@@ -146,9 +146,7 @@ def test_soak_every_reply_reaches_its_caller_across_random_kills() -> None:
             threading.Thread(target=_submitter, args=(pool, t, shares[t], tally), name=f"soak-submit-{t}")
             for t in range(SUBMITTERS)
         ]
-        threads.append(
-            threading.Thread(target=_caller, args=(pool, SUBMITTERS, shares[-1], tally), name="soak-call")
-        )
+        threads.append(threading.Thread(target=_caller, args=(pool, SUBMITTERS, shares[-1], tally), name="soak-call"))
         k = threading.Thread(target=killer, name="soak-killer")
         started = time.monotonic()
         for th in [*threads, k]:
@@ -163,7 +161,10 @@ def test_soak_every_reply_reaches_its_caller_across_random_kills() -> None:
             pytest.fail("a soak thread hung (stacks dumped to stderr)")
 
         counts = tally.counts
-        print(f"\nsoak: {total} calls in {elapsed:.1f}s ({total / elapsed:.0f}/s), kills={len(kills)}, {dict(counts)} {tally.samples}")
+        print(
+            f"\nsoak: {total} calls in {elapsed:.1f}s ({total / elapsed:.0f}/s), kills={len(kills)}, "
+            f"{dict(counts)} {tally.samples}"
+        )
         assert not tally.problems, tally.problems
         # every call accounted for exactly once
         assert tally.done == total, (tally.done, total)

@@ -368,9 +368,3 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-def box_after_fifo(path: str, value: Any, limit: float = 30.0) -> Box:
-    """A Box, made only once the test writes to the fifo (a call as long as the test wants)."""
-    wait_fifo(path, limit)
-    return Box(value)

@@ -391,3 +391,46 @@ def test_loop_closed_with_calls_in_flight_leaves_the_pool_working(pool, fifo):
 
     assert asyncio.run(again()) == 6
     assert all(not ch.pending for ch in pool._router.channels())
+
+
+async def test_many_tasks_across_worker_kills_every_reply_accounted_for(pool):
+    """A small asyncio soak: 2 000 tasks over 200 sessions while both workers are SIGKILLed once
+    mid-way; each task gets its own value for its own session, or WorkerCrashedError."""
+    apool = pool.aio
+    loop = asyncio.get_running_loop()
+    done = 0
+
+    async def one(i: int) -> Any:
+        nonlocal done
+        sid = f"aio-soak-{i % 200}"
+        try:
+            value = await apool.options(session=sid).call(f"{M}.echo", i)
+        except WorkerCrashedError as exc:
+            return exc
+        finally:
+            done += 1
+        assert value == [[i], sid], (i, value)
+        return "ok"
+
+    async def killer() -> list[int]:
+        killed = []
+        for slot, at in ((0, 500), (1, 1200)):
+            while done < at:
+                await asyncio.sleep(0.001)
+            pid = pool.pids()[slot]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            await loop.run_in_executor(None, lambda s=slot, p=pid: wait_until(lambda: pool.pids()[s] != p, 10.0))
+        return killed
+
+    kill_task = asyncio.ensure_future(killer())
+    outcomes = await bounded(asyncio.gather(*(one(i) for i in range(2000))), 120.0)
+    killed = await bounded(kill_task)
+    crashes = [o for o in outcomes if isinstance(o, WorkerCrashedError)]
+    assert outcomes.count("ok") + len(crashes) == 2000
+    assert all(c.pid in killed for c in crashes), {c.pid for c in crashes}
+    assert len(killed) == 2
+    assert await bounded(asyncio.gather(*(apool.call(f"{M}.add", i, 1) for i in range(50)))) == [
+        i + 1 for i in range(50)
+    ]
+    assert await bounded(apool.options(session="aio-soak-0").call(f"{M}.add", 1, 1)) == 2

@@ -368,3 +368,19 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+class Factory:
+    """A ref whose methods and attributes produce codec faults."""
+
+    def __init__(self) -> None:
+        self.unpicklable = RefusesPickling(7)
+        self.parent_cannot = ParentCannotUnpickle(7)
+
+    def make(self, kind: str) -> Any:
+        return RefusesPickling(7) if kind == "unpicklable" else ParentCannotUnpickle(7)
+
+
+@poolbridge.helper("pbf_make", context=False)
+def _pbf_make(kind: str) -> Any:
+    return RefusesPickling(7) if kind == "unpicklable" else ParentCannotUnpickle(7)

@@ -340,3 +340,54 @@ def test_concurrent_faults_do_not_disturb_good_calls(pool):
     assert not any(t.is_alive() for t in threads)
     assert not errors, errors
     serves_every_slot(pool)
+
+
+# -- the reply-side faults through every op that returns a value ---------------------------------
+
+OPS = {
+    "method": lambda api, f, kind, attr, ret: api.method(f, "make", kind),
+    "ref.call": lambda api, f, kind, attr, ret: f.options(ret=ret).call("make", kind),
+    "submit_method": lambda api, f, kind, attr, ret: api.submit_method(f, "make", kind).result(timeout=RESULT_WAIT),
+    "getattr": lambda api, f, kind, attr, ret: api.getattr(f, attr),
+    "helper": lambda api, f, kind, attr, ret: api.helper("pbf_make", kind),
+}
+
+
+@pytest.fixture(scope="module")
+def helper_pool() -> Iterator[poolbridge.Pool]:
+    p = poolbridge.Pool(1, helpers=["pb_faultmods"])
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("ret", ["auto", "value", "ref"])
+@pytest.mark.parametrize("kind", ["unpicklable", "parent"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_reply_faults_through_every_op(helper_pool, op, kind, ret):
+    """Encode-of-reply and decode-in-router faults behave the same whatever op produced the value:
+    unpicklable → a Ref with ret auto/ref, PicklingBoom with ret=value; undecodable in the router
+    → UnpicklingBoom unless ret=ref (the object then stays in the worker)."""
+    pool = helper_pool
+    api = pool.options(session=f"ops-{op}-{kind}-{ret}", ret=ret)
+    factory = api.create(f"{M}.Factory")
+    attr = "unpicklable" if kind == "unpicklable" else "parent_cannot"
+    pid = pool.pids()[0]
+    expected: type[BaseException] | None
+    if ret == "ref":
+        expected = None
+    elif kind == "unpicklable":
+        expected = PicklingBoom if ret == "value" else None
+    else:
+        expected = UnpicklingBoom
+    if expected is None:
+        got = OPS[op](api, factory, kind, attr, ret)
+        assert isinstance(got, Ref), got
+        assert got.getattr("value") == 7
+    else:
+        with pytest.raises(expected):
+            OPS[op](api, factory, kind, attr, ret)
+    assert pool.pids() == [pid]
+    assert api.options(ret="auto").call(f"{M}.add", 1, 1) == 2
+    assert nothing_pending(pool)

@@ -244,5 +244,10 @@ def pack_plain(obj: Any) -> bytes:
     return _encoding.plain.pack(obj)  # type: ignore[no-any-return]
 
 
+def reset_plain_packer() -> None:
+    """After a failed :func:`pack_plain`: the Packer's buffer may be half-written."""
+    _encoding.plain = msgpack.Packer(use_bin_type=True)
+
+
 def unpack_plain(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)

@@ -64,6 +64,7 @@ from ._protocol import (
     encode_frame,
     pack_plain,
     pack_value,
+    reset_plain_packer,
     unpack_plain,
 )
 from ._router import DEFAULT_MAX_IN_FLIGHT, Sink
@@ -285,11 +286,12 @@ class _Output:
 
     def write(self, reply: dict[str, Any]) -> None:
         try:
-            data = encode_frame(msgpack.packb(reply, use_bin_type=True))
+            data = encode_frame(pack_plain(reply))  # a reused per-thread Packer, not packb's new one
         except Exception as exc:  # a value msgpack cannot carry after all: report, never drop
             log.exception("could not encode a reply")
+            reset_plain_packer()
             data = encode_frame(
-                msgpack.packb(_error_reply(reply.get("id"), "remote_error", type(exc).__name__, str(exc), ""))
+                pack_plain(_error_reply(reply.get("id"), "remote_error", type(exc).__name__, str(exc), ""))
             )
         with self.lock:
             if self.broken:

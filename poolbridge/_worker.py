@@ -161,6 +161,8 @@ class WorkerCore:
         self._ids = itertools.count(1)
         self._paths: dict[str, tuple[Any, tuple[str, ...]]] = {}
         self._session: _Session | None = None  # the session of the request being decoded/run
+        self._wire_session: _Session | None = None
+        self._wire_packer = msgpack.Packer(default=self._wire_default, use_bin_type=True)
         self._unpack = make_unpacker(self._lookup_ref)
         self._last_sweep = time.monotonic()
         for module in helpers:
@@ -283,19 +285,25 @@ class WorkerCore:
     def _encode(self, session: _Session, value: Any) -> bytes:
         if not self.wire:
             return pack_value(value)
-
-        # Port mode never pickles: whatever msgpack cannot carry stays here as a ref.
-        def default(obj: Any) -> Any:
-            if isinstance(obj, tuple):
-                return list(obj)
-            ref_id = next(self._ids)
-            session.refs[ref_id] = obj
-            return msgpack.ExtType(
-                EXT_REF, msgpack.packb([session.ctx.session_id, ref_id, self.slot, self.generation])
-            )
-
-        packed: bytes = msgpack.packb(value, default=default, use_bin_type=True)
+        # Port mode never pickles: whatever msgpack cannot carry stays here as a ref, in the
+        # session being encoded for (one reused Packer: building one per reply costs more than
+        # the rest of a tiny call).
+        self._wire_session = session
+        try:
+            packed: bytes = self._wire_packer.pack(value)
+        except BaseException:
+            self._wire_packer = msgpack.Packer(default=self._wire_default, use_bin_type=True)
+            raise
         return packed
+
+    def _wire_default(self, obj: Any) -> Any:
+        if isinstance(obj, tuple):
+            return list(obj)
+        session = self._wire_session
+        assert session is not None
+        ref_id = next(self._ids)
+        session.refs[ref_id] = obj
+        return msgpack.ExtType(EXT_REF, pack_plain([session.ctx.session_id, ref_id, self.slot, self.generation]))
 
     # -- ops -------------------------------------------------------------------------------
 
@@ -321,7 +329,9 @@ class WorkerCore:
         else:
             fn = self._callable(fn)
         value = fn(*args, **kwargs)
-        if ret == RET_AUTO and not self.wire:
+        if ret == RET_AUTO:
+            if self.wire:
+                return self._encode(session, value)  # never fails: what msgpack cannot carry is a ref
             try:
                 return pack_value(value)
             except Exception:  # noqa: S110 - not encodable: _result below hands it over as a ref

@@ -30,6 +30,7 @@ PUBLIC_NAMES = [
     "Ref",
     "RefNotFoundError",
     "RemoteError",
+    "RemoteTraceback",
     "SessionContext",
     "SessionLimitError",
     "SessionLostError",

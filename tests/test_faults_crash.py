@@ -482,3 +482,41 @@ def test_worker_crash_with_many_threads_blocked_in_call(pool, fifo, tmp_path):
         assert isinstance(results[i], WorkerCrashedError), (i, results[i])
         assert results[i].pid == pid
     serves_every_slot(pool)
+
+
+def test_a_failed_restart_is_retried(monkeypatch):
+    """A transient failure to start the replacement worker (fork/exec refused: EAGAIN, out of
+    fds...) must not retire the slot for good.
+
+    BUG (poolbridge): ``Router._restart`` logs the exception and gives up; nothing ever tries
+    again, so every later call to that slot waits ``RESTART_WAIT`` (30 s) and fails with
+    WorkerCrashedError("did not come back") — the slot is dead for the pool's lifetime.
+    Expected: retry with a backoff (or retry on the next call's demand), failing only the calls
+    that waited past the bound.
+    """
+    from poolbridge import _router
+
+    monkeypatch.setattr(_router, "RESTART_WAIT", 5.0)  # keep the failure mode quick to observe
+    p = poolbridge.Pool(2)
+    try:
+        assert p.call(f"{M}.add", 1, 1) == 2
+        router = p._router
+        real = router._factory
+        failures = []
+
+        def flaky_factory(r, slot, generation):
+            if generation == 1 and not failures:
+                failures.append(slot)
+                raise OSError(11, "Resource temporarily unavailable (injected)")
+            return real(r, slot, generation)
+
+        router._factory = flaky_factory
+        (sid,) = sessions_for_slot(p, 0, 1, "flaky-restart")
+        with pytest.raises(WorkerCrashedError):
+            p.options(session=sid).call(f"{M}.die", "sigkill")
+        assert wait_until(lambda: failures, 5.0)
+        # The slot must come back: the call waits for it (bounded) and is served.
+        seen = p.options(session=sid).call(f"{M}.whoami")
+        assert seen["generation"] >= 1
+    finally:
+        p.close(cancel=True)

@@ -77,12 +77,19 @@ def encode_frame(body: bytes) -> bytes:
 
 
 class OversizedFrame:
-    """Stands in the output of :class:`FrameReader` for a frame over the limit (its bytes skipped)."""
+    """Stands in the output of :class:`FrameReader` for a frame over the limit (its bytes skipped).
 
-    __slots__ = ("size",)
+    ``head`` holds the first bytes of its body that had arrived (at most 64), enough to read a
+    request ``id`` that the client put first, so the error reply can carry it.
+    """
 
-    def __init__(self, size: int) -> None:
+    __slots__ = ("head", "size")
+
+    HEAD = 64
+
+    def __init__(self, size: int, head: bytes = b"") -> None:
         self.size = size
+        self.head = head
 
     def error(self, limit: int) -> FrameTooLargeError:
         return FrameTooLargeError(f"frame of {self.size} bytes exceeds the limit of {limit} bytes")
@@ -121,8 +128,8 @@ class FrameReader:
         while end - pos >= 4:
             (size,) = HEADER.unpack_from(buf, pos)
             if size > self.max_frame:
-                out.append(OversizedFrame(size))
                 available = end - pos - 4
+                out.append(OversizedFrame(size, bytes(buf[pos + 4 : pos + 4 + min(OversizedFrame.HEAD, available)])))
                 if available >= size:
                     pos += 4 + size
                     continue

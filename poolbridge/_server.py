@@ -41,7 +41,6 @@ from ._errors import (
 from ._pool import Pool
 from ._protocol import (
     EXT_REF,
-    HEADER,
     MAX_FRAME_DEFAULT,
     OK,
     OP_CALL,
@@ -459,7 +458,7 @@ class Server:
     def run(self) -> None:
         """Send the hello frame, then serve until EOF on the input fd (or :class:`_Stop`)."""
         self.out.write(self.hello())
-        reader = _FrameReader(self.max_frame)
+        reader = FrameReader(self.max_frame)
         try:
             while True:
                 data = os.read(self.in_fd, 1 << 16)
@@ -486,7 +485,7 @@ class Server:
         req_id: Any = None
         if isinstance(frame, OversizedFrame):
             exc: BaseException = frame.error(self.max_frame)
-            req_id = _id_from_head(frame.head) if isinstance(frame, _Oversized) else None
+            req_id = _id_from_head(frame.head)
             self.out.write(_error_reply(req_id, FrameTooLargeError.code, "FrameTooLargeError", str(exc), ""))
             return
         try:
@@ -696,55 +695,6 @@ def _salvage_id(frame: bytes) -> Any:
             except UnicodeDecodeError:
                 return None
     return None
-
-
-class _Oversized(OversizedFrame):
-    """An oversized frame, plus the first bytes of its body (to read the request ``id`` from)."""
-
-    __slots__ = ("head",)
-
-    def __init__(self, size: int, head: bytes) -> None:
-        super().__init__(size)
-        self.head = head
-
-
-_HEAD = 64
-
-
-class _FrameReader(FrameReader):
-    """:class:`FrameReader` that keeps the first bytes of an oversized frame it skips, so the
-    ``frame_too_large`` reply can carry the request's ``id`` when the client put it first."""
-
-    __slots__ = ()
-
-    def feed(self, data: bytes) -> list[bytes | OversizedFrame]:
-        out: list[bytes | OversizedFrame] = []
-        buf = self._buf
-        if self._skip:
-            take = min(self._skip, len(data))
-            self._skip -= take
-            data = data[take:]
-        buf += data
-        pos = 0
-        end = len(buf)
-        while end - pos >= 4:
-            (size,) = HEADER.unpack_from(buf, pos)
-            if size > self.max_frame:
-                available = end - pos - 4
-                out.append(_Oversized(size, bytes(buf[pos + 4 : pos + 4 + min(_HEAD, available)])))
-                if available >= size:
-                    pos += 4 + size
-                    continue
-                self._skip = size - available
-                pos = end
-                break
-            if end - pos - 4 < size:
-                break
-            out.append(bytes(buf[pos + 4 : pos + 4 + size]))
-            pos += 4 + size
-        if pos:
-            del buf[:pos]
-        return out
 
 
 def _id_from_head(head: bytes) -> Any:

@@ -225,6 +225,31 @@ def test_max_in_flight_blocks_callers_and_block_false_raises_busy(make_pool, fif
     assert pool.options(block=False).call(f"{M}.add", 2, 2) == 4
 
 
+def test_timeout_bounds_the_wait_for_room_too(make_pool, fifo):
+    """A call with ``timeout=0.5`` at a full slot must not wait longer than its timeout.
+
+    BUG (poolbridge): ``_Api._run`` only starts the clock in ``await_reply``, *after*
+    ``Router.send`` returned; ``ProcessChannel._wait_for_space`` (and ``Router.channel()``
+    waiting for a restart, up to RESTART_WAIT = 30 s) ignore the call's timeout. Here the call
+    blocks until the in-flight call ends (4 s) and then succeeds, instead of raising
+    CallTimeoutError after 0.5 s. Suggested fix: pass the deadline down to ``send`` so waiting for
+    room / for the slot counts against it.
+    """
+    pool = make_pool(max_in_flight=1)
+    assert pool.call(f"{M}.add", 0, 0) == 0
+    busy = pool.options(session="a").submit(f"{M}.wait_fifo", fifo.path, 4.0, "busy")
+    started = time.monotonic()
+    try:
+        outcome: Any = pool.options(session="b", timeout=0.5).call(f"{M}.add", 1, 2)
+    except CallTimeoutError as exc:
+        outcome = exc
+    elapsed = time.monotonic() - started
+    fifo.release(1)
+    busy.exception(timeout=10.0)
+    assert isinstance(outcome, CallTimeoutError), f"got {outcome!r} after {elapsed:.2f}s"
+    assert elapsed < 2.0
+
+
 def test_max_in_flight_under_many_threads_all_results_correct(make_pool):
     pool = make_pool(workers=2, max_in_flight=4)
     results: dict[int, Any] = {}

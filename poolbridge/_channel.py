@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._cancel import CancelBoard
-from ._errors import PoolBusyError, WorkerCrashedError
+from ._errors import CallTimeoutError, PoolBusyError, WorkerCrashedError
 from ._protocol import RETIRING, FrameReader, pack_plain, unpack_plain
 from ._worker import _write_all
 
@@ -219,7 +219,7 @@ class ProcessChannel:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send(self, req_id: int, data: bytes, sink: Sink, block: bool = True) -> None:
+    def send(self, req_id: int, data: bytes, sink: Sink, block: bool = True, deadline: float | None = None) -> None:
         """Write one request frame.
 
         Raises :class:`Retired` when the frame did not reach this worker (it is recycling, dead, or
@@ -227,7 +227,7 @@ class ProcessChannel:
         slot's next generation instead of failing it.
         """
         if len(self.pending) >= self.max_in_flight:
-            self._wait_for_space(block)
+            self._wait_for_space(block, deadline)
         self.pending[req_id] = sink
         with self._write_lock:
             if not self.retiring and not self.dead:
@@ -246,7 +246,7 @@ class ProcessChannel:
             raise WorkerCrashedError(f"worker slot {self.slot} (pid {self.pid}) is gone", slot=self.slot, pid=self.pid)
         raise Retired
 
-    def _wait_for_space(self, block: bool) -> None:
+    def _wait_for_space(self, block: bool, deadline: float | None = None) -> None:
         # Approximate by design: several threads may pass the check at once, so the bound can be
         # exceeded by the number of concurrently sending threads, never by more.
         if not block:
@@ -255,7 +255,14 @@ class ProcessChannel:
             self._space_waiters += 1
             try:
                 while len(self.pending) >= self.max_in_flight and not self.dead:
-                    self._space.wait(1.0)
+                    wait = 1.0
+                    if deadline is not None:
+                        wait = min(wait, deadline - time.monotonic())
+                        if wait <= 0:
+                            raise CallTimeoutError(
+                                f"slot {self.slot} stayed at its in-flight bound until the call's timeout ran out"
+                            )
+                    self._space.wait(wait)
             finally:
                 self._space_waiters -= 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import heapq
 import logging
 import os
 import threading
@@ -244,6 +245,54 @@ def rebuild_error(body: bytes) -> BaseException:
     return rebuilt
 
 
+class _Deadlines:
+    """Timeouts of submitted calls: one thread per pool and a heap, not a timer per call.
+
+    At a deadline the request is taken out of its channel's pending table (so a late reply is
+    dropped) and its future fails with :class:`CallTimeoutError`; with ``on_timeout="restart"``
+    the slot's worker is killed too.
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = weakref.ref(pool)
+        self._heap: list[tuple[float, int, Any]] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def add(self, deadline: float, channel: Any, req_id: int, sink: Sink, slot: int, message: str,
+            restart: bool) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (deadline, req_id, (channel, sink, slot, message, restart)))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="poolbridge-deadlines", daemon=True)
+                self._thread.start()
+            elif self._heap[0][1] == req_id:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                if self._stopped:
+                    return
+                _, req_id, (channel, sink, slot, message, restart) = heapq.heappop(self._heap)
+            if channel.pending.pop(req_id, None) is None:
+                continue  # answered (or failed) in time
+            if restart:
+                pool = self._pool()
+                if pool is not None:
+                    log.warning("slot %d: %s; restarting the worker", slot, message)
+                    pool._router.kill_slot(slot)
+            sink.fail(CallTimeoutError(message))
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+
 # -- the API, shared by Pool and its option views ---------------------------------------------
 
 
@@ -280,8 +329,11 @@ class _Api:
         if pool._discards:
             pool._flush_discards()
         waiter = _Waiter()
-        channel = pool._router.send(slot, req_id, data, waiter, lead=True, block=self._opts.block)
         timeout = self._opts.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        channel = pool._router.send(slot, req_id, data, waiter, lead=True, block=self._opts.block, deadline=deadline)
+        if deadline is not None:
+            timeout = max(0.0, deadline - time.monotonic())  # the wait for the slot counted too
         if not channel.await_reply(req_id, waiter, timeout):
             if channel.pending.pop(req_id, None) is not None:
                 if self._opts.on_timeout == "restart":
@@ -300,8 +352,13 @@ class _Api:
         if pool._discards:
             pool._flush_discards()
         sink = _FutureSink(decode)
-        channel = pool._router.send(slot, req_id, data, sink, block=self._opts.block)
+        timeout = self._opts.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        channel = pool._router.send(slot, req_id, data, sink, block=self._opts.block, deadline=deadline)
         sink.future._target = (channel, req_id, sink)  # type: ignore[attr-defined]
+        if deadline is not None:
+            pool._deadlines.add(deadline, channel, req_id, sink, slot, f"{op} did not finish within {timeout}s",
+                                self._opts.on_timeout == "restart")
         return sink.future
 
     def _value(self, status: int, body: Any) -> Any:
@@ -523,7 +580,7 @@ class Pool(_Api):
     Ray actor; ``ray_init`` is passed to ``ray.init``).
     """
 
-    __slots__ = ("__weakref__", "_discards", "_router", "_unpack", "backend", "workers")
+    __slots__ = ("__weakref__", "_deadlines", "_discards", "_router", "_unpack", "backend", "workers")
 
     def __init__(
         self,
@@ -553,6 +610,7 @@ class Pool(_Api):
             raise ValueError(f"backend must be 'process' or 'ray', got {backend!r}")
         self._unpack = make_unpacker(self._make_ref)
         self._discards: collections.deque[tuple[list[Any], str]] = collections.deque()
+        self._deadlines = _Deadlines(self)
         self._router = Router(
             self.workers,
             worker_options={
@@ -656,6 +714,7 @@ class Pool(_Api):
         """Stop the workers. In-flight calls finish first unless ``cancel=True``. Idempotent."""
         if not self._router.closing:
             self._router.close(cancel=cancel)
+            self._deadlines.stop()
         _live_pools.discard(self)
 
     @property

@@ -165,6 +165,12 @@ class WireRef:
     def __hash__(self) -> int:
         return hash((self.session_id, self.ref_id, self.slot, self.generation))
 
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.ref_id} session={self.session_id!r} slot={self.slot} "
+            f"generation={self.generation}>"
+        )
+
 
 # -- the embedded value codec -----------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._channel import ProcessChannel, Retired, Spawner, _Monitor
-from ._errors import PoolClosedError, WorkerCrashedError
+from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError
 from ._hashing import slot_for
 from ._protocol import encode_frame
 
@@ -95,6 +95,7 @@ class Router:
         self.worker_options = worker_options
         self.max_in_flight = max_in_flight
         self.closing = False
+        self._closed = threading.Event()  # set by close(): interrupts restart back-off pauses
         self._factory = channel_factory
         self._on_crash = on_crash
         self._ids = itertools.count(1)
@@ -116,13 +117,16 @@ class Router:
     def slot_for(self, session_id: str) -> int:
         return slot_for(session_id, self.n_slots)
 
-    def channel(self, slot: int) -> Any:
-        """The live channel of ``slot``, waiting (bounded) while it restarts."""
+    def channel(self, slot: int, deadline: float | None = None) -> Any:
+        """The live channel of ``slot``, waiting (bounded) while it restarts.
+
+        ``deadline`` (monotonic): the caller's own timeout, which ends the wait first if sooner.
+        """
         s = self._slots[slot]
         ch = s.channel
         if ch is not None and not ch.dead and not ch.retiring:
             return ch
-        deadline = time.monotonic() + RESTART_WAIT
+        give_up = time.monotonic() + RESTART_WAIT
         with s.cond:
             while True:
                 if self.closing:
@@ -130,10 +134,12 @@ class Router:
                 ch = s.channel
                 if ch is not None and not ch.dead and not ch.retiring:
                     return ch
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise CallTimeoutError(f"worker slot {slot} was still restarting when the call's timeout ran out")
+                if now >= give_up:
                     raise WorkerCrashedError(f"worker slot {slot} did not come back", slot=slot)
-                s.cond.wait(remaining)
+                s.cond.wait(min(give_up, deadline if deadline is not None else give_up) - now)
 
     def ready(self, slot: int) -> bool:
         """Would a send to ``slot`` go through without waiting (live, not recycling, below the bound)?"""
@@ -150,15 +156,29 @@ class Router:
         ch = self._slots[slot].channel
         return ch.generation if ch is not None else -1
 
-    def send(self, slot: int, req_id: int, body: bytes, sink: Sink, *, lead: bool = False, block: bool = True) -> Any:
-        """Send one request. ``lead=True``: the caller will read its own reply (``await_reply``)."""
+    def send(
+        self,
+        slot: int,
+        req_id: int,
+        body: bytes,
+        sink: Sink,
+        *,
+        lead: bool = False,
+        block: bool = True,
+        deadline: float | None = None,
+    ) -> Any:
+        """Send one request. ``lead=True``: the caller will read its own reply (``await_reply``).
+        ``deadline`` (monotonic) bounds any wait for the slot (restart, in-flight bound)."""
         if self.closing:
             raise PoolClosedError("the pool is closed")
         data = encode_frame(body)
         while True:
-            ch = self.channel(slot)
+            ch = self.channel(slot, deadline)
             try:
-                ch.send(req_id, data, sink, block)
+                if deadline is None:
+                    ch.send(req_id, data, sink, block)
+                else:
+                    ch.send(req_id, data, sink, block, deadline)
                 break
             except Retired:
                 continue  # the slot is being recycled: channel() waits for its next generation
@@ -202,16 +222,29 @@ class Router:
         self._restart(ch)
 
     def _restart(self, old: Any) -> None:
+        """Start ``old``'s slot again as generation + 1; a start that fails is retried, with a
+        growing pause (capped), until it works or the pool closes."""
         s = self._slots[old.slot]
-        with s.cond:
-            if self.closing or s.channel is not old:
+        pause = 0.1
+        while True:
+            with s.cond:
+                if self.closing or s.channel is not old:
+                    return
+                try:
+                    new = self._factory(self, old.slot, old.generation + 1)
+                except Exception:
+                    log.exception("slot %d: restart failed; retrying in %.1fs", old.slot, pause)
+                else:
+                    s.channel = new
+                    s.restarts += 1
+                    s.cond.notify_all()
+                    if self._closed.is_set():  # close() began while we spawned and may not see `new`
+                        new.kill()
+                        new.close_input()
+                    return
+            if self._closed.wait(pause):
                 return
-            try:
-                s.channel = self._factory(self, old.slot, old.generation + 1)
-                s.restarts += 1
-            except Exception:
-                log.exception("slot %d: restart failed", old.slot)
-            s.cond.notify_all()
+            pause = min(pause * 2, 5.0)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -233,6 +266,7 @@ class Router:
     def close(self, cancel: bool = False, timeout: float = 10.0) -> None:
         """Stop every worker. ``cancel=False`` lets each finish the requests it already has."""
         self.closing = True
+        self._closed.set()
         channels = [ch for ch in self.channels() if ch is not None]
         for ch in channels:
             if cancel:

@@ -205,6 +205,8 @@ class WorkerCore:
             finally:
                 self._session = None
                 _helpers._current[0] = None
+                if self.session_ttl is not None:  # idle time counts from the end of a call
+                    session.last_used = time.monotonic()
         except BaseException as exc:
             return pack_plain([req_id, ERROR, pack_plain(error_fields(exc))])
 

@@ -357,7 +357,7 @@ class RayChannel:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send(self, req_id: int, data: bytes, sink: Sink, block: bool = True) -> None:
+    def send(self, req_id: int, data: bytes, sink: Sink, block: bool = True, deadline: float | None = None) -> None:
         """Submit one framed request to the actor. Raises :class:`WorkerCrashedError` if it is gone."""
         if len(self.pending) >= self.max_in_flight:
             self._wait_for_space(block)

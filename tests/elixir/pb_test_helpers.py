@@ -69,3 +69,11 @@ class Box:
 def pid_add(a: int, b: int) -> list[int]:
     """``[worker pid, a + b]``: one call shows both where it ran and what it computed."""
     return [os.getpid(), a + b]
+
+
+def sleep_then(seconds: float, value: Any) -> Any:
+    """Work that takes a while (keeps requests in flight for crash tests), then returns ``value``."""
+    import time
+
+    time.sleep(seconds)
+    return value

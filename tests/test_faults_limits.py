@@ -660,10 +660,12 @@ def test_sigkill_of_the_router_takes_its_workers_down(tmp_path, fifo):
 
 def test_router_exiting_without_close_takes_its_workers_down(tmp_path, fifo):
     # The router just returns from its script with a busy pool it never closed.
-    proc, pids, _ = _start_router(
-        tmp_path, fifo, "from pb_faultmods import pid_in, wait_until; wait_until(lambda: pid_in(sys.argv[1]), 30.0)"
-    )
+    # It returns once told to (a line on stdin): the test must see its workers alive first.
+    proc, pids, _ = _start_router(tmp_path, fifo, "sys.stdin.readline()")
     try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
         assert proc.wait(30.0) == 0
         wait_until(lambda: all(gone(p) for p in pids), 5.0, interval=0.02, what="workers gone")
     finally:

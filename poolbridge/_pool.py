@@ -10,10 +10,8 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
-import heapq
 import logging
 import os
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -21,15 +19,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
-
 from ._channel import ProcessChannel
 from ._errors import (
-    ERRORS_BY_CODE,
     CallTimeoutError,
     PoolClosedError,
-    RemoteError,
-    RemoteTraceback,
     SessionLostError,
     SessionMismatchError,
     WorkerCrashedError,
@@ -58,7 +51,8 @@ from ._protocol import (
     pack_value,
     unpack_plain,
 )
-from ._router import DEFAULT_MAX_IN_FLIGHT, Router, Sink
+from ._replies import DISCARD, FAILED, Deadlines, FutureSink, Waiter, rebuild_error
+from ._router import DEFAULT_MAX_IN_FLIGHT, Router
 from ._session import resolve_session, session_scope, validate_session_id
 
 __all__ = ["Pool", "PoolStats", "SlotStats"]
@@ -67,7 +61,6 @@ log = logging.getLogger("poolbridge")
 
 _RET = {"auto": RET_AUTO, "ref": RET_REF, "value": RET_VALUE}
 DEFAULT_BATCH = 1024
-_FAILED = -1
 _Req = tuple[str, "WireRef | None", list[Any], Callable[[int, Any], Any]]
 
 
@@ -131,168 +124,6 @@ class PoolStats:
         return sum(s.streams for s in self.slots)
 
 
-# -- reply sinks ---------------------------------------------------------------------------------
-
-
-class _Waiter(Sink):
-    """A reply slot for a caller that blocks: a pre-acquired lock the reader releases."""
-
-    __slots__ = ("_lock", "body", "status")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()
-        self.status: int | None = None
-        self.body: Any = None
-
-    def deliver(self, status: int, body: Any) -> None:
-        self.status = status
-        self.body = body
-        self._lock.release()
-
-    def fail(self, exc: BaseException) -> None:
-        self.deliver(_FAILED, exc)
-
-    def wait(self, timeout: float | None) -> bool:
-        return self._lock.acquire(True, -1 if timeout is None else timeout)
-
-
-class _PoolFuture(concurrent.futures.Future[Any]):
-    """A Future that stays pending until its reply, and whose ``cancel()`` reaches the worker.
-
-    ``cancel()`` returns True only if the worker had not started the call — it then never runs
-    (see _cancel.py). A call that has started cannot be cancelled (False), as with
-    ``concurrent.futures``.
-    """
-
-    _target: Any = None  # (channel, req_id, sink) once sent
-
-    def cancel(self) -> bool:
-        with self._condition:
-            if self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED"):
-                return True
-            if self._state != "PENDING":
-                return False
-        target = self._target
-        if target is None:
-            return False
-        channel, req_id, sink = target
-        if not channel.try_cancel(req_id, sink.seq):
-            return False
-        return super().cancel()
-
-
-class _FutureSink(Sink):
-    __slots__ = ("decode", "future", "seq")
-    cancellable = True
-
-    def __init__(self, decode: Callable[[int, Any], Any]) -> None:
-        self.future: concurrent.futures.Future[Any] = _PoolFuture()
-        self.decode = decode
-        self.seq = 0
-
-    def deliver(self, status: int, body: Any) -> None:
-        try:
-            value = self.decode(status, body)
-        except BaseException as exc:
-            _settle(self.future, exc=exc)
-        else:
-            _settle(self.future, value=value)
-
-    def fail(self, exc: BaseException) -> None:
-        _settle(self.future, exc=exc)
-
-
-class _Discard(Sink):
-    """For fire-and-forget releases: the reply is not wanted."""
-
-    __slots__ = ()
-
-    def deliver(self, status: int, body: Any) -> None:
-        pass
-
-    def fail(self, exc: BaseException) -> None:
-        pass
-
-
-_DISCARD = _Discard()
-
-
-def _settle(future: concurrent.futures.Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(value)
-    except concurrent.futures.InvalidStateError:  # cancelled meanwhile
-        pass
-
-
-def rebuild_error(body: bytes) -> BaseException:
-    """The exception an error reply stands for: the original type where it can be rebuilt."""
-    code, type_name, message, tb, pickled = unpack_plain(body)
-    exc: Any = None
-    if pickled is not None:
-        try:
-            exc = cloudpickle.loads(pickled)
-        except Exception:
-            exc = None
-    if not isinstance(exc, BaseException):
-        cls = ERRORS_BY_CODE.get(code)
-        exc = cls(message) if cls is not None else RemoteError(type_name, message, tb)
-    exc.__cause__ = RemoteTraceback(tb)
-    rebuilt: BaseException = exc
-    return rebuilt
-
-
-class _Deadlines:
-    """Timeouts of submitted calls: one thread per pool and a heap, not a timer per call.
-
-    At a deadline the request is taken out of its channel's pending table (so a late reply is
-    dropped) and its future fails with :class:`CallTimeoutError`; with ``on_timeout="restart"``
-    the slot's worker is killed too.
-    """
-
-    def __init__(self, pool: Pool) -> None:
-        self._pool = weakref.ref(pool)
-        self._heap: list[tuple[float, int, Any]] = []
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopped = False
-
-    def add(self, deadline: float, channel: Any, req_id: int, sink: Sink, slot: int, message: str,
-            restart: bool) -> None:
-        with self._cond:
-            heapq.heappush(self._heap, (deadline, req_id, (channel, sink, slot, message, restart)))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="poolbridge-deadlines", daemon=True)
-                self._thread.start()
-            elif self._heap[0][1] == req_id:
-                self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
-                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
-                if self._stopped:
-                    return
-                _, req_id, (channel, sink, slot, message, restart) = heapq.heappop(self._heap)
-            if channel.pending.pop(req_id, None) is None:
-                continue  # answered (or failed) in time
-            if restart:
-                pool = self._pool()
-                if pool is not None:
-                    log.warning("slot %d: %s; restarting the worker", slot, message)
-                    pool._router.kill_slot(slot)
-            sink.fail(CallTimeoutError(message))
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-
-
 # -- the API, shared by Pool and its option views ---------------------------------------------
 
 
@@ -328,7 +159,7 @@ class _Api:
         slot, req_id, data = self._prepare(op, ref, fields)
         if pool._discards:
             pool._flush_discards()
-        waiter = _Waiter()
+        waiter = Waiter()
         timeout = self._opts.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         channel = pool._router.send(slot, req_id, data, waiter, lead=True, block=self._opts.block, deadline=deadline)
@@ -342,7 +173,7 @@ class _Api:
                 raise CallTimeoutError(f"{op} did not finish within {timeout}s (slot {slot})")
             waiter.wait(None)  # the reply raced the timeout and is being delivered
         status = waiter.status
-        if status == _FAILED or status is None:
+        if status == FAILED or status is None:
             raise waiter.body
         return decode(status, waiter.body)
 
@@ -351,7 +182,7 @@ class _Api:
         slot, req_id, data = self._prepare(op, ref, fields)
         if pool._discards:
             pool._flush_discards()
-        sink = _FutureSink(decode)
+        sink = FutureSink(decode)
         timeout = self._opts.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         channel = pool._router.send(slot, req_id, data, sink, block=self._opts.block, deadline=deadline)
@@ -610,7 +441,7 @@ class Pool(_Api):
             raise ValueError(f"backend must be 'process' or 'ray', got {backend!r}")
         self._unpack = make_unpacker(self._make_ref)
         self._discards: collections.deque[tuple[list[Any], str]] = collections.deque()
-        self._deadlines = _Deadlines(self)
+        self._deadlines = Deadlines(self)
         self._router = Router(
             self.workers,
             worker_options={
@@ -649,7 +480,7 @@ class Pool(_Api):
             req_id = self._router.next_id()
             body = pack_plain([req_id, op, session_id, pack_plain([key])])
             try:
-                self._router.send(slot, req_id, body, _DISCARD)
+                self._router.send(slot, req_id, body, DISCARD)
             except (WorkerCrashedError, PoolClosedError):
                 pass
 
@@ -663,7 +494,7 @@ class Pool(_Api):
         router = self._router
         asked = []
         for slot in range(self.workers):
-            waiter = _Waiter()
+            waiter = Waiter()
             req_id = router.next_id()
             try:
                 ch = router.send(slot, req_id, pack_plain([req_id, OP_STATS, None, b""]), waiter)

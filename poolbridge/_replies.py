@@ -1,0 +1,198 @@
+"""Parent side: where the reply to one request goes, and what it turns into.
+
+A *sink* receives one reply, from whichever thread reads it (a caller leading the read, a
+channel's background reader) or a failure (the worker died, the pool closed, the deadline passed):
+
+* :class:`Waiter` — a caller blocked in ``pool.call``: a pre-acquired lock the reader releases;
+* :class:`FutureSink` / :class:`PoolFuture` — ``pool.submit``: a ``concurrent.futures.Future``
+  that stays pending until its reply and whose ``cancel()`` reaches the worker;
+* :class:`Discard` — fire-and-forget releases (dropped handles).
+
+:func:`rebuild_error` turns an error reply back into the exception it stands for, and
+:class:`Deadlines` times out submitted calls (one thread per pool).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+
+from ._errors import ERRORS_BY_CODE, CallTimeoutError, RemoteError, RemoteTraceback
+from ._protocol import unpack_plain
+from ._router import Sink
+
+if TYPE_CHECKING:
+    from ._pool import Pool
+
+log = logging.getLogger("poolbridge")
+
+FAILED = -1  # a Waiter's status when it holds an exception instead of a reply
+
+
+
+
+class Waiter(Sink):
+    """A reply slot for a caller that blocks: a pre-acquired lock the reader releases."""
+
+    __slots__ = ("_lock", "body", "status")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.status: int | None = None
+        self.body: Any = None
+
+    def deliver(self, status: int, body: Any) -> None:
+        self.status = status
+        self.body = body
+        self._lock.release()
+
+    def fail(self, exc: BaseException) -> None:
+        self.deliver(FAILED, exc)
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._lock.acquire(True, -1 if timeout is None else timeout)
+
+
+class PoolFuture(concurrent.futures.Future[Any]):
+    """A Future that stays pending until its reply, and whose ``cancel()`` reaches the worker.
+
+    ``cancel()`` returns True only if the worker had not started the call — it then never runs
+    (see _cancel.py). A call that has started cannot be cancelled (False), as with
+    ``concurrent.futures``.
+    """
+
+    _target: Any = None  # (channel, req_id, sink) once sent
+
+    def cancel(self) -> bool:
+        with self._condition:
+            if self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED"):
+                return True
+            if self._state != "PENDING":
+                return False
+        target = self._target
+        if target is None:
+            return False
+        channel, req_id, sink = target
+        if not channel.try_cancel(req_id, sink.seq):
+            return False
+        return super().cancel()
+
+
+class FutureSink(Sink):
+    __slots__ = ("decode", "future", "seq")
+    cancellable = True
+
+    def __init__(self, decode: Callable[[int, Any], Any]) -> None:
+        self.future: concurrent.futures.Future[Any] = PoolFuture()
+        self.decode = decode
+        self.seq = 0
+
+    def deliver(self, status: int, body: Any) -> None:
+        try:
+            value = self.decode(status, body)
+        except BaseException as exc:
+            _settle(self.future, exc=exc)
+        else:
+            _settle(self.future, value=value)
+
+    def fail(self, exc: BaseException) -> None:
+        _settle(self.future, exc=exc)
+
+
+class Discard(Sink):
+    """For fire-and-forget releases: the reply is not wanted."""
+
+    __slots__ = ()
+
+    def deliver(self, status: int, body: Any) -> None:
+        pass
+
+    def fail(self, exc: BaseException) -> None:
+        pass
+
+
+DISCARD = Discard()
+
+
+def _settle(future: concurrent.futures.Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+    except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+        pass
+
+
+def rebuild_error(body: bytes) -> BaseException:
+    """The exception an error reply stands for: the original type where it can be rebuilt."""
+    code, type_name, message, tb, pickled = unpack_plain(body)
+    exc: Any = None
+    if pickled is not None:
+        try:
+            exc = cloudpickle.loads(pickled)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        cls = ERRORS_BY_CODE.get(code)
+        exc = cls(message) if cls is not None else RemoteError(type_name, message, tb)
+    exc.__cause__ = RemoteTraceback(tb)
+    rebuilt: BaseException = exc
+    return rebuilt
+
+
+class Deadlines:
+    """Timeouts of submitted calls: one thread per pool and a heap, not a timer per call.
+
+    At a deadline the request is taken out of its channel's pending table (so a late reply is
+    dropped) and its future fails with :class:`CallTimeoutError`; with ``on_timeout="restart"``
+    the slot's worker is killed too.
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = weakref.ref(pool)
+        self._heap: list[tuple[float, int, Any]] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def add(self, deadline: float, channel: Any, req_id: int, sink: Sink, slot: int, message: str,
+            restart: bool) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (deadline, req_id, (channel, sink, slot, message, restart)))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="poolbridge-deadlines", daemon=True)
+                self._thread.start()
+            elif self._heap[0][1] == req_id:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                if self._stopped:
+                    return
+                _, req_id, (channel, sink, slot, message, restart) = heapq.heappop(self._heap)
+            if channel.pending.pop(req_id, None) is None:
+                continue  # answered (or failed) in time
+            if restart:
+                pool = self._pool()
+                if pool is not None:
+                    log.warning("slot %d: %s; restarting the worker", slot, message)
+                    pool._router.kill_slot(slot)
+            sink.fail(CallTimeoutError(message))
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()

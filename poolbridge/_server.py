@@ -39,8 +39,14 @@ from ._errors import (
     SessionMismatchError,
 )
 from ._pool import Pool
+from ._portwire import (
+    REF_TAG,
+    STREAM_TAG,
+    Request,
+    _decode_request,
+    _decode_value,
+)
 from ._protocol import (
-    EXT_REF,
     MAX_FRAME_DEFAULT,
     OK,
     OP_CALL,
@@ -54,9 +60,7 @@ from ._protocol import (
     OP_STREAM_CLOSE,
     OP_STREAM_NEXT,
     OP_STREAM_OPEN,
-    RET_AUTO,
     RET_REF,
-    RET_VALUE,
     FrameReader,
     OversizedFrame,
     WireRef,
@@ -75,204 +79,8 @@ log = logging.getLogger("poolbridge.server")
 __all__ = ["PROTOCOL_VERSION", "REF_TAG", "STREAM_TAG", "Server", "serve"]
 
 PROTOCOL_VERSION = 1
-#: A ref on the wire: ``{"__poolbridge_ref__": [session, id, slot, generation]}``.
-REF_TAG = "__poolbridge_ref__"
-#: A stream on the wire: ``{"__poolbridge_stream__": [session, id, slot, generation]}``.
-STREAM_TAG = "__poolbridge_stream__"
-DEFAULT_BATCH = 256
-
-_RET = {"auto": RET_AUTO, "ref": RET_REF, "value": RET_VALUE}
-_MISSING: Any = object()
-
-
 class _Stop(Exception):
     """Raised by the SIGTERM handler to leave the read loop."""
-
-
-class _StreamRef(WireRef):
-    """A stream key decoded from a stream tag (kept apart from refs so the two cannot be confused)."""
-
-    __slots__ = ()
-
-
-# -- values ----------------------------------------------------------------------------------
-
-
-def _key_of(tag: str, value: Any) -> list[Any]:
-    if (
-        isinstance(value, list)
-        and len(value) == 4
-        and isinstance(value[0], str)
-        and all(type(v) is int for v in value[1:])
-    ):
-        return value
-    raise BadRequestError(f"malformed {tag}: expected [session, id, slot, generation], got {value!r:.80}")
-
-
-def _object_hook(obj: dict[Any, Any]) -> Any:
-    if len(obj) == 1:
-        if REF_TAG in obj:
-            return WireRef(*_key_of(REF_TAG, obj[REF_TAG]))
-        if STREAM_TAG in obj:
-            return _StreamRef(*_key_of(STREAM_TAG, obj[STREAM_TAG]))
-    return obj
-
-
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise BadRequestError(f"msgpack extension type {code} is not accepted; refs travel as {{{REF_TAG!r}: [...]}}")
-
-
-def _decode_request(frame: bytes) -> Any:
-    return msgpack.unpackb(
-        frame, raw=False, strict_map_key=False, object_hook=_object_hook, ext_hook=_reject_ext, use_list=True
-    )
-
-
-_PLAIN_TYPES = (str, int, float, bool, bytes, type(None))
-
-
-#: Deepest nesting accepted in a value (the worker's msgpack packer refuses deeper than 511).
-MAX_DEPTH = 256
-
-
-def _check_value(value: Any, refs: list[WireRef]) -> None:
-    """Reject what plain msgpack decoding may still produce but a value must not hold (timestamps,
-    a stream tag used as a value, absurd nesting); collect the refs so their sessions can be checked."""
-    t = type(value)
-    if t in _PLAIN_TYPES:
-        return
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        value, depth = stack.pop()
-        t = type(value)
-        if t in _PLAIN_TYPES:
-            continue
-        if t is list or t is dict:
-            if depth >= MAX_DEPTH:
-                raise BadRequestError(f"a value is nested deeper than {MAX_DEPTH} levels")
-            items = value if t is list else [x for kv in value.items() for x in kv]
-            stack.extend((item, depth + 1) for item in items)
-        elif t is WireRef:
-            refs.append(value)
-        elif t is _StreamRef:
-            raise BadRequestError("a stream cannot be passed as a value; use stream_next/stream_close")
-        else:
-            raise BadRequestError(f"unsupported value of type {t.__name__} (msgpack timestamps are not accepted)")
-
-
-def _reply_ext_hook(code: int, data: bytes) -> Any:
-    if code == EXT_REF:
-        return {REF_TAG: msgpack.unpackb(data, raw=False)}
-    # Wire-mode workers never pickle; anything else is a bug, never something to unpickle.
-    raise ValueError(f"unexpected extension type {code} in a worker reply")
-
-
-def _decode_value(body: bytes) -> Any:
-    return msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=_reply_ext_hook)
-
-
-# -- requests ---------------------------------------------------------------------------------
-
-
-def _field(req: dict[Any, Any], name: str, types: type | tuple[type, ...], default: Any = _MISSING) -> Any:
-    value = req.get(name, _MISSING)
-    if value is _MISSING or (value is None and default is not _MISSING):
-        if default is _MISSING:
-            raise BadRequestError(f"{req.get('op')!r} needs the field {name!r}")
-        return default
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
-        names = "/".join(t.__name__ for t in _as_tuple(types))
-        raise BadRequestError(f"field {name!r} must be {names}, got {type(value).__name__}")
-    return value
-
-
-def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
-    return types if isinstance(types, tuple) else (types,)
-
-
-class _Request:
-    """One decoded request, before it is sent to its worker."""
-
-    __slots__ = ("op", "refs", "req", "target")
-
-    def __init__(self, req: dict[Any, Any]) -> None:
-        self.req = req
-        self.op: str = req["op"]
-        self.refs: list[WireRef] = []
-        self.target: WireRef | None = None
-
-    def field(self, name: str, types: type | tuple[type, ...], default: Any = _MISSING) -> Any:
-        return _field(self.req, name, types, default)
-
-    def value(self, name: str, default: Any = _MISSING) -> Any:
-        value = self.req.get(name, _MISSING)
-        if value is _MISSING:
-            if default is _MISSING:
-                raise BadRequestError(f"{self.op!r} needs the field {name!r}")
-            return default
-        _check_value(value, self.refs)
-        return value
-
-    def args(self) -> list[Any]:
-        args = self.field("args", list, [])
-        _check_value(args, self.refs)
-        return args  # type: ignore[no-any-return]
-
-    def kwargs(self) -> dict[str, Any]:
-        kwargs = self.field("kwargs", dict, {})
-        if not all(isinstance(k, str) for k in kwargs):
-            raise BadRequestError("kwargs keys must be strings")
-        _check_value(kwargs, self.refs)
-        return kwargs  # type: ignore[no-any-return]
-
-    def ret(self, default: str = "auto") -> int:
-        ret = self.field("ret", str, default)
-        if ret not in _RET:
-            raise BadRequestError(f"ret must be one of {sorted(_RET)}, got {ret!r}")
-        return _RET[ret]
-
-    def batch(self) -> int:
-        batch = self.field("batch", int, DEFAULT_BATCH)
-        if batch < 1:
-            raise BadRequestError(f"batch must be at least 1, got {batch}")
-        return batch  # type: ignore[no-any-return]
-
-    def ref(self, name: str) -> WireRef:
-        value = self.req.get(name, _MISSING)
-        if type(value) is not WireRef:
-            raise BadRequestError(f"field {name!r} must be a ref ({{{REF_TAG!r}: [...]}})")
-        self.target = value
-        return value
-
-    def stream(self) -> WireRef:
-        value = self.req.get("stream", _MISSING)
-        if type(value) is not _StreamRef:
-            raise BadRequestError(f"field 'stream' must be a stream ({{{STREAM_TAG!r}: [...]}})")
-        self.target = value
-        return value
-
-    def fn(self, allowed: Callable[[str], bool]) -> Any:
-        """The ``fn`` field: a dotted path (checked against the allow-list) or a ref."""
-        value = self.req.get("fn", _MISSING)
-        if type(value) is WireRef:
-            self.target = value
-            return value
-        if not isinstance(value, str) or not value:
-            raise BadRequestError("field 'fn' must be a dotted path or a ref")
-        if not allowed(value):
-            raise NotAllowedError(f"{value!r} is not allowed by this server's --allow-module list")
-        return value
-
-    def name(self, private_ok: bool) -> str:
-        name = self.field("name", str)
-        if not name:
-            raise BadRequestError("field 'name' must not be empty")
-        if not private_ok and name.startswith("_"):
-            raise NotAllowedError(f"attribute {name!r}: private names are refused under --allow-module")
-        return name  # type: ignore[no-any-return]
-
-
-# -- replies ------------------------------------------------------------------------------------
 
 
 class _Output:
@@ -423,7 +231,7 @@ class Server:
         self._restart_waits = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, workers), thread_name_prefix="poolbridge-restart-wait"
         )
-        self._handlers: dict[str, Callable[[_Request, Any], None]] = {
+        self._handlers: dict[str, Callable[[Request, Any], None]] = {
             OP_CALL: self._op_call,
             "create": self._op_create,
             OP_GETATTR: self._op_getattr,
@@ -507,13 +315,13 @@ class Server:
             handler = self._handlers.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise BadRequestError(f"unknown op {op!r}")
-            handler(_Request(req), req_id)
+            handler(Request(req), req_id)
         except Exception as exc:
             if not isinstance(exc, PoolbridgeError):
                 log.exception("request %r failed in the server", req_id)
             self.out.write(_exc_reply(req_id, exc))
 
-    def _session(self, r: _Request) -> str:
+    def _session(self, r: Request) -> str:
         """The one session of a request: the ``session`` field, or the target ref's own session.
 
         Both given and different is a ``session_mismatch``; neither is a ``bad_request`` (there is
@@ -531,7 +339,7 @@ class Server:
         return resolve_session(target.session_id if target is not None else None, session)
 
     def _send(
-        self, r: _Request, req_id: Any, op: str, fields: list[Any], kind: int = _VALUE, *, session: str | None = None
+        self, r: Request, req_id: Any, op: str, fields: list[Any], kind: int = _VALUE, *, session: str | None = None
     ) -> None:
         router = self.router
         session_id = self._session(r) if session is None else session
@@ -578,15 +386,15 @@ class Server:
 
     # -- ops -------------------------------------------------------------------------------
 
-    def _op_call(self, r: _Request, req_id: Any) -> None:
+    def _op_call(self, r: Request, req_id: Any) -> None:
         fn = r.fn(self.allowed)
         self._send(r, req_id, OP_CALL, [fn, r.args(), r.kwargs(), r.ret()])
 
-    def _op_create(self, r: _Request, req_id: Any) -> None:
+    def _op_create(self, r: Request, req_id: Any) -> None:
         fn = r.fn(self.allowed)
         self._send(r, req_id, OP_CALL, [fn, r.args(), r.kwargs(), RET_REF])
 
-    def _op_getattr(self, r: _Request, req_id: Any) -> None:
+    def _op_getattr(self, r: Request, req_id: Any) -> None:
         if "target" in r.req:
             target = r.ref("target")
             self._send(r, req_id, OP_GETATTR, [target, r.name(not self.restricted), r.ret()])
@@ -596,40 +404,40 @@ class Server:
             raise NotAllowedError(f"{path!r} is not allowed by this server's --allow-module list")
         self._send(r, req_id, OP_GETATTR, [path, None, r.ret()])
 
-    def _op_setattr(self, r: _Request, req_id: Any) -> None:
+    def _op_setattr(self, r: Request, req_id: Any) -> None:
         target = r.ref("target")
         name = r.name(not self.restricted)
         self._send(r, req_id, OP_SETATTR, [target, name, r.value("value")])
 
-    def _op_method(self, r: _Request, req_id: Any) -> None:
+    def _op_method(self, r: Request, req_id: Any) -> None:
         target = r.ref("target")
         name = r.name(not self.restricted)
         self._send(r, req_id, OP_METHOD, [target, name, r.args(), r.kwargs(), r.ret()])
 
-    def _op_helper(self, r: _Request, req_id: Any) -> None:
+    def _op_helper(self, r: Request, req_id: Any) -> None:
         name = r.field("name", str)
         self._send(r, req_id, OP_HELPER, [name, r.args(), r.kwargs(), r.ret()])
 
-    def _op_stream_open(self, r: _Request, req_id: Any) -> None:
+    def _op_stream_open(self, r: Request, req_id: Any) -> None:
         fn = r.fn(self.allowed)
         self._send(r, req_id, OP_STREAM_OPEN, [fn, r.args(), r.kwargs(), r.batch()], _STREAM_OPEN)
 
-    def _op_stream_next(self, r: _Request, req_id: Any) -> None:
+    def _op_stream_next(self, r: Request, req_id: Any) -> None:
         key = r.stream()
         self._send(r, req_id, OP_STREAM_NEXT, [key.key(), r.batch()], _STREAM_NEXT)
 
-    def _op_stream_close(self, r: _Request, req_id: Any) -> None:
+    def _op_stream_close(self, r: Request, req_id: Any) -> None:
         key = r.stream()
         self._send(r, req_id, OP_STREAM_CLOSE, [key.key()], _PLAIN)
 
-    def _op_release(self, r: _Request, req_id: Any) -> None:
+    def _op_release(self, r: Request, req_id: Any) -> None:
         ref = r.ref("ref")
         self._send(r, req_id, OP_RELEASE, [ref.key()], _PLAIN)
 
-    def _op_close_session(self, r: _Request, req_id: Any) -> None:
+    def _op_close_session(self, r: Request, req_id: Any) -> None:
         self._send(r, req_id, OP_CLOSE_SESSION, [], _PLAIN)
 
-    def _op_ping(self, r: _Request, req_id: Any) -> None:
+    def _op_ping(self, r: Request, req_id: Any) -> None:
         """Without a session: the server answers. With one: that session's worker does."""
         if r.req.get("session") is None:
             self.out.write({"id": req_id, "status": "ok", "value": {"pid": os.getpid()}})
@@ -639,11 +447,11 @@ class Server:
         rid = self.router.next_id()
         self.router.send(slot, rid, pack_plain([rid, OP_PING, None, b""]), _PingReply(self.out, req_id), block=False)
 
-    def _op_slot_for(self, r: _Request, req_id: Any) -> None:
+    def _op_slot_for(self, r: Request, req_id: Any) -> None:
         session_id = self._session(r)
         self.out.write({"id": req_id, "status": "ok", "value": self.router.slot_for(session_id)})
 
-    def _op_stats(self, r: _Request, req_id: Any) -> None:
+    def _op_stats(self, r: Request, req_id: Any) -> None:
         # pool.stats() waits on every worker: run it off the reading thread.
         def run() -> None:
             try:

@@ -8,8 +8,8 @@ process-shared semaphore:
 
 Both sides number the request frames of a channel 1, 2, 3, ... in pipe order (the router under
 its write lock, the worker as it reads). Before running frame ``n`` the worker, holding the
-semaphore, checks ``cancelled[n % SIZE] == n`` (then it skips the frame without replying) and
-otherwise records ``started = n``. ``cancel(n)`` in the router, holding the same semaphore,
+semaphore, records ``started = n`` (the last frame it reached) and skips the frame without
+replying if ``cancelled[n % SIZE] == n``. ``cancel(n)`` in the router, holding the same semaphore,
 succeeds only if ``started < n`` — so a successful cancel means the call never runs, and a call
 that has started is never reported cancelled. An uncontended acquire/release pair is a futex in
 user space (~0.4 µs), paid once per request by the worker.
@@ -46,6 +46,43 @@ except (ImportError, AttributeError):  # pragma: no cover
 _SEMAPHORE = 1  # multiprocessing.synchronize.SEMAPHORE
 
 
+_swept = False
+_SHM = "/dev/shm"
+
+
+def _sweep_stale_names() -> None:
+    """Unlink semaphore names left by routers that no longer exist (once per process).
+
+    A name normally lives only until its worker has opened it (the worker unlinks it then), but a
+    router killed while its workers were still starting leaves names behind. The router's pid is
+    part of the name, so a name whose router is gone can be recognised and removed.
+    """
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    try:
+        names = [n for n in os.listdir(_SHM) if n.startswith("sem.poolbridge-")]
+    except OSError:
+        return
+    for entry in names:
+        try:
+            pid = int(entry.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                _sem_unlink("/" + entry[len("sem.") :])
+            except OSError:
+                pass
+        except PermissionError:  # alive, another user's
+            continue
+
+
 class CancelBoard:
     __slots__ = ("_mem", "_sem", "fd", "name")
 
@@ -60,6 +97,7 @@ class CancelBoard:
         """Router side: a new board, or None where the platform has no shared semaphores."""
         if _SemLock is None or not hasattr(os, "memfd_create"):
             return None
+        _sweep_stale_names()
         try:
             fd = os.memfd_create("poolbridge-cancel", 0)
             os.ftruncate(fd, _BYTES)
@@ -86,10 +124,10 @@ class CancelBoard:
         mem = self._mem
         sem.acquire()
         try:
-            if _I64.unpack_from(mem, 8 + 8 * (seq % SIZE))[0] == seq:
-                return False
+            # Reached, whether it runs or is skipped: a later cancel of it must fail, and its
+            # cancel slot is free again for frame seq + SIZE.
             _I64.pack_into(mem, 0, seq)
-            return True
+            return _I64.unpack_from(mem, 8 + 8 * (seq % SIZE))[0] != seq
         finally:
             sem.release()
 

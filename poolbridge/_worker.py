@@ -591,6 +591,11 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
 
     from ._protocol import FrameReader, encode_frame
 
+    board = None
+    if options.get("cancel_board"):
+        from ._cancel import CancelBoard
+
+        board = CancelBoard.attach(*options["cancel_board"])  # first: it unlinks the board's name
     _die_with_parent(options["parent_pid"])
     logging.basicConfig(level=options.get("log_level", logging.WARNING))
     core = WorkerCore(
@@ -604,11 +609,6 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
         max_calls=options.get("max_calls"),
         max_rss=options.get("max_rss"),
     )
-    board = None
-    if options.get("cancel_board"):
-        from ._cancel import CancelBoard
-
-        board = CancelBoard.attach(*options["cancel_board"])
     seq = 0
     reader = FrameReader()
     check_retire = options.get("max_calls") is not None or options.get("max_rss") is not None

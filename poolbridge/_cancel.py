@@ -127,7 +127,8 @@ class CancelBoard:
             # Reached, whether it runs or is skipped: a later cancel of it must fail, and its
             # cancel slot is free again for frame seq + SIZE.
             _I64.pack_into(mem, 0, seq)
-            return _I64.unpack_from(mem, 8 + 8 * (seq % SIZE))[0] != seq
+            cancelled: bool = _I64.unpack_from(mem, 8 + 8 * (seq % SIZE))[0] == seq
+            return not cancelled
         finally:
             sem.release()
 

@@ -131,8 +131,9 @@ def test_worker_killed_with_many_requests_in_flight() -> None:
         slot = srv.ok("slot_for", session=session)
         pid = srv.hello["worker_pids"][slot]
         ids = [srv.send("call", session=session, fn="pb_test_helpers.sleep_then", args=[0.05, i]) for i in range(40)]
+        first = srv.recv()  # the worker is working through them: the rest are in flight now
         os.kill(pid, signal.SIGKILL)
-        replies = {}
+        replies = {first["id"]: first}
         while len(replies) < len(ids):
             reply = srv.recv()
             replies[reply["id"]] = reply

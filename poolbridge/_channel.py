@@ -34,8 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._cancel import CancelBoard
 from ._errors import CallTimeoutError, PoolBusyError, WorkerCrashedError
-from ._protocol import RETIRING, FrameReader, pack_plain, unpack_plain
-from ._worker import _write_all
+from ._protocol import RETIRING, FrameReader, pack_plain, unpack_plain, write_all
 
 if TYPE_CHECKING:
     from ._router import Router, Sink
@@ -44,7 +43,7 @@ log = logging.getLogger("poolbridge.router")
 
 __all__ = ["ProcessChannel"]
 
-_BOOTSTRAP = "from poolbridge._worker import main; main()"
+_BOOTSTRAP = "from poolbridge._worker_main import main; main()"
 _READ_SIZE = 1 << 16
 # A caller whose reply was lost with a dead worker is failed by the monitor within milliseconds;
 # this only bounds the wait if the monitor itself were broken.
@@ -235,7 +234,7 @@ class ProcessChannel:
                     self._seq += 1
                     if sink.cancellable:
                         sink.seq = self._seq  # type: ignore[attr-defined]
-                    _write_all(self._write_fd, data)
+                    write_all(self._write_fd, data)
                     return
                 except OSError:  # EPIPE/EBADF: the worker is gone; the monitor restarts it
                     # A pipe write that fails has written nothing; an earlier partial write left an

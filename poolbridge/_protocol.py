@@ -21,6 +21,7 @@ Values (embedded mode) are msgpack with three extension types:
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from collections.abc import Callable
@@ -69,6 +70,15 @@ OP_PING = "ping"  # []                                       (session nil)
 RET_AUTO = 0  # the value if it can be encoded, else a ref
 RET_REF = 1  # always a ref
 RET_VALUE = 2  # always the value; an encoding failure is an error
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to a blocking fd (one ``write`` for anything that fits the pipe)."""
+    written = os.write(fd, data)
+    if written < len(data):  # a large frame into a full pipe: finish it piece by piece
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def encode_frame(body: bytes) -> bytes:

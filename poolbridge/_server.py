@@ -69,10 +69,10 @@ from ._protocol import (
     pack_value,
     reset_plain_packer,
     unpack_plain,
+    write_all,
 )
 from ._router import DEFAULT_MAX_IN_FLIGHT, Sink
 from ._session import resolve_session, validate_session_id
-from ._worker import _write_all
 
 log = logging.getLogger("poolbridge.server")
 
@@ -104,7 +104,7 @@ class _Output:
             if self.broken:
                 return
             try:
-                _write_all(self.fd, data)
+                write_all(self.fd, data)
             except OSError:
                 # The client is gone; the read loop sees EOF and shuts down.
                 self.broken = True

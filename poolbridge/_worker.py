@@ -1,5 +1,5 @@
-"""Child side: the worker loop and its per-session object store. Runs only in worker processes
-(or inside a Ray actor, which drives :class:`WorkerCore` directly).
+"""Child side: the worker core and its per-session object store. Runs only in worker processes
+(_worker_main.py drives it over the pipes) or inside a Ray actor (backends/ray.py).
 
 A worker executes one request at a time, in the order its frames arrive. For every request it:
 
@@ -18,7 +18,6 @@ import importlib
 import itertools
 import logging
 import os
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -57,7 +56,6 @@ from ._protocol import (
     RET_AUTO,
     RET_REF,
     RET_VALUE,
-    RETIRING,
     WireRef,
     make_unpacker,
     pack_plain,
@@ -541,110 +539,3 @@ def error_fields(exc: BaseException) -> list[Any]:
     except Exception:
         pickled = None
     return [code, type_name, str(exc), tb, pickled]
-
-
-# -- the process entry point -----------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL us when our parent dies; exit now if it already has."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            import signal
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except Exception:  # pragma: no cover - best effort; pipe EOF still ends the worker
-            log.debug("prctl(PR_SET_PDEATHSIG) unavailable", exc_info=True)
-    if os.getppid() != parent_pid:
-        os._exit(0)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    written = os.write(fd, data)
-    if written < len(data):  # a large frame into a full pipe: finish it piece by piece
-        view = memoryview(data)[written:]
-        while view:
-            view = view[os.write(fd, view) :]
-
-
-# Replies produced from one read are written together, but never held back longer than this, so a
-# quick call queued behind a slow one is not delayed by more than the slow call itself.
-_FLUSH_AFTER = 0.0005
-
-
-def main() -> None:
-    """Entry point of a worker process: ``python -c ... <base64 msgpack options>``."""
-    import base64
-
-    options = unpack_plain(base64.b64decode(sys.argv[1]))
-    read_fd, write_fd = options["fds"]
-    worker_main(read_fd, write_fd, options)
-
-
-def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
-    """Run a worker until its request pipe reaches EOF (the router closed it or died)."""
-    import select
-
-    from ._protocol import FrameReader, encode_frame
-
-    board = None
-    if options.get("cancel_board"):
-        from ._cancel import CancelBoard
-
-        board = CancelBoard.attach(*options["cancel_board"])  # first: it unlinks the board's name
-    _die_with_parent(options["parent_pid"])
-    logging.basicConfig(level=options.get("log_level", logging.WARNING))
-    core = WorkerCore(
-        options["slot"],
-        options["n_slots"],
-        options["generation"],
-        helpers=tuple(options.get("helpers", ())),
-        wire=bool(options.get("wire", False)),
-        max_refs_per_session=options.get("max_refs_per_session"),
-        session_ttl=options.get("session_ttl"),
-        max_calls=options.get("max_calls"),
-        max_rss=options.get("max_rss"),
-    )
-    seq = 0
-    reader = FrameReader()
-    check_retire = options.get("max_calls") is not None or options.get("max_rss") is not None
-    perf = time.perf_counter
-    handle = core.handle
-    sweeping = core.session_ttl is not None
-    while True:
-        if sweeping:
-            wait = core.next_sweep_in()
-            if wait == 0.0 or not select.select([read_fd], [], [], wait)[0]:
-                core.sweep()
-                continue
-        data = os.read(read_fd, 1 << 16)
-        if not data:
-            return
-        frames = reader.feed(data)
-        if len(frames) == 1 and not check_retire:  # the common case: one request, one reply
-            seq += 1
-            if board is None or board.claim(seq):
-                _write_all(write_fd, encode_frame(handle(frames[0])))  # type: ignore[arg-type]
-            continue
-        out: list[bytes] = []
-        started = 0.0
-        for frame in frames:
-            if out and perf() - started > _FLUSH_AFTER:
-                _write_all(write_fd, b"".join(out))
-                out.clear()
-            if not out:
-                started = perf()
-            assert isinstance(frame, bytes)  # no size limit on the private channel
-            seq += 1
-            if board is not None and not board.claim(seq):
-                continue  # cancelled before it started: the router expects no reply
-            out.append(encode_frame(handle(frame)))
-        if check_retire and core.wants_retire():
-            # Ask to be replaced; keep serving until the router closes our input (EOF below).
-            out.append(encode_frame(pack_plain([None, RETIRING, b""])))
-        if out:
-            _write_all(write_fd, b"".join(out))

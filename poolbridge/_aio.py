@@ -269,8 +269,7 @@ class AsyncStream(AsyncIterator[Any]):
         def make(_api: _Api, key: WireRef, items: list[Any], done: bool, batch: int) -> tuple[WireRef, list[Any], bool]:
             return key, items, done
 
-        pinned, req = api._req_stream_open(fn, args, kwargs, make)
-        self._key, self._items, self._done = await AsyncPool(_api=pinned)._arun(req)
+        self._key, self._items, self._done = await self._apool._arun(api._req_stream_open(fn, args, kwargs, make))
         self._prefetch()
 
     def _prefetch(self) -> None:

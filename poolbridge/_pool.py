@@ -282,19 +282,17 @@ class _Api:
 
     def _req_stream_open(
         self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], make: Callable[..., Any]
-    ) -> tuple[_Api, _Req]:
-        """The open request, pinned to the session resolved now (the stream's key needs it)."""
+    ) -> _Req:
+        """The open request. The worker answers with the stream's whole key, so nothing about the
+        session is decided here: ``_prepare`` resolves it once, as for every op."""
         batch = self._opts.batch
         ref = fn if isinstance(fn, WireRef) else None  # a ref (e.g. a generator object) routes itself
-        session_id = resolve_session(ref.session_id if ref is not None else None, self._opts.session)
-        slot = self._pool._router.slot_for(session_id)
-        pinned = self.options(session=session_id)
 
         def opened(status: int, body: Any) -> Any:
             if status != OK:
                 raise rebuild_error(body)
-            stream_id, items, done, generation = unpack_plain(body)
-            key = WireRef(session_id, stream_id, slot, generation)
+            key_fields, items, done = unpack_plain(body)
+            key = WireRef(*key_fields)
             try:
                 decoded = self._pool._unpack(items)
             except BaseException:
@@ -303,7 +301,7 @@ class _Api:
                 raise
             return make(self, key, decoded, done, batch)
 
-        return pinned, (OP_STREAM_OPEN, None, [self._fn(fn), list(args), kwargs, batch], opened)
+        return OP_STREAM_OPEN, ref, [self._fn(fn), list(args), kwargs, batch], opened
 
     def _req_stream_next(self, key: WireRef, n: int) -> _Req:
         return OP_STREAM_NEXT, key, [key.key(), n], self._stream_items
@@ -350,8 +348,7 @@ class _Api:
 
     def stream(self, fn: Any, /, *args: Any, **kwargs: Any) -> Stream:
         """Iterate ``fn(*args, **kwargs)`` in the session's worker; items arrive in batches."""
-        pinned, req = self._req_stream_open(fn, args, kwargs, Stream)
-        return pinned._run(*req)  # type: ignore[no-any-return]
+        return self._run(*self._req_stream_open(fn, args, kwargs, Stream))  # type: ignore[no-any-return]
 
     def _stream_next(self, key: WireRef, n: int) -> Any:
         return self._submit(*self._req_stream_next(key, n))

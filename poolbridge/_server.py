@@ -129,13 +129,12 @@ _VALUE, _STREAM_OPEN, _STREAM_NEXT, _PLAIN = range(4)
 class _Reply(Sink):
     """Turns one worker reply into one client reply frame (called from router reader threads)."""
 
-    __slots__ = ("kind", "out", "req_id", "stream_key")
+    __slots__ = ("kind", "out", "req_id")
 
-    def __init__(self, out: _Output, req_id: Any, kind: int, stream_key: list[Any] | None = None) -> None:
+    def __init__(self, out: _Output, req_id: Any, kind: int) -> None:
         self.out = out
         self.req_id = req_id
         self.kind = kind
-        self.stream_key = stream_key
 
     def deliver(self, status: int, body: Any) -> None:
         try:
@@ -155,10 +154,7 @@ class _Reply(Sink):
         if kind == _VALUE:
             return _decode_value(body)
         if kind == _STREAM_OPEN:
-            stream_id, items, done, generation = unpack_plain(body)
-            assert self.stream_key is not None
-            session_id, slot = self.stream_key
-            key = [session_id, stream_id, slot, generation]  # the generation that opened it
+            key, items, done = unpack_plain(body)  # [session, id, slot, generation], from the worker
             return {"stream": {STREAM_TAG: key}, "items": _decode_value(items), "done": done}
         if kind == _STREAM_NEXT:
             items, done = unpack_plain(body)
@@ -356,9 +352,8 @@ class Server:
             self._check_ref(ref, slot)
         body = pack_value(fields, session_id)
         rid = router.next_id()
-        stream_key = [session_id, slot] if kind == _STREAM_OPEN else None
         data = pack_plain([rid, op, session_id, body])
-        reply = _Reply(self.out, req_id, kind, stream_key)
+        reply = _Reply(self.out, req_id, kind)
         if router.ready(slot):
             # block=False: the reading thread never waits on one busy slot (that would stall every
             # other slot's requests behind it); past max_in_flight the request gets `busy` instead.

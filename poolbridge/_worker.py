@@ -261,15 +261,20 @@ class WorkerCore:
                 f"ref {ref_id} is not in session {session.ctx.session_id!r} (released or expired)"
             ) from None
 
-    def _new_ref(self, session: _Session, obj: Any) -> bytes:
+    def _store(self, session: _Session, table: dict[int, Any], obj: Any) -> list[Any]:
+        """Keep ``obj`` in one of the session's tables (refs or streams), under the per-session
+        cap; returns its key ``[session, id, slot, generation]``. Every ref and stream is made here."""
         cap = self.max_refs_per_session
         if cap is not None and len(session.refs) + len(session.streams) >= cap:
             raise SessionLimitError(
                 f"session {session.ctx.session_id!r} holds {cap} refs/streams, its cap; release some"
             )
-        ref_id = next(self._ids)
-        session.refs[ref_id] = obj
-        key = [session.ctx.session_id, ref_id, self.slot, self.generation]
+        obj_id = next(self._ids)
+        table[obj_id] = obj
+        return [session.ctx.session_id, obj_id, self.slot, self.generation]
+
+    def _new_ref(self, session: _Session, obj: Any) -> bytes:
+        key = self._store(session, session.refs, obj)
         return pack_plain(msgpack.ExtType(EXT_REF, pack_plain(key)))
 
     def _result(self, session: _Session, value: Any, ret: int) -> bytes:
@@ -301,9 +306,7 @@ class WorkerCore:
             return list(obj)
         session = self._wire_session
         assert session is not None
-        ref_id = next(self._ids)
-        session.refs[ref_id] = obj
-        return msgpack.ExtType(EXT_REF, pack_plain([session.ctx.session_id, ref_id, self.slot, self.generation]))
+        return msgpack.ExtType(EXT_REF, pack_plain(self._store(session, session.refs, obj)))
 
     # -- ops -------------------------------------------------------------------------------
 
@@ -364,18 +367,16 @@ class WorkerCore:
     def _op_stream_open(
         self, session: _Session, fn: Any, args: list[Any], kwargs: dict[str, Any], batch: int
     ) -> bytes:
-        iterator = iter(self._callable(fn)(*args, **kwargs))
-        state = _StreamState(iterator)
-        stream_id = next(self._ids)
-        cap = self.max_refs_per_session
-        if cap is not None and len(session.refs) + len(session.streams) >= cap:
+        state = _StreamState(iter(self._callable(fn)(*args, **kwargs)))
+        try:
+            key = self._store(session, session.streams, state)
+        except SessionLimitError:
             state.close()
-            raise SessionLimitError(f"session {session.ctx.session_id!r} holds {cap} refs/streams, its cap")
-        session.streams[stream_id] = state
-        items, done = self._pull(session, stream_id, state, batch)
-        # The generation is this worker's: the caller cannot know it if the slot restarted while
-        # the open was on its way.
-        return pack_plain([stream_id, items, done, self.generation])
+            raise
+        items, done = self._pull(session, key[1], state, batch)
+        # The whole key comes back: the generation is this worker's, which the caller cannot know
+        # if the slot restarted while the open was on its way.
+        return pack_plain([key, items, done])
 
     def _pull(self, session: _Session, stream_id: int, state: _StreamState, n: int) -> tuple[bytes, bool]:
         if state.error is not None:
@@ -397,17 +398,28 @@ class WorkerCore:
             session.streams.pop(stream_id, None)
         try:
             return self._encode(session, items), done
-        except Exception:
-            # Like a call's result: an item that cannot be encoded is handed over as a ref.
-            return self._encode(session, [self._item_or_ref(session, item) for item in items]), done
+        except Exception:  # noqa: S110 - some item is not encodable: handed over as refs below
+            pass
+        # Like a call's result: an item that cannot be encoded is handed over as a ref. If that
+        # fails too (the session's cap), the batch is lost: undo its refs and end the stream,
+        # rather than leave objects and a suspended generator nobody holds a key to.
+        made: list[int] = []
+        try:
+            return self._encode(session, [self._item_or_ref(session, item, made) for item in items]), done
+        except BaseException:
+            for ref_id in made:
+                session.refs.pop(ref_id, None)
+            if session.streams.pop(stream_id, None) is not None:
+                state.close()
+            raise
 
-    def _item_or_ref(self, session: _Session, item: Any) -> Any:
+    def _item_or_ref(self, session: _Session, item: Any, made: list[int]) -> Any:
         try:
             self._encode(session, item)
         except Exception:
-            ref_id = next(self._ids)
-            session.refs[ref_id] = item
-            return WireRef(session.ctx.session_id, ref_id, self.slot, self.generation)
+            key = self._store(session, session.refs, item)
+            made.append(key[1])
+            return WireRef(*key)
         return item
 
     def _stream(self, key: Any) -> tuple[_Session, int, _StreamState]:

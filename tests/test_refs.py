@@ -704,3 +704,16 @@ def test_create_from_a_class_ref_runs_in_the_refs_session(pool: Pool, a_ref: tup
     made = _in_foreign(pool, where, owner, lambda api: api.create(cls, token()))
     assert made.session_id == owner
     expect_routed(pool, made.getattr("created_in"), owner)
+
+
+def test_refs_made_from_stream_items_count_against_the_cap() -> None:
+    """Every ref and stream a worker makes goes through one store, under the per-session cap —
+    including unencodable stream items handed over as refs."""
+    with make_pool(workers=1, max_refs_per_session=3) as p:
+        api = p.options(session="capped", batch=10)
+        with pytest.raises(poolbridge.SessionLimitError):
+            list(api.stream("pb_testmods.gen_locks", 5))  # the stream itself + 2 item refs fill it
+        stats = p.stats().slots[0]
+        assert (stats.refs, stats.streams) == (0, 0)  # the lost batch left no refs and no open stream
+        items = list(api.stream("pb_testmods.gen_locks", 2))  # stream + 2 refs: within the cap
+        assert all(isinstance(i, poolbridge.Ref) for i in items)

@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -91,3 +93,26 @@ def expect_routed(pool: poolbridge.Pool, seen: dict | None, session: str) -> Non
     assert seen["session"] == session
     assert seen["slot"] == slot
     assert seen["pid"] == pool.pids()[slot]
+
+
+THREAD_WAIT = 60.0  # bound for every helper thread
+
+
+def run_in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` in a fresh thread (a fresh context: its own auto-session), bounded;
+    return its result or raise its exception here."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(THREAD_WAIT)
+    assert not t.is_alive(), "thread did not finish"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

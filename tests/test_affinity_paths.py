@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from conftest import expect_routed
+from conftest import expect_routed, run_in_thread
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -391,24 +391,6 @@ def resolution(pool: Pool, mode: str) -> Iterator[Resolved]:
         raise AssertionError(mode)
 
 
-def run_in_fresh_thread(fn: Callable[[], Any]) -> Any:
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join(WAIT)
-    assert not t.is_alive()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def test_path_table_is_complete() -> None:
     assert set(PATHS) == EXPECTED_PATHS
 
@@ -421,7 +403,7 @@ def test_every_path_runs_in_the_resolved_session(pool: Pool, path: str, mode: st
             observations = PATHS[path](pool, r)
             return observations, r.expected
 
-    observations, expected = run_in_fresh_thread(body)
+    observations, expected = run_in_thread(body)
     assert observations, "the path reported nothing"
     for seen in observations:
         expect_routed(pool, seen, expected)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import expect_routed, make_pool
+from conftest import expect_routed, make_pool, run_in_thread
 from pb_testmods import session_not_on_slot, sessions_on_slot
 
 import poolbridge
@@ -30,24 +30,6 @@ WAIT = 60.0
 
 def token() -> str:
     return uuid.uuid4().hex
-
-
-def in_thread(fn: Callable[[], Any]) -> Any:
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join(WAIT)
-    assert not t.is_alive()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def total_calls(pool: Pool) -> list[int]:
@@ -74,7 +56,7 @@ def _in_foreign(pool: Pool, where: str, owner: str, fn: Callable[[Any], Any]) ->
         with pool.session(f"foreign-{token()[:6]}"):
             return fn(pool)
     if where == "other_thread_auto":
-        return in_thread(lambda: fn(pool))
+        return run_in_thread(lambda: fn(pool))
     if where == "main_thread_auto":
         return fn(pool)
     if where == "override_equal":  # an override that agrees with the ref is fine
@@ -151,7 +133,7 @@ def test_ref_made_in_a_context_session_keeps_it_after_the_block(pool: Pool) -> N
 
 
 def test_ref_made_in_auto_session_is_usable_from_another_thread(pool: Pool) -> None:
-    ref = in_thread(lambda: pool.create("pb_testmods.Recorder", token()))
+    ref = run_in_thread(lambda: pool.create("pb_testmods.Recorder", token()))
     seen = ref.call("who")
     expect_routed(pool, seen, ref.session_id)
     assert ref.session_id != poolbridge.resolve_session()
@@ -272,7 +254,7 @@ def test_ref_of_session_a_as_argument_in_session_b_raises_before_sending(
             with pool.session(b_session):
                 pool.submit("pb_testmods.record_call", tok, *args, **kwargs)
         elif mode == "auto":
-            in_thread(lambda: pool.call("pb_testmods.record_call", tok, *args, **kwargs))
+            run_in_thread(lambda: pool.call("pb_testmods.record_call", tok, *args, **kwargs))
         else:  # a method of a ref of session B, given a ref of session A
             b_target.call("who", *args, **kwargs)
 

@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 import pytest
-from conftest import expect_routed
+from conftest import expect_routed, run_in_thread
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,25 +21,6 @@ from poolbridge import Pool, SessionMismatchError, resolve_session
 JOIN = 60.0  # bound for every thread join / barrier
 
 valid_ids = st.text(min_size=1, max_size=40).filter(lambda s: len(s.encode("utf-8")) <= 256)
-
-
-def run_in_thread(fn: Any, *args: Any) -> Any:
-    """Run ``fn`` in a new thread (fresh context), bounded; re-raise its error here."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn(*args)
-        except BaseException as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join(JOIN)
-    assert not t.is_alive(), "thread did not finish"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 # -- the pure function ------------------------------------------------------------------------

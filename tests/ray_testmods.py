@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
+
+from pb_testmods import wait_for_path  # noqa: F401 - called by the tests as ray_testmods.wait_for_path
 
 import poolbridge
 
@@ -32,16 +33,6 @@ def gen_with_finally(token: str, n: int) -> Iterator[dict[str, Any] | None]:
 
 def pop_events(token: str) -> list[str]:
     return EVENTS.pop(token, [])
-
-
-def wait_for_path(path: str, limit: float = 60.0) -> bool:
-    """Block (bounded) until ``path`` exists: a call that stays in flight until the test releases it."""
-    deadline = time.monotonic() + limit
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 class Box:

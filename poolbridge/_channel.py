@@ -10,6 +10,18 @@ with replies still pending wakes the background reader, so no reply is left unre
     leader:  acquire(read_lock) → read/deliver until own reply → release → pending? → wake bg
     others:  read_lock busy → wait on own waiter (the holder delivers it, or the bg reader will)
 
+Writing the request pipe — coalescing. While fewer than ``_WINDOW`` written requests await their
+replies, a request is written at once (a lone call pays one ``write``). Beyond that it joins the
+channel's queue, and the queue is written as one ``write`` by whoever reads the next replies (the
+worker has just become free for more) or by the sender once it holds ``_FLUSH_BYTES``. A burst of
+submits thus reaches the worker as a few large writes, which it answers the same way. Only senders
+ever block on the pipe (a large frame, a full pipe); readers write only what fits at once and never
+wait for the write lock, so a reader cannot deadlock with a worker blocked on its reply pipe:
+
+    sender:  lock → queue frame → (few unanswered | big frame | queue full) → write all → unlock
+             → re-check: queue left and few unanswered → write it   (a reader may have skipped)
+    reader:  deliver replies → queue non-empty and lock free → write what fits, never blocking
+
 Death. A worker's exit is seen by the router's :class:`_Monitor` through a pidfd (the kernel says
 the process is gone; no timeout involved). The channel then drains replies the worker wrote before
 it died, fails every other pending request with :class:`WorkerCrashedError`, and the router
@@ -34,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._cancel import CancelBoard
 from ._errors import CallTimeoutError, PoolBusyError, WorkerCrashedError
-from ._protocol import RETIRING, FrameReader, pack_plain, unpack_plain, write_all
+from ._protocol import RETIRING, FrameReader, pack_plain, unpack_plain
 
 if TYPE_CHECKING:
     from ._router import Router, Sink
@@ -45,6 +57,12 @@ __all__ = ["ProcessChannel"]
 
 _BOOTSTRAP = "from poolbridge._worker_main import main; main()"
 _READ_SIZE = 1 << 16
+# Coalescing (see the module docstring). While fewer than _WINDOW written requests are unanswered,
+# a request is written at once; with two, the worker always has the next one queued when it
+# finishes the current one, so sequential callers on several threads never wait on the queue.
+_WINDOW = 2
+_FLUSH_BYTES = 1 << 15  # a sender writes the queue itself once it holds this much (half a pipe)
+_ATOMIC = select.PIPE_BUF  # a pipe write up to this size is all-or-nothing: readers write in these
 # A caller whose reply was lost with a dead worker is failed by the monitor within milliseconds;
 # this only bounds the wait if the monitor itself were broken.
 _ORPHAN_WAIT = 10.0
@@ -196,7 +214,17 @@ class ProcessChannel:
         self._bg_active = False
         self._space = threading.Condition()
         self._space_waiters = 0
-        self._seq = 0  # request frames written, numbered as the worker numbers them
+        self._seq = 0  # request frames sent, numbered as the worker numbers them
+        # Coalescing state, guarded by _write_lock (the counters are read without it).
+        self._queue: list[bytes] = []  # whole frames not yet written, in order
+        self._queued_bytes = 0
+        # Unanswered frames = written - answered - cancelled; each counter has one writer at a time
+        # (_written, _cancelled: under _write_lock; _answered: under _read_lock).
+        self._written = 0
+        self._answered = 0
+        self._cancelled = 0  # cancelled before the worker started them: no reply will come
+        self._close_when_flushed = False
+        self._broken = False  # a write failed: the worker is gone
         self._board = CancelBoard.create()
         options = dict(router.worker_options, n_slots=router.n_slots)
         self.process: subprocess.Popen[bytes]
@@ -210,6 +238,7 @@ class ProcessChannel:
                 self._board.close()
             raise
         self.pid: int = self.process.pid
+        os.set_blocking(self._write_fd, False)  # readers must never block on it; senders wait in _write
         self._bg = threading.Thread(
             target=self._background_reader, name=f"poolbridge-reader-{slot}.{generation}", daemon=True
         )
@@ -219,31 +248,135 @@ class ProcessChannel:
     # -- sending ---------------------------------------------------------------------------
 
     def send(self, req_id: int, data: bytes, sink: Sink, block: bool = True, deadline: float | None = None) -> None:
-        """Write one request frame.
+        """Send one request frame (written now, or queued behind unanswered ones; see the docstring).
 
         Raises :class:`Retired` when the frame did not reach this worker (it is recycling, dead, or
         the write hit a closed pipe): no worker saw the request, so the router sends it to the
         slot's next generation instead of failing it.
         """
-        if len(self.pending) >= self.max_in_flight:
+        pending = self.pending
+        if len(pending) >= self.max_in_flight:
             self._wait_for_space(block, deadline)
-        self.pending[req_id] = sink
+        pending[req_id] = sink
         with self._write_lock:
-            if not self.retiring and not self.dead:
-                try:
-                    self._seq += 1
-                    if sink.cancellable:
-                        sink.seq = self._seq  # type: ignore[attr-defined]
-                    write_all(self._write_fd, data)
-                    return
-                except OSError:  # EPIPE/EBADF: the worker is gone; the monitor restarts it
-                    # A pipe write that fails has written nothing; an earlier partial write left an
-                    # incomplete frame the dead worker never ran. Either way: not delivered.
-                    pass
+            if not self.retiring and not self.dead and not self._broken and self._write_fd >= 0:
+                self._seq += 1
+                if sink.cancellable:
+                    sink.seq = self._seq  # type: ignore[attr-defined]
+                self._queue.append(data)
+                self._queued_bytes += len(data)
+                if (
+                    self._written - self._answered - self._cancelled < _WINDOW
+                    or self._queued_bytes >= _FLUSH_BYTES
+                    or len(data) > _ATOMIC
+                ):
+                    gone = not self._flush()
+                else:
+                    gone = False
+                if not gone:
+                    queued = True
+                elif self._queue and self._queue[-1] is data:
+                    # The write found the worker gone before our frame went out: it reached no one.
+                    self._queue.pop()
+                    self._seq -= 1
+                    queued = False
+                else:
+                    return  # written (or queued behind frames) into the pipe of a dying worker
+            else:
+                queued = False
+        if (self._queue and self._written - self._answered - self._cancelled < _WINDOW) or self._close_when_flushed:
+            self._after_unlock()
+        if queued:
+            return
         if self.pending.pop(req_id, None) is None:
             # The monitor already failed this sink with the crash: it must not be sent again.
             raise WorkerCrashedError(f"worker slot {self.slot} (pid {self.pid}) is gone", slot=self.slot, pid=self.pid)
         raise Retired
+
+    def _unanswered(self) -> int:
+        return self._written - self._answered - self._cancelled
+
+    def flush(self) -> None:
+        """Write every queued frame, waiting for the pipe if it is full (senders only)."""
+        with self._write_lock:
+            self._flush()
+        self._after_unlock()
+
+    def _after_unlock(self) -> None:
+        """Called by every non-reader holder of the write lock once it has released it.
+
+        A reader that found the lock busy left its work to the holder: writing the queue when the
+        window has room again, or closing the pipe of a retired channel once its queue is out.
+        """
+        while not self._broken and (
+            (self._queue and self._unanswered() < _WINDOW) or (self._close_when_flushed and self._write_fd >= 0)
+        ):
+            with self._write_lock:
+                self._flush()
+
+    def _flush(self) -> bool:
+        """Under the write lock: write the whole queue; may block on a full pipe. False: the worker
+        is gone (a write failed, now or before)."""
+        queue = self._queue
+        if not queue or self._broken:
+            if self._close_when_flushed:
+                self._close_fd()  # all written, or nothing more can be
+            return not self._broken
+        data = queue[0] if len(queue) == 1 else b"".join(queue)
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    view = view[os.write(self._write_fd, view) :]
+                except BlockingIOError:
+                    select.select([], [self._write_fd], [], 1.0)
+        except OSError:  # EPIPE/EBADF: the worker is gone; the monitor fails what it was sent
+            self._broken = True
+            if view.nbytes < len(data):  # frames went out: they fail with the worker
+                self._written += len(queue)
+                queue.clear()
+                self._queued_bytes = 0
+            return False
+        self._written += len(queue)
+        queue.clear()
+        self._queued_bytes = 0
+        if self._close_when_flushed:
+            self._close_fd()
+        return True
+
+    def _flush_some(self) -> None:
+        """Reader side: write queued frames in all-or-nothing pieces while the pipe takes them.
+
+        Never blocks: not on the lock (its holder re-checks after releasing it), not on the pipe (a
+        full pipe means the worker has requests to answer, and its replies bring us back here).
+        """
+        if not self._write_lock.acquire(False):
+            return
+        try:
+            queue = self._queue
+            while queue and not self._broken:
+                n = size = 0
+                for frame in queue:
+                    if size + len(frame) > _ATOMIC:
+                        break
+                    size += len(frame)
+                    n += 1
+                if n == 0:
+                    break  # only senders write large frames (they never leave one queued)
+                try:
+                    os.write(self._write_fd, queue[0] if n == 1 else b"".join(queue[:n]))
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self._broken = True
+                    break
+                self._written += n
+                self._queued_bytes -= size
+                del queue[:n]
+            if not queue and self._close_when_flushed:
+                self._close_fd()
+        finally:
+            self._write_lock.release()
 
     def _wait_for_space(self, block: bool, deadline: float | None = None) -> None:
         # Approximate by design: several threads may pass the check at once, so the bound can be
@@ -269,6 +402,12 @@ class ProcessChannel:
         """Cancel a sent request the worker has not started. True: it will never run."""
         if self._board is None or self.dead or not self._board.cancel(seq):
             return False
+        with self._write_lock:
+            self._cancelled += 1  # no reply will come for it
+            # Replies drive the queue, and this one will not come: a pipe full of cancelled frames
+            # would leave the queue waiting for a reply that never arrives. Write it now.
+            self._flush()
+        self._after_unlock()
         return self.pending.pop(req_id, None) is not None
 
     def wake_reader(self) -> None:
@@ -280,12 +419,15 @@ class ProcessChannel:
 
     def _deliver(self, data: bytes) -> None:
         pending = self.pending
-        for frame in self._frames.feed(data):
+        frames = self._frames.feed(data)
+        self._answered += len(frames)
+        for frame in frames:
             req_id, status, body = unpack_plain(frame)  # type: ignore[arg-type]
             sink = pending.pop(req_id, None)
             if sink is not None:
                 sink.deliver(status, body)
             elif status == RETIRING:
+                self._answered -= 1  # a notice, not a reply
                 self.retire()
         if self._space_waiters:
             with self._space:
@@ -304,6 +446,8 @@ class ProcessChannel:
             self.kill()  # EOF with the process still running (it closed its pipe): make it final
             return False
         self._deliver(data)
+        if self._queue:
+            self._flush_some()  # the worker is answering: give it what has queued meanwhile
         return True
 
     def await_reply(self, req_id: int, waiter: Any, timeout: float | None) -> bool:
@@ -363,9 +507,9 @@ class ProcessChannel:
         """After the process exited: deliver replies it wrote before dying, then close the pipes."""
         with self._write_lock:
             self.dead = True
-            if self._write_fd >= 0:
-                os.close(self._write_fd)
-                self._write_fd = -1
+            self._queue.clear()  # their sinks are pending: the router fails them with the crash
+            self._queued_bytes = 0
+            self._close_fd()
         self._need_reader.set()
         if self._read_lock.acquire(timeout=_ORPHAN_WAIT):
             try:
@@ -396,14 +540,22 @@ class ProcessChannel:
         """Stop sending here; the worker answers what it has, sees EOF and exits; the slot restarts."""
         log.info("slot %d: worker pid %d reached its recycling limits; replacing it", self.slot, self.pid)
         self.retiring = True
-        self.close_input()
+        # Called by a reader, which must not block: queued frames are written by later reads.
+        self._close_when_flushed = True
+        self._flush_some()
 
     def close_input(self) -> None:
-        """Close the request pipe: the worker finishes what it has read, replies, and exits."""
+        """Close the request pipe once the queue is written: the worker answers all it was sent,
+        and exits on EOF."""
         with self._write_lock:
-            if self._write_fd >= 0:
-                os.close(self._write_fd)
-                self._write_fd = -1
+            self._close_when_flushed = True
+            self._flush()
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._write_fd >= 0:
+            os.close(self._write_fd)
+            self._write_fd = -1
 
     def kill(self) -> None:
         if self.process.returncode is None:

@@ -51,7 +51,7 @@ from ._protocol import (
     pack_value,
     unpack_plain,
 )
-from ._replies import DISCARD, FAILED, Deadlines, FutureSink, Waiter, rebuild_error
+from ._replies import DISCARD, FAILED, Deadlines, PoolFuture, Waiter, rebuild_error
 from ._router import DEFAULT_MAX_IN_FLIGHT, Router
 from ._session import resolve_session, session_scope, validate_session_id
 
@@ -137,8 +137,9 @@ class _Api:
     # The one boundary: session resolved once; slot and payload both come from that one value.
     def _prepare(self, op: str, ref: WireRef | None, fields: list[Any]) -> tuple[int, int, bytes]:
         pool = self._pool
+        router = pool._router
         session_id = resolve_session(ref.session_id if ref is not None else None, self._opts.session)
-        slot = pool._router.slot_for(session_id)
+        slot = slot_for(session_id, router.n_slots)
         if ref is not None:
             if isinstance(ref, Ref) and ref._api._pool is not pool:
                 raise ValueError(f"{ref!r} belongs to another pool")
@@ -150,7 +151,7 @@ class _Api:
                     f"{pool._router.generation(slot)}; the session's objects are gone"
                 )
         body = pack_value(fields, session_id, pool)
-        req_id = pool._router.next_id()
+        req_id = router.next_id()
         return slot, req_id, pack_plain([req_id, op, session_id, body])
 
     def _run(self, op: str, ref: WireRef | None, fields: list[Any], decode: Callable[[int, Any], Any]) -> Any:
@@ -182,15 +183,15 @@ class _Api:
         slot, req_id, data = self._prepare(op, ref, fields)
         if pool._discards:
             pool._flush_discards()
-        sink = FutureSink(decode)
+        future = PoolFuture(decode)
         timeout = self._opts.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        channel = pool._router.send(slot, req_id, data, sink, block=self._opts.block, deadline=deadline)
-        sink.future._target = (channel, req_id, sink)  # type: ignore[attr-defined]
+        channel = pool._router.send(slot, req_id, data, future, block=self._opts.block, deadline=deadline)
+        future._target = (channel, req_id)
         if deadline is not None:
-            pool._deadlines.add(deadline, channel, req_id, sink, slot, f"{op} did not finish within {timeout}s",
+            pool._deadlines.add(deadline, channel, req_id, future, slot, f"{op} did not finish within {timeout}s",
                                 self._opts.on_timeout == "restart")
-        return sink.future
+        return future
 
     def _value(self, status: int, body: Any) -> Any:
         if status == OK:
@@ -313,10 +314,14 @@ class _Api:
 
     def call(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` in the session's worker. ``fn``: dotted path, callable or Ref."""
+        if type(fn) is str:  # the hot path: _req_call's request, built without the generic builder
+            return self._run(OP_CALL, None, [fn, list(args), kwargs, self._opts.ret], self._value)
         return self._run(*self._req_call(fn, args, kwargs))
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Like :meth:`call`, returning a ``concurrent.futures.Future``."""
+        if type(fn) is str:  # as in call()
+            return self._submit(OP_CALL, None, [fn, list(args), kwargs, self._opts.ret], self._value)  # type: ignore[no-any-return]
         return self._submit(*self._req_call(fn, args, kwargs))  # type: ignore[no-any-return]
 
     def create(self, cls: Any, /, *args: Any, **kwargs: Any) -> Ref:

@@ -4,8 +4,8 @@ A *sink* receives one reply, from whichever thread reads it (a caller leading th
 channel's background reader) or a failure (the worker died, the pool closed, the deadline passed):
 
 * :class:`Waiter` — a caller blocked in ``pool.call``: a pre-acquired lock the reader releases;
-* :class:`FutureSink` / :class:`PoolFuture` — ``pool.submit``: a ``concurrent.futures.Future``
-  that stays pending until its reply and whose ``cancel()`` reaches the worker;
+* :class:`PoolFuture` — ``pool.submit``: a ``concurrent.futures.Future`` that is its own sink,
+  stays pending until its reply, and whose ``cancel()`` reaches the worker;
 * :class:`Discard` — fire-and-forget releases (dropped handles).
 
 :func:`rebuild_error` turns an error reply back into the exception it stands for, and
@@ -62,50 +62,107 @@ class Waiter(Sink):
         return self._lock.acquire(True, -1 if timeout is None else timeout)
 
 
-class PoolFuture(concurrent.futures.Future[Any]):
-    """A Future that stays pending until its reply, and whose ``cancel()`` reaches the worker.
+_PENDING = concurrent.futures._base.PENDING
+_FINISHED = concurrent.futures._base.FINISHED
+_DONE_STATES = (concurrent.futures._base.CANCELLED, concurrent.futures._base.CANCELLED_AND_NOTIFIED, _FINISHED)
+_SEALED = object()  # in place of the Condition of a future settled before anyone needed one
 
-    ``cancel()`` returns True only if the worker had not started the call — it then never runs
-    (see _cancel.py). A call that has started cannot be cancelled (False), as with
-    ``concurrent.futures``.
+
+class PoolFuture(concurrent.futures.Future[Any], Sink):
+    """The Future of ``pool.submit``: also the sink its reply is delivered to.
+
+    ``cancel()`` reaches the worker: it returns True only if the worker had not started the call —
+    it then never runs (see _cancel.py). A call that has started cannot be cancelled (False), as
+    with ``concurrent.futures``.
+
+    Cheap on the hot path. A stdlib Future builds a ``threading.Condition`` up front, and with it
+    the Future costs more than the rest of a submit; most futures of a burst are settled before
+    anyone waits on them. So the Condition is made on first use (the ``_condition`` property that
+    every stdlib method, ``wait()`` and ``as_completed()`` go through), and a future settled while
+    it has none is settled without one:
+
+    * the settler claims the slot with one atomic ``dict.setdefault(_cond, SEALED)``. It wins only
+      if no Condition exists — then nobody has registered a callback or a waiter, and it writes
+      the result and the state with no lock; else it settles the stdlib way, under the Condition.
+    * whoever needs the Condition after the seal waits the few bytecodes until the state is final
+      and gets a fresh Condition (a settled future never waits on it).
+
+    Only one party ever settles a given future: the reader that popped its sink from the channel's
+    pending table, or the canceller, timeout or crash that popped it instead (``dict.pop`` is atomic).
     """
 
-    _target: Any = None  # (channel, req_id, sink) once sent
-
-    def cancel(self) -> bool:
-        with self._condition:
-            if self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED"):
-                return True
-            if self._state != "PENDING":
-                return False
-        target = self._target
-        if target is None:
-            return False
-        channel, req_id, sink = target
-        if not channel.try_cancel(req_id, sink.seq):
-            return False
-        return super().cancel()
-
-
-class FutureSink(Sink):
-    __slots__ = ("decode", "future", "seq")
     cancellable = True
 
-    def __init__(self, decode: Callable[[int, Any], Any]) -> None:
-        self.future: concurrent.futures.Future[Any] = PoolFuture()
+    def __init__(self, decode: Callable[[int, Any], Any]) -> None:  # no super(): it would build the Condition
+        self._state = _PENDING
+        self._result = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
         self.decode = decode
         self.seq = 0
+        self._target: Any = None  # (channel, req_id) once sent
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        d = self.__dict__
+        cond = d.get("_cond")
+        if cond is None:
+            cond = d.setdefault("_cond", threading.Condition())
+        if cond is _SEALED:
+            while self._state == _PENDING:  # the settler is between its seal and its state write
+                time.sleep(0)
+            cond = d["_cond"] = threading.Condition()
+        return cond
+
+    # -- as a sink ---------------------------------------------------------------------
 
     def deliver(self, status: int, body: Any) -> None:
         try:
             value = self.decode(status, body)
         except BaseException as exc:
-            _settle(self.future, exc=exc)
+            self._settle(None, exc)
         else:
-            _settle(self.future, value=value)
+            self._settle(value, None)
 
     def fail(self, exc: BaseException) -> None:
-        _settle(self.future, exc=exc)
+        self._settle(None, exc)
+
+    def _settle(self, value: Any, exc: BaseException | None) -> None:
+        if self.__dict__.setdefault("_cond", _SEALED) is _SEALED:
+            if self._state == _PENDING:
+                self._result = value
+                self._exception = exc
+                self._state = _FINISHED  # last: it publishes the two fields above
+            return
+        try:
+            if exc is not None:
+                self.set_exception(exc)
+            else:
+                self.set_result(value)
+        except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+            pass
+
+    # -- the Future face ---------------------------------------------------------------
+
+    def done(self) -> bool:
+        return self._state in _DONE_STATES
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state == _FINISHED and self._exception is None:  # final once FINISHED
+            return self._result
+        return super().result(timeout)
+
+    def cancel(self) -> bool:
+        if self._state != _PENDING:
+            return self._state in _DONE_STATES[:2]
+        target = self._target
+        if target is None:
+            return False
+        channel, req_id = target
+        if not channel.try_cancel(req_id, self.seq):
+            return False
+        return super().cancel()
 
 
 class Discard(Sink):
@@ -121,16 +178,6 @@ class Discard(Sink):
 
 
 DISCARD = Discard()
-
-
-def _settle(future: concurrent.futures.Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(value)
-    except concurrent.futures.InvalidStateError:  # cancelled meanwhile
-        pass
 
 
 def rebuild_error(body: bytes) -> BaseException:

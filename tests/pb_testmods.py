@@ -39,6 +39,12 @@ def record_call(token: str, *args: Any, **kwargs: Any) -> str:
     return "ran"
 
 
+def log_seq(token: str, i: int) -> int:
+    """Appends ``i`` to the token's events: the order in which calls ran."""
+    EVENTS.setdefault(token, []).append(i)
+    return i
+
+
 def pop_events(token: str) -> list[Any]:
     return EVENTS.pop(token, [])
 

@@ -65,7 +65,8 @@ def _decode_request(frame: bytes) -> Any:
     )
 
 
-_PLAIN_TYPES = (str, int, float, bool, bytes, type(None))
+#: The exact types of a msgpack scalar as decoded here (no container, no ref, no extension).
+PLAIN_TYPES = frozenset((str, int, float, bool, bytes, type(None)))
 
 
 #: Deepest nesting accepted in a value (the worker's msgpack packer refuses deeper than 511).
@@ -76,19 +77,22 @@ def _check_value(value: Any, refs: list[WireRef]) -> None:
     """Reject what plain msgpack decoding may still produce but a value must not hold (timestamps,
     a stream tag used as a value, absurd nesting); collect the refs so their sessions can be checked."""
     t = type(value)
-    if t in _PLAIN_TYPES:
+    if t in PLAIN_TYPES:
         return
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         value, depth = stack.pop()
         t = type(value)
-        if t in _PLAIN_TYPES:
+        if t in PLAIN_TYPES:
             continue
         if t is list or t is dict:
             if depth >= MAX_DEPTH:
                 raise BadRequestError(f"a value is nested deeper than {MAX_DEPTH} levels")
-            items = value if t is list else [x for kv in value.items() for x in kv]
-            stack.extend((item, depth + 1) for item in items)
+            depth += 1
+            # Scalars need no visit; everything else is visited in the same order as ever.
+            for item in value if t is list else [x for kv in value.items() for x in kv]:
+                if type(item) not in PLAIN_TYPES:
+                    stack.append((item, depth))
         elif t is WireRef:
             refs.append(value)
         elif t is _StreamRef:
@@ -117,6 +121,8 @@ def _field(req: dict[Any, Any], name: str, types: type | tuple[type, ...], defau
         if default is _MISSING:
             raise BadRequestError(f"{req.get('op')!r} needs the field {name!r}")
         return default
+    if type(value) is types:  # the usual case: exactly the type asked for (bool only if asked)
+        return value
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
         names = "/".join(t.__name__ for t in _as_tuple(types))
         raise BadRequestError(f"field {name!r} must be {names}, got {type(value).__name__}")

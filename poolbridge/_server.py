@@ -3,15 +3,23 @@ speaks the public, map-based Port protocol (docs/protocol.md) to an Elixir (or a
 
 ::
 
-    client ──{packet,4} msgpack map──▶ reading thread: decode, validate, resolve session once
-                                          │ slot = router.slot_for(session)
-                                          └─▶ router.send(slot, ...) ──▶ worker[slot]
-    client ◀── reply map (completion order) ◀── _Reply.deliver (router reader thread) ◀──┘
+    client ──{packet,4} msgpack map──▶ ┌ the loop thread: poll(port in, wake pipe, reply fds) ┐
+                                       │  port in  → decode, validate, resolve session once  │
+                                       │             router.send(slot, ..., lead=True) ──────┼─▶ worker[slot]
+    client ◀── reply map ◀── _Output ◀─┤  reply fd → channel._read_once → _Reply.deliver ◀───┼── worker[slot]
+      (completion order)               └─────────────────────────────────────────────────────┘
 
-One thread reads requests and writes them to the workers; replies are encoded and written by the
-router's reader threads as they complete, under one output lock. Nothing the client sends is ever
-unpickled: client values are plain msgpack (any ext type is a ``bad_request``), and refs travel as
-tagged maps that become :class:`~poolbridge._protocol.WireRef` keys here.
+One thread does the common-case I/O: it polls the protocol input and the reply pipes of the
+channels it sent to, so a tiny call costs no thread hand-off on either side. Requests are sent with
+``lead=True`` (the channel's background reader stays parked); a reply fd is read by taking the
+channel's read lock *without blocking*: if someone else holds it (the background reader woken for
+a request sent off this thread, the monitor draining a dead worker), that reader reads everything
+pending, so the loop stops polling the fd until it next sends there. Requests for a slot that is
+restarting wait on a small thread pool and are sent with ``lead=False``: the new channel's
+background reader reads their replies. Replies are written under one output lock (stats and
+crash replies come from other threads). Nothing the client sends is ever unpickled: client values
+are plain msgpack (any ext type is a ``bad_request``), and refs travel as tagged maps that become
+:class:`~poolbridge._protocol.WireRef` keys here.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import concurrent.futures
 import fnmatch
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -38,11 +47,15 @@ from ._errors import (
     SessionLostError,
     SessionMismatchError,
 )
+from ._hashing import slot_for
 from ._pool import Pool
 from ._portwire import (
+    _RET,
+    PLAIN_TYPES,
     REF_TAG,
     STREAM_TAG,
     Request,
+    _check_value,
     _decode_request,
     _decode_value,
 )
@@ -60,6 +73,7 @@ from ._protocol import (
     OP_STREAM_CLOSE,
     OP_STREAM_NEXT,
     OP_STREAM_OPEN,
+    RET_AUTO,
     RET_REF,
     FrameReader,
     OversizedFrame,
@@ -79,8 +93,15 @@ log = logging.getLogger("poolbridge.server")
 __all__ = ["PROTOCOL_VERSION", "REF_TAG", "STREAM_TAG", "Server", "serve"]
 
 PROTOCOL_VERSION = 1
+
+_POLLIN = select.POLLIN
+# A session id of at most this many characters is at most 256 UTF-8 bytes (4 bytes a character at
+# most): the fast path skips encoding it to count; longer ones take the general path.
+_FAST_SESSION_CHARS = 64
+
+
 class _Stop(Exception):
-    """Raised by the SIGTERM handler to leave the read loop."""
+    """Raised by the SIGTERM handler during start-up (before the loop runs) to leave it."""
 
 
 class _Output:
@@ -223,10 +244,21 @@ class Server:
             max_in_flight=DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight,
         )
         self.router = self.pool._router
+        self._n_slots = self.router.n_slots
         self._side_threads: list[threading.Thread] = []
         self._restart_waits = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, workers), thread_name_prefix="poolbridge-restart-wait"
         )
+        # The loop's state (touched by the loop thread only, except _stopping and the wake pipe).
+        self._poller = select.poll()
+        self._watched: dict[int, Any] = {}  # reply fd -> the channel the loop reads it for
+        self._probes: dict[int, Any] = {}  # reply fd -> a poll object of that fd alone
+        self._packer = msgpack.Packer(use_bin_type=True)  # the loop thread's own (fast path)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)  # written from a signal handler: must never block
+        self._stopping = False
+        self.serving = False  # the loop runs: SIGTERM now means stop(), not an exception
         self._handlers: dict[str, Callable[[Request, Any], None]] = {
             OP_CALL: self._op_call,
             "create": self._op_create,
@@ -260,21 +292,48 @@ class Server:
         }
 
     def run(self) -> None:
-        """Send the hello frame, then serve until EOF on the input fd (or :class:`_Stop`)."""
-        self.out.write(self.hello())
-        reader = FrameReader(self.max_frame)
+        """Send the hello frame, then serve until EOF on the input fd, :meth:`stop` or :class:`_Stop`."""
         try:
-            while True:
-                data = os.read(self.in_fd, 1 << 16)
-                if not data:
-                    log.info("EOF on the protocol input: shutting down")
-                    return
-                for frame in reader.feed(data):
-                    self.handle_frame(frame)
-                if self.out.broken:
-                    return
+            self.out.write(self.hello())
+            in_fd, wake_r = self.in_fd, self._wake_r
+            poller = self._poller
+            poller.register(in_fd, _POLLIN)
+            poller.register(wake_r, _POLLIN)
+            reader = FrameReader(self.max_frame)
+            handle = self.handle_frame
+            read_channel = self._read_channel
+            self.serving = True
+            while not self._stopping:
+                for fd, _events in poller.poll():
+                    if fd == in_fd:
+                        data = os.read(in_fd, 1 << 16)
+                        if not data:
+                            log.info("EOF on the protocol input: shutting down")
+                            return
+                        for frame in reader.feed(data):
+                            handle(frame)
+                        if self.out.broken:
+                            return
+                    elif fd == wake_r:
+                        try:
+                            os.read(wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                    else:
+                        read_channel(fd)
+            log.info("SIGTERM: shutting down")
         except _Stop:
             log.info("SIGTERM: shutting down")
+        finally:
+            self.serving = False
+
+    def stop(self) -> None:
+        """Make :meth:`run` return soon. Safe from a signal handler (and from any thread)."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"s")
+        except OSError:  # full (a wake-up is pending anyway) or already closed
+            pass
 
     def close(self) -> None:
         # The client is gone (or asked us to go): in-flight work has nobody to reply to.
@@ -282,12 +341,66 @@ class Server:
         self._restart_waits.shutdown(wait=False, cancel_futures=True)
         for t in self._side_threads:
             t.join(1.0)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- reading replies on the loop ---------------------------------------------------------
+
+    def _watch(self, ch: Any) -> None:
+        """Poll ``ch``'s reply fd from now on (it was sent a request whose reply the loop reads)."""
+        fd = ch._read_fd
+        self._poller.register(fd, _POLLIN)  # re-registering a number a dead channel had is fine
+        self._watched[fd] = ch
+        probe = select.poll()
+        probe.register(fd, _POLLIN)
+        self._probes[fd] = probe
+
+    def _unwatch(self, fd: int, ch: Any) -> None:
+        if self._watched.get(fd) is ch:
+            del self._watched[fd]
+            del self._probes[fd]
+            self._poller.unregister(fd)
+
+    def _read_channel(self, fd: int) -> None:
+        """``fd`` (a reply pipe) is readable: read and deliver what it holds, never blocking."""
+        ch = self._watched.get(fd)
+        if ch is None:  # unwatched earlier in this same batch of events
+            return
+        lock = ch._read_lock
+        if not lock.acquire(False):
+            # Another reader holds it — the channel's background reader (woken for a request sent
+            # off this thread) or the monitor draining a dead worker. It reads everything pending;
+            # the loop polls this fd again once it sends here again (see _dispatch).
+            self._unwatch(fd, ch)
+            return
+        try:
+            if ch.dead or ch.eof:
+                # Dead: drain_and_close closes the fd under this lock after setting `dead`, so the
+                # number may already be closed or reused; the monitor fails what is left.
+                self._unwatch(fd, ch)
+                return
+            # poll() saw it readable before we held the lock; another reader may have emptied it
+            # since, and _read_once(None) would then block the loop. Check again, under the lock.
+            if not self._probes[fd].poll(0):
+                return
+            if not ch._read_once(None):  # EOF: _read_once killed the worker; the monitor takes over
+                self._unwatch(fd, ch)
+        except OSError as exc:  # not expected on a live pipe: make it a crash, never a hang
+            log.warning("slot %d: reading replies failed (%s); killing its worker", ch.slot, exc)
+            self._unwatch(fd, ch)
+            ch.kill()
+        finally:
+            lock.release()
 
     # -- dispatch --------------------------------------------------------------------------
 
     def handle_frame(self, frame: bytes | OversizedFrame) -> None:
         req_id: Any = None
-        if isinstance(frame, OversizedFrame):
+        if type(frame) is not bytes:
+            assert isinstance(frame, OversizedFrame)
             exc: BaseException = frame.error(self.max_frame)
             req_id = _id_from_head(frame.head)
             self.out.write(_error_reply(req_id, FrameTooLargeError.code, "FrameTooLargeError", str(exc), ""))
@@ -301,6 +414,16 @@ class Server:
             except Exception as exc:
                 req_id = _salvage_id(frame)
                 raise BadRequestError(f"undecodable frame: {exc}") from None
+            if type(req) is dict:
+                # The common case first: a well-formed call/create by dotted path with plain
+                # arguments. Anything unusual (or wrong) falls through to the general path, which
+                # validates everything again and replies with the usual typed errors.
+                req_id = req.get("id")
+                op = req.get("op")
+                if (op == "call" or op == "create") and (type(req_id) is int or type(req_id) is str):
+                    if self._fast_call(req, req_id, op):
+                        return
+                req_id = None
             if not isinstance(req, dict):
                 raise BadRequestError(f"a request must be a map, got {type(req).__name__}")
             req_id = req.get("id")
@@ -316,6 +439,78 @@ class Server:
             if not isinstance(exc, PoolbridgeError):
                 log.exception("request %r failed in the server", req_id)
             self.out.write(_exc_reply(req_id, exc))
+
+    def _fast_call(self, req: dict[Any, Any], req_id: Any, op: str) -> bool:
+        """Serve a plain ``call``/``create``: True when done, False to take the general path.
+
+        Never raises a request error of its own: it only declines what it does not fully check,
+        so every bad request still gets the general path's reply (same code, same message).
+        """
+        fn = req.get("fn")
+        session = req.get("session")
+        if (
+            type(fn) is not str
+            or not fn
+            or type(session) is not str
+            or not 0 < len(session) <= _FAST_SESSION_CHARS
+        ):
+            return False
+        args = req.get("args")
+        nested = False
+        if args is None:
+            args = []
+        elif type(args) is not list:
+            return False
+        else:
+            for a in args:
+                if type(a) not in PLAIN_TYPES:
+                    nested = True
+                    break
+        kwargs = req.get("kwargs")
+        if kwargs is None:
+            kwargs = {}
+        elif type(kwargs) is not dict:
+            return False
+        elif kwargs:
+            for k, v in kwargs.items():
+                if type(k) is not str:
+                    return False
+                if type(v) not in PLAIN_TYPES:
+                    nested = True
+        if op == "create":
+            ret = RET_REF
+        else:
+            ret_name = req.get("ret")
+            if ret_name is None:
+                ret = RET_AUTO
+            elif type(ret_name) is str and ret_name in _RET:
+                ret = _RET[ret_name]
+            else:
+                return False
+        if nested:
+            refs: list[WireRef] = []
+            try:
+                _check_value(args, refs)
+                _check_value(kwargs, refs)
+            except BadRequestError:
+                return False
+            if refs:  # refs need their session and generation checked: the general path does it
+                return False
+        if not self.allowed(fn):
+            return False
+        slot = slot_for(session, self._n_slots)
+        router = self.router
+        rid = router.next_id()
+        # Plain values only (no refs, no tuples): the plain packer writes the same bytes as
+        # pack_value. This Packer is the loop thread's own.
+        pack = self._packer.pack
+        try:
+            data = pack([rid, OP_CALL, session, pack([fn, args, kwargs, ret])])
+        except BaseException:
+            self._packer = msgpack.Packer(use_bin_type=True)  # a half-written buffer: start clean
+            raise
+        self._dispatch(slot, rid, data, _Reply(self.out, req_id, _VALUE))
+        return True
 
     def _session(self, r: Request) -> str:
         """The one session of a request: the ``session`` field, or the target ref's own session.
@@ -353,18 +548,27 @@ class Server:
         body = pack_value(fields, session_id)
         rid = router.next_id()
         data = pack_plain([rid, op, session_id, body])
-        reply = _Reply(self.out, req_id, kind)
+        self._dispatch(slot, rid, data, _Reply(self.out, req_id, kind))
+
+    def _dispatch(self, slot: int, rid: int, data: bytes, reply: Sink) -> None:
+        """Send one worker request from the loop; its reply is read by the loop."""
+        router = self.router
         if router.ready(slot):
-            # block=False: the reading thread never waits on one busy slot (that would stall every
-            # other slot's requests behind it); past max_in_flight the request gets `busy` instead.
-            router.send(slot, rid, data, reply, block=False)
+            # block=False: the loop never waits on one busy slot (that would stall every other
+            # slot's requests behind it); past max_in_flight the request gets `busy` instead.
+            # lead=True: the loop reads the reply (the channel's background reader stays parked).
+            ch = router.send(slot, rid, data, reply, lead=True, block=False)
+            if self._watched.get(ch._read_fd) is not ch:
+                self._watch(ch)  # a new channel (restart), or one another reader had taken over
         else:
-            # The slot is restarting after a crash (or busy): wait for it off the reading thread,
-            # so the other slots keep being served meanwhile.
+            # The slot is restarting after a crash (or busy): wait for it off the loop, so the
+            # other slots keep being served meanwhile.
             self._restart_waits.submit(self._send_when_ready, slot, rid, data, reply)
 
-    def _send_when_ready(self, slot: int, rid: int, data: bytes, reply: _Reply) -> None:
+    def _send_when_ready(self, slot: int, rid: int, data: bytes, reply: Sink) -> None:
         try:
+            # lead=False: this thread does not read, and the loop does not know this channel yet
+            # (nor is it woken for it): the channel's background reader reads the reply.
             self.router.send(slot, rid, data, reply, block=False)
         except BaseException as exc:
             reply.fail(exc)
@@ -440,7 +644,7 @@ class Server:
         session_id = self._session(r)
         slot = self.router.slot_for(session_id)
         rid = self.router.next_id()
-        self.router.send(slot, rid, pack_plain([rid, OP_PING, None, b""]), _PingReply(self.out, req_id), block=False)
+        self._dispatch(slot, rid, pack_plain([rid, OP_PING, None, b""]), _PingReply(self.out, req_id))
 
     def _op_slot_for(self, r: Request, req_id: Any) -> None:
         session_id = self._session(r)
@@ -567,11 +771,17 @@ def serve(
     """Run the Port server until EOF on its input or SIGTERM; returns the exit status."""
     in_fd, out_fd = _private_fds(fds)
 
+    server: Server | None = None
+
     def on_term(signum: int, frame: FrameType | None) -> None:
-        raise _Stop
+        # Once the loop runs, stop it through its wake pipe: an exception raised here could land
+        # anywhere, e.g. between taking a channel lock and the `try` that releases it.
+        if server is not None and server.serving:
+            server.stop()
+            return
+        raise _Stop  # start-up: leave whatever is being set up
 
     previous = signal.signal(signal.SIGTERM, on_term)
-    server: Server | None = None
     try:
         server = Server(
             in_fd,

@@ -594,3 +594,177 @@ def test_fds_mode() -> None:
     proc.stdout.close()
     assert proc.returncode == 0
     assert _wait_gone(workers) == []
+
+
+# -- the server's poll loop -------------------------------------------------------------------------
+
+
+def _two_slot_sessions(server: Server) -> tuple[str, str]:
+    """Two sessions on different slots of a 2-worker server."""
+    by_slot: dict[int, str] = {}
+    for i in range(100):
+        by_slot.setdefault(server.ok("slot_for", session=f"loop-{i}"), f"loop-{i}")
+        if len(by_slot) == 2:
+            return by_slot[0], by_slot[1]
+    raise AssertionError("no session found for one of the slots")
+
+
+def _server_cpu(server: Server) -> float:
+    times = psutil.Process(server.proc.pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def test_replies_taken_over_by_a_background_reader_are_not_lost(server: Server) -> None:
+    """`stats` is sent with lead=False (its channel's background reader reads the reply and, while
+    it holds the read lock, every other pending reply): the loop must leave it the fd, then poll it
+    again once it sends there again — no reply lost, none read twice, no spinning meanwhile."""
+    a, b = _two_slot_sessions(server)
+    expected: dict[int, Any] = {}
+    for round_ in range(15):
+        for i in range(4):
+            expected[server.send("call", session=a, fn="operator.add", args=[round_, i])] = round_ + i
+            expected[server.send("call", session=b, fn="operator.mul", args=[round_, i])] = round_ * i
+        expected[server.send("stats")] = None
+    got: dict[int, Any] = {}
+    while len(got) < len(expected):
+        reply = server.recv()
+        assert reply["id"] not in got, reply
+        assert reply["status"] == "ok", reply
+        got[reply["id"]] = reply["value"]
+    assert {k: v for k, v in got.items() if expected[k] is not None} == {
+        k: v for k, v in expected.items() if v is not None
+    }
+    # Idle but for a worker-side sleep: a loop spinning on a reply fd would burn the whole 0.5 s.
+    before = _server_cpu(server)
+    assert server.ok("call", session=a, fn="time.sleep", args=[0.5]) is None
+    assert _server_cpu(server) - before < 0.25
+
+
+def test_worker_killed_while_the_loop_reads_it() -> None:
+    s = Server(workers=2)
+    try:
+        a, b = _two_slot_sessions(s)
+        pid = s.ok("call", session=a, fn="os.getpid")
+        ids = [s.send("call", session=a, fn="pb_test_helpers.sleep_then", args=[0.02, i]) for i in range(30)]
+        replies: dict[int, Any] = {}
+        first = s.recv()  # the loop is reading that worker's replies as they come
+        replies[first["id"]] = first
+        os.kill(pid, signal.SIGKILL)
+        while len(replies) < len(ids):
+            reply = s.recv()
+            replies[reply["id"]] = reply
+        codes = {r["status"] if r["status"] == "ok" else r["error"]["code"] for r in replies.values()}
+        assert codes <= {"ok", "worker_crashed"} and "worker_crashed" in codes, codes
+        # The dead pipe (EOF, then closed by the monitor) must not keep the loop busy.
+        before = _server_cpu(s)
+        assert s.ok("call", session=b, fn="time.sleep", args=[0.5]) is None
+        assert _server_cpu(s) - before < 0.25
+        assert s.ok("call", session=a, fn="operator.add", args=[1, 2]) == 3  # the new channel is read
+        assert s.ok("ping", session=a)["pid"] != pid
+    finally:
+        s.close()
+    assert s.proc.returncode == 0
+
+
+class _InProcess:
+    """A :class:`poolbridge._server.Server` in this process, its loop on a thread, on two pipes."""
+
+    def __init__(self, workers: int = 2) -> None:
+        from poolbridge._protocol import FrameReader
+        from poolbridge._server import Server as PortServer
+
+        req_r, self.req_w = os.pipe()
+        self.rep_r, rep_w = os.pipe()
+        self.fds = [req_r, rep_w]
+        self.server = PortServer(req_r, rep_w, workers=workers)
+        self.frames = FrameReader()
+        self.ready: list[Any] = []
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.hello = self.recv()
+
+    def send(self, req_id: int, op: str, **fields: Any) -> None:
+        os.write(self.req_w, frame({"id": req_id, "op": op, **fields}))
+
+    def recv(self) -> Any:
+        import select
+
+        deadline = time.monotonic() + WAIT
+        while not self.ready:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0 and select.select([self.rep_r], [], [], remaining)[0], "no reply"
+            data = os.read(self.rep_r, 1 << 16)
+            assert data, "EOF"
+            self.ready.extend(msgpack.unpackb(f, raw=False) for f in self.frames.feed(data))
+        return self.ready.pop(0)
+
+    def close(self) -> None:
+        os.close(self.req_w)  # EOF: the loop returns
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive()
+        self.server.close()
+        for fd in (*self.fds, self.rep_r):
+            os.close(fd)
+
+
+def test_request_to_a_restarting_slot_is_answered_by_the_new_worker() -> None:
+    """Requests arriving while their slot restarts wait off the loop (the other slot keeps being
+    served), then run on the new worker; the loop then reads the new channel's replies itself."""
+    s = _InProcess(workers=2)
+    try:
+        router = s.server.router
+        a = next(f"r-{i}" for i in range(100) if router.slot_for(f"r-{i}") == 0)
+        b = next(f"r-{i}" for i in range(100) if router.slot_for(f"r-{i}") == 1)
+        factory = router._factory
+        restarting, go_on = threading.Event(), threading.Event()
+
+        def gated_factory(r: Any, slot: int, generation: int) -> Any:
+            if generation > 0:
+                restarting.set()
+                assert go_on.wait(WAIT)
+            return factory(r, slot, generation)
+
+        router._factory = gated_factory
+        s.send(1, "call", session=a, fn="os._exit", args=[3])
+        assert s.recv()["error"]["code"] == "worker_crashed"
+        assert restarting.wait(WAIT)  # slot 0 is restarting, held in the factory
+        assert not router.ready(0)
+        for i in range(5):
+            s.send(10 + i, "call", session=a, fn="operator.add", args=[i, 100])
+        s.send(20, "call", session=b, fn="operator.add", args=[1, 1])
+        assert s.recv() == {"id": 20, "status": "ok", "value": 2}  # the loop was not held up
+        go_on.set()
+        got: dict[int, Any] = {}
+        for _ in range(5):
+            reply = s.recv()
+            got[reply["id"]] = reply["value"]
+        assert got == {10 + i: i + 100 for i in range(5)}
+        # Sent by the loop to the new channel, read by the loop (or the reader that took it over).
+        for i in range(30):
+            s.send(100 + i, "call", session=a, fn="operator.mul", args=[i, 2])
+        got = {}
+        for _ in range(30):
+            reply = s.recv()
+            got[reply["id"]] = reply["value"]
+        assert got == {100 + i: 2 * i for i in range(30)}
+        s.send(200, "ping", session=a)
+        assert s.recv()["value"]["generation"] == 1
+    finally:
+        s.close()
+
+
+def test_sigterm_while_requests_stream_in() -> None:
+    s = Server(workers=2)
+    workers = s.worker_pids()
+    a, b = _two_slot_sessions(s)
+    s.send_raw(b"".join(frame({"id": i, "op": "call", "session": (a, b)[i % 2], "fn": "operator.add",
+                               "args": [i, 1]}) for i in range(2000)))
+    s.recv()  # serving them now
+    started = time.monotonic()
+    s.proc.send_signal(signal.SIGTERM)
+    s.proc.wait(WAIT)
+    elapsed = time.monotonic() - started
+    s.close()
+    assert elapsed < 1.0, elapsed
+    assert s.proc.returncode == 0
+    assert _wait_gone(workers, 2.0) == []

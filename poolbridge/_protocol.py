@@ -192,13 +192,23 @@ class _EncoderState(threading.local):
     def __init__(self) -> None:
         self.session: str | None = None
         self.owner: object = None  # the pool whose refs may be arguments (None: any)
-        self.depth = 0
+        # Tried first: plain msgpack values need no session context. Anything needing an
+        # extension type (tuple, ref, pickle) stops it at once and takes `value` with context.
+        self.fast = msgpack.Packer(default=_needs_context, strict_types=True, use_bin_type=True)
         self.value = msgpack.Packer(default=_default, strict_types=True, use_bin_type=True)
         self.plain = msgpack.Packer(use_bin_type=True)
 
 
 def encoding_session() -> str | None:
     return _encoding.session
+
+
+class _NeedsContext(Exception):
+    pass
+
+
+def _needs_context(obj: Any) -> Any:
+    raise _NeedsContext
 
 
 def _default(obj: Any) -> msgpack.ExtType:
@@ -231,6 +241,13 @@ def pack_value(obj: Any, session: str | None = None, owner: object = None) -> by
     """Encode ``obj`` for the embedded channel; ref arguments must belong to ``session`` (and to
     the pool ``owner``, when given)."""
     state = _encoding
+    try:
+        return state.fast.pack(obj)  # type: ignore[no-any-return]
+    except _NeedsContext:
+        state.fast.reset()  # the buffer holds the part packed before the stop
+    except BaseException:
+        state.fast = msgpack.Packer(default=_needs_context, strict_types=True, use_bin_type=True)
+        raise
     state.session = session
     state.owner = owner
     try:

@@ -211,6 +211,7 @@ class ProcessChannel:
         self._read_lock = threading.Lock()
         self._frames = FrameReader()
         self._need_reader = threading.Event()
+        self._probe: Any = None  # a poll object of the reply pipe alone (try_read)
         self._bg_active = False
         self._space = threading.Condition()
         self._space_waiters = 0
@@ -228,6 +229,8 @@ class ProcessChannel:
         self._board = CancelBoard.create()
         options = dict(router.worker_options, n_slots=router.n_slots)
         self.process: subprocess.Popen[bytes]
+        self._write_fd: int
+        self._read_fd: int
         try:
             self.process, self._write_fd, self._read_fd = router.spawner.run(
                 lambda: _spawn(slot, generation, options, self._board)
@@ -449,6 +452,38 @@ class ProcessChannel:
         if self._queue:
             self._flush_some()  # the worker is answering: give it what has queued meanwhile
         return True
+
+    @property
+    def read_fd(self) -> int:
+        """The reply pipe, for an owner that polls it and calls :meth:`try_read` (the Port server)."""
+        return self._read_fd
+
+    def try_read(self) -> bool:
+        """Read and deliver what the reply pipe holds now, never blocking (for a poll loop).
+
+        False: stop polling this channel — another reader holds the pipe (the background reader,
+        or the monitor draining a dead worker: it reads everything pending), or the channel is
+        finished (dead, EOF). An unexpected read error kills the worker: a crash, never a hang.
+        """
+        if not self._read_lock.acquire(False):
+            return False
+        try:
+            if self.dead or self.eof:
+                return False  # drain_and_close may have closed the fd already: do not touch it
+            if self._probe is None:
+                self._probe = select.poll()
+                self._probe.register(self._read_fd, select.POLLIN)
+            # The poll loop saw the pipe readable before we held the lock; another reader may
+            # have emptied it since, and a read would then block.
+            if not self._probe.poll(0):
+                return True
+            return self._read_once(None)
+        except OSError as exc:
+            log.warning("slot %d: reading replies failed (%s); killing its worker", self.slot, exc)
+            self.kill()
+            return False
+        finally:
+            self._read_lock.release()
 
     def await_reply(self, req_id: int, waiter: Any, timeout: float | None) -> bool:
         """Block until ``waiter`` has its reply; lead the reading when nobody else is. False on timeout."""

@@ -6,7 +6,7 @@ speaks the public, map-based Port protocol (docs/protocol.md) to an Elixir (or a
     client ──{packet,4} msgpack map──▶ ┌ the loop thread: poll(port in, wake pipe, reply fds) ┐
                                        │  port in  → decode, validate, resolve session once  │
                                        │             router.send(slot, ..., lead=True) ──────┼─▶ worker[slot]
-    client ◀── reply map ◀── _Output ◀─┤  reply fd → channel._read_once → _Reply.deliver ◀───┼── worker[slot]
+    client ◀── reply map ◀── _Output ◀─┤  reply fd → channel.try_read  → _Reply.deliver ◀───┼── worker[slot]
       (completion order)               └─────────────────────────────────────────────────────┘
 
 One thread does the common-case I/O: it polls the protocol input and the reply pipes of the
@@ -252,7 +252,6 @@ class Server:
         # The loop's state (touched by the loop thread only, except _stopping and the wake pipe).
         self._poller = select.poll()
         self._watched: dict[int, Any] = {}  # reply fd -> the channel the loop reads it for
-        self._probes: dict[int, Any] = {}  # reply fd -> a poll object of that fd alone
         self._packer = msgpack.Packer(use_bin_type=True)  # the loop thread's own (fast path)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -351,49 +350,20 @@ class Server:
 
     def _watch(self, ch: Any) -> None:
         """Poll ``ch``'s reply fd from now on (it was sent a request whose reply the loop reads)."""
-        fd = ch._read_fd
+        fd = ch.read_fd
         self._poller.register(fd, _POLLIN)  # re-registering a number a dead channel had is fine
         self._watched[fd] = ch
-        probe = select.poll()
-        probe.register(fd, _POLLIN)
-        self._probes[fd] = probe
-
-    def _unwatch(self, fd: int, ch: Any) -> None:
-        if self._watched.get(fd) is ch:
-            del self._watched[fd]
-            del self._probes[fd]
-            self._poller.unregister(fd)
 
     def _read_channel(self, fd: int) -> None:
         """``fd`` (a reply pipe) is readable: read and deliver what it holds, never blocking."""
         ch = self._watched.get(fd)
         if ch is None:  # unwatched earlier in this same batch of events
             return
-        lock = ch._read_lock
-        if not lock.acquire(False):
-            # Another reader holds it — the channel's background reader (woken for a request sent
-            # off this thread) or the monitor draining a dead worker. It reads everything pending;
-            # the loop polls this fd again once it sends here again (see _dispatch).
-            self._unwatch(fd, ch)
-            return
-        try:
-            if ch.dead or ch.eof:
-                # Dead: drain_and_close closes the fd under this lock after setting `dead`, so the
-                # number may already be closed or reused; the monitor fails what is left.
-                self._unwatch(fd, ch)
-                return
-            # poll() saw it readable before we held the lock; another reader may have emptied it
-            # since, and _read_once(None) would then block the loop. Check again, under the lock.
-            if not self._probes[fd].poll(0):
-                return
-            if not ch._read_once(None):  # EOF: _read_once killed the worker; the monitor takes over
-                self._unwatch(fd, ch)
-        except OSError as exc:  # not expected on a live pipe: make it a crash, never a hang
-            log.warning("slot %d: reading replies failed (%s); killing its worker", ch.slot, exc)
-            self._unwatch(fd, ch)
-            ch.kill()
-        finally:
-            lock.release()
+        if not ch.try_read():
+            # Another reader took the pipe over (it reads everything pending; the loop polls it
+            # again once it sends there again, see _dispatch), or the channel is finished.
+            del self._watched[fd]
+            self._poller.unregister(fd)
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -558,7 +528,7 @@ class Server:
             # slot's requests behind it); past max_in_flight the request gets `busy` instead.
             # lead=True: the loop reads the reply (the channel's background reader stays parked).
             ch = router.send(slot, rid, data, reply, lead=True, block=False)
-            if self._watched.get(ch._read_fd) is not ch:
+            if self._watched.get(ch.read_fd) is not ch:
                 self._watch(ch)  # a new channel (restart), or one another reader had taken over
         else:
             # The slot is restarting after a crash (or busy): wait for it off the loop, so the

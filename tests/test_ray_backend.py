@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -364,3 +365,39 @@ def test_ray_init_arguments_for_a_local_start() -> None:
     assert kwargs["runtime_env"]["env_vars"]["PYTHONPATH"].split(os.pathsep)[0] in sys.path
     # Joining a cluster: nothing is added (num_cpus would be an error there).
     assert _init_kwargs({"address": "ray://head:10001"}, 8) == {"address": "ray://head:10001"}
+
+
+_CYCLE_AT_SHUTDOWN = """
+import gc, sys
+import ray
+from poolbridge import Pool
+
+seen = []
+
+
+class Holder:
+    def __del__(self):
+        seen.append(ray.is_initialized())
+
+
+pool = Pool(workers=1, backend="ray", ray_init=RAY_INIT)
+assert pool.call("operator.add", 1, 2) == 3
+holder = Holder()
+holder.me = holder  # a reference cycle: only the cycle collector frees it
+holder.ref = ray.put(b"x")
+del holder
+gc.disable()  # no automatic collection: only poolbridge's own may free it in time
+pool.close()
+sys.stdout.write(f"{seen} {ray.is_initialized()}\\n")
+"""
+
+
+def test_garbage_holding_ray_objects_is_freed_before_poolbridge_shuts_ray_down() -> None:
+    """Cyclic garbage holding a Ray object ref is collected while Ray is still up when the last
+    poolbridge Ray pool closes: freed after ``ray.shutdown()``, an object ref reaches into a
+    torn-down core worker (seen as rare interpreter crashes in a later garbage collection)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    script = f"RAY_INIT = {RAY_INIT!r}\n" + _CYCLE_AT_SHUTDOWN
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[True] False"

@@ -31,6 +31,7 @@ the application called ``ray.init`` itself, poolbridge neither re-initialises no
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
 import logging
 import os
@@ -191,6 +192,10 @@ class _Runtime:
                 self._owned = False
                 if ray.is_initialized():
                     log.info("shutting down the Ray instance poolbridge started")
+                    # Garbage that still holds Ray objects (actor handles, object refs, in
+                    # reference cycles) must be freed while Ray is up: freed after the shutdown,
+                    # they reach into a torn-down core worker.
+                    gc.collect()
                     ray.shutdown()
 
     @property

@@ -5,12 +5,15 @@
 Three loops in turns, one process, best and median of 5 rounds of 3000 calls each:
 
 * ``raw``: the raw ping-pong baseline (``_baselines.RawEcho``);
-* ``raw caller + pool worker``: a bare loop that writes poolbridge request frames straight into a
-  pool worker's request pipe and reads its reply pipe — poolbridge's worker, no poolbridge caller;
+* ``raw caller + pool worker``: a bare loop that writes a ready request frame straight into a pool
+  worker's request pipe and reads its reply pipe — poolbridge's worker, no poolbridge caller;
+* ``minimal caller``: the same pipes, with only what every call must do in the caller — resolve
+  the session, hash it to a slot, encode the request, register the reply, write, read, decode —
+  and none of the rest (timeouts, restarts, concurrency, leader/follower reading);
 * ``pool.call``: the whole thing.
 
-The first ratio is the worker's share of the overhead, the second the whole overhead. (It reads a
-channel's private pipe ends: a measuring tool, not an example.)
+The ratios to ``raw`` split the overhead: the worker's share, the unavoidable per-call Python in
+the caller, and the rest. (It uses a channel's private pipe ends: a measuring tool, not an example.)
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _baselines import RawEcho  # noqa: E402
 
 from poolbridge import Pool  # noqa: E402
+from poolbridge._hashing import slot_for  # noqa: E402
 from poolbridge._protocol import OP_CALL, encode_frame, pack_plain, pack_value, unpack_plain  # noqa: E402
+from poolbridge._replies import Waiter  # noqa: E402
+from poolbridge._session import resolve_session  # noqa: E402
 
 
 def _rounds(fn: Callable[[], Any], n: int = 3000) -> tuple[float, float]:
@@ -54,11 +60,33 @@ def main() -> None:
             os.write(wfd, frame)
             return unpack_plain(os.read(rfd, 1 << 16)[4:])
 
+        router = pool._router
+        ids = router._ids
+
+        def minimal() -> Any:
+            session_id = resolve_session(None, None)
+            slot = slot_for(session_id, router.n_slots)
+            body = pack_value(["operator.add", [1, 2], {}, 0], session_id, pool)
+            req_id = next(ids)
+            data = encode_frame(pack_plain([req_id, OP_CALL, session_id, body]))
+            ch = router.channels()[slot]
+            ch.pending[req_id] = Waiter()
+            os.write(wfd, data)
+            got_id, _status, value = unpack_plain(os.read(rfd, 1 << 16)[4:])
+            ch.pending.pop(got_id)
+            return pool._unpack(value)
+
         for _ in range(3):
-            a, b, c = _rounds(raw.ping), _rounds(bare), _rounds(lambda: pool.call("operator.add", 1, 2))
+            a, b, m, c = (
+                _rounds(raw.ping),
+                _rounds(bare),
+                _rounds(minimal),
+                _rounds(lambda: pool.call("operator.add", 1, 2)),
+            )
             sys.stdout.write(
                 f"raw {a[0]:5.1f} µs (median {a[1]:5.1f}) | raw caller + pool worker {b[0]:5.1f} µs "
-                f"({b[0] / a[0]:.2f}×) | pool.call {c[0]:5.1f} µs ({c[0] / a[0]:.2f}×)\n"
+                f"({b[0] / a[0]:.2f}×) | minimal caller {m[0]:5.1f} µs ({m[0] / a[0]:.2f}×) | "
+                f"pool.call {c[0]:5.1f} µs ({c[0] / a[0]:.2f}×)\n"
             )
         os.set_blocking(wfd, False)
     raw.close()

@@ -15,15 +15,17 @@ channels it sent to, so a tiny call costs no thread hand-off on either side. Req
 channel's read lock *without blocking*: if someone else holds it (the background reader woken for
 a request sent off this thread, the monitor draining a dead worker), that reader reads everything
 pending, so the loop stops polling the fd until it next sends there. Requests for a slot that is
-restarting wait on a small thread pool and are sent with ``lead=False``: the new channel's
-background reader reads their replies. Replies are written under one output lock (stats and
-crash replies come from other threads). Nothing the client sends is ever unpickled: client values
-are plain msgpack (any ext type is a ``bad_request``), and refs travel as tagged maps that become
+restarting wait off the loop, in arrival order (later ones for that slot queue behind them), and
+are sent with ``lead=False``: the new channel's background reader reads their replies. Replies
+are written under one output lock (stats and crash replies come from other threads). Nothing
+the client sends is ever unpickled: client values are plain msgpack (any ext type is a
+``bad_request``), and refs travel as tagged maps that become
 :class:`~poolbridge._protocol.WireRef` keys here.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import fnmatch
 import logging
@@ -246,6 +248,9 @@ class Server:
         self.router = self.pool._router
         self._n_slots = self.router.n_slots
         self._side_threads: list[threading.Thread] = []
+        # Requests waiting for their slot, per slot, in arrival order (see _dispatch).
+        self._held: dict[int, collections.deque[tuple[int, bytes, Sink]]] = {}
+        self._held_lock = threading.Lock()
         self._restart_waits = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, workers), thread_name_prefix="poolbridge-restart-wait"
         )
@@ -521,27 +526,46 @@ class Server:
         self._dispatch(slot, rid, data, _Reply(self.out, req_id, kind))
 
     def _dispatch(self, slot: int, rid: int, data: bytes, reply: Sink) -> None:
-        """Send one worker request from the loop; its reply is read by the loop."""
+        """Send one worker request from the loop; its reply is read by the loop.
+
+        Requests reach a slot in the order they arrived: while any wait for the slot (it is
+        restarting, or was busy), later ones queue behind them instead of overtaking.
+        """
         router = self.router
-        if router.ready(slot):
+        # Only this thread adds a slot to _held, so "absent" cannot change under us.
+        if slot not in self._held and router.ready(slot):
             # block=False: the loop never waits on one busy slot (that would stall every other
             # slot's requests behind it); past max_in_flight the request gets `busy` instead.
             # lead=True: the loop reads the reply (the channel's background reader stays parked).
             ch = router.send(slot, rid, data, reply, lead=True, block=False)
             if self._watched.get(ch.read_fd) is not ch:
                 self._watch(ch)  # a new channel (restart), or one another reader had taken over
-        else:
-            # The slot is restarting after a crash (or busy): wait for it off the loop, so the
-            # other slots keep being served meanwhile.
-            self._restart_waits.submit(self._send_when_ready, slot, rid, data, reply)
+            return
+        # The slot is restarting after a crash (or busy): its requests wait off the loop, in
+        # order, so the other slots keep being served meanwhile.
+        with self._held_lock:
+            held = self._held.get(slot)
+            if held is not None:
+                held.append((rid, data, reply))
+                return
+            self._held[slot] = collections.deque([(rid, data, reply)])
+        self._restart_waits.submit(self._send_held, slot)
 
-    def _send_when_ready(self, slot: int, rid: int, data: bytes, reply: Sink) -> None:
-        try:
-            # lead=False: this thread does not read, and the loop does not know this channel yet
-            # (nor is it woken for it): the channel's background reader reads the reply.
-            self.router.send(slot, rid, data, reply, block=False)
-        except BaseException as exc:
-            reply.fail(exc)
+    def _send_held(self, slot: int) -> None:
+        """Send a slot's held requests in arrival order, then let the loop send directly again."""
+        while True:
+            with self._held_lock:
+                held = self._held[slot]
+                if not held:
+                    del self._held[slot]
+                    return
+                rid, data, reply = held.popleft()
+            try:
+                # Waits (bounded) for a restarting slot. lead=False: this thread does not read,
+                # and the loop is not woken for this channel: its background reader reads the reply.
+                self.router.send(slot, rid, data, reply, block=False)
+            except BaseException as exc:
+                reply.fail(exc)
 
     def _check_ref(self, ref: WireRef, slot: int) -> None:
         if ref.slot != slot:

@@ -753,6 +753,43 @@ def test_request_to_a_restarting_slot_is_answered_by_the_new_worker() -> None:
         s.close()
 
 
+def test_requests_held_for_a_restarting_slot_keep_their_order() -> None:
+    """A session's requests that arrive while its slot restarts run in arrival order, and so do
+    the ones arriving while those are still being sent: none overtakes another."""
+    s = _InProcess(workers=2)
+    try:
+        router = s.server.router
+        a = next(f"o-{i}" for i in range(100) if router.slot_for(f"o-{i}") == 0)
+        factory = router._factory
+        restarting, go_on = threading.Event(), threading.Event()
+
+        def gated_factory(r: Any, slot: int, generation: int) -> Any:
+            if generation > 0:
+                restarting.set()
+                assert go_on.wait(WAIT)
+            return factory(r, slot, generation)
+
+        router._factory = gated_factory
+        s.send(1, "call", session=a, fn="os._exit", args=[3])
+        assert s.recv()["error"]["code"] == "worker_crashed"
+        assert restarting.wait(WAIT)
+        token = f"order-{os.getpid()}-{time.monotonic_ns()}"
+        for i in range(60):
+            s.send(10 + i, "call", session=a, fn="pb_testmods.log_seq", args=[token, i])
+        go_on.set()
+        for i in range(60, 120):  # some arrive while the held ones are still being sent
+            s.send(10 + i, "call", session=a, fn="pb_testmods.log_seq", args=[token, i])
+        got = {}
+        for _ in range(120):
+            reply = s.recv()
+            got[reply["id"]] = reply["value"]
+        assert got == {10 + i: i for i in range(120)}
+        s.send(500, "call", session=a, fn="pb_testmods.pop_events", args=[token])
+        assert s.recv()["value"] == list(range(120))
+    finally:
+        s.close()
+
+
 def test_sigterm_while_requests_stream_in() -> None:
     s = Server(workers=2)
     workers = s.worker_pids()

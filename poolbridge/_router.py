@@ -126,7 +126,11 @@ class Router:
         ch = s.channel
         if ch is not None and not ch.dead and not ch.retiring:
             return ch
-        give_up = time.monotonic() + RESTART_WAIT
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            # Before taking s.cond: a restart holds it while it starts the new process.
+            raise CallTimeoutError(f"worker slot {slot} was still restarting when the call's timeout ran out")
+        give_up = now + RESTART_WAIT
         with s.cond:
             while True:
                 if self.closing:

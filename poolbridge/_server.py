@@ -34,6 +34,7 @@ import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from types import FrameType
@@ -43,6 +44,7 @@ import msgpack
 
 from ._errors import (
     BadRequestError,
+    CallTimeoutError,
     FrameTooLargeError,
     NotAllowedError,
     PoolbridgeError,
@@ -537,10 +539,15 @@ class Server:
             # block=False: the loop never waits on one busy slot (that would stall every other
             # slot's requests behind it); past max_in_flight the request gets `busy` instead.
             # lead=True: the loop reads the reply (the channel's background reader stays parked).
-            ch = router.send(slot, rid, data, reply, lead=True, block=False)
-            if self._watched.get(ch.read_fd) is not ch:
-                self._watch(ch)  # a new channel (restart), or one another reader had taken over
-            return
+            # deadline=now: if the worker died since ready(), do not wait for its restart here.
+            try:
+                ch = router.send(slot, rid, data, reply, lead=True, block=False, deadline=time.monotonic())
+            except CallTimeoutError:
+                pass  # nothing was sent: hold it below, like any request for a restarting slot
+            else:
+                if self._watched.get(ch.read_fd) is not ch:
+                    self._watch(ch)  # a new channel (restart), or one another reader had taken over
+                return
         # The slot is restarting after a crash (or busy): its requests wait off the loop, in
         # order, so the other slots keep being served meanwhile.
         with self._held_lock:

@@ -790,6 +790,37 @@ def test_requests_held_for_a_restarting_slot_keep_their_order() -> None:
         s.close()
 
 
+def test_a_worker_dying_between_the_readiness_check_and_the_send_does_not_stall_the_loop() -> None:
+    """The loop checks that a slot is ready, then sends; a death in between must not make the loop
+    wait for the restart (every other slot would wait with it): the request is held instead."""
+    s = _InProcess(workers=2)
+    try:
+        router = s.server.router
+        a = next(f"d-{i}" for i in range(100) if router.slot_for(f"d-{i}") == 0)
+        b = next(f"d-{i}" for i in range(100) if router.slot_for(f"d-{i}") == 1)
+        factory = router._factory
+        restarting, go_on = threading.Event(), threading.Event()
+
+        def gated_factory(r: Any, slot: int, generation: int) -> Any:
+            if generation > 0:
+                restarting.set()
+                assert go_on.wait(WAIT)
+            return factory(r, slot, generation)
+
+        router._factory = gated_factory
+        s.send(1, "call", session=a, fn="os._exit", args=[3])
+        assert s.recv()["error"]["code"] == "worker_crashed"
+        assert restarting.wait(WAIT)
+        router.ready = lambda slot: True  # the readiness check saw the slot before its death
+        s.send(2, "call", session=a, fn="operator.add", args=[1, 1])
+        s.send(3, "call", session=b, fn="operator.add", args=[2, 2])
+        assert s.recv() == {"id": 3, "status": "ok", "value": 4}  # the loop went on serving
+        go_on.set()
+        assert s.recv() == {"id": 2, "status": "ok", "value": 2}  # held, then run on the new worker
+    finally:
+        s.close()
+
+
 def test_sigterm_while_requests_stream_in() -> None:
     s = Server(workers=2)
     workers = s.worker_pids()

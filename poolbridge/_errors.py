@@ -14,6 +14,7 @@ __all__ = [
     "BadRequestError",
     "CallTimeoutError",
     "FrameTooLargeError",
+    "HelperNotFoundError",
     "MisroutedError",
     "NotAllowedError",
     "PoolBusyError",
@@ -50,6 +51,12 @@ class RefNotFoundError(PoolbridgeError, LookupError):
     """The ref (or stream) id is not in its session's store: released, expired, or never there."""
 
     code = "ref_not_found"
+
+
+class HelperNotFoundError(PoolbridgeError, LookupError):
+    """No helper of that name is registered in the worker (is its module in ``helpers=``?)."""
+
+    code = "helper_not_found"
 
 
 class SessionLimitError(PoolbridgeError):
@@ -179,6 +186,7 @@ ERRORS_BY_CODE: dict[str, type[PoolbridgeError]] = {
     for cls in (
         SessionMismatchError,
         RefNotFoundError,
+        HelperNotFoundError,
         SessionLimitError,
         BadRequestError,
         FrameTooLargeError,

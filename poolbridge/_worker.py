@@ -29,6 +29,7 @@ import msgpack
 from . import _helpers
 from ._errors import (
     BadRequestError,
+    HelperNotFoundError,
     MisroutedError,
     PoolbridgeError,
     RefNotFoundError,
@@ -357,7 +358,7 @@ class WorkerCore:
     def _op_helper(self, session: _Session, name: str, args: list[Any], kwargs: dict[str, Any], ret: int) -> bytes:
         entry = _helpers.registry().get(name)
         if entry is None:
-            raise RefNotFoundError(f"no helper named {name!r} in this worker (is its module in helpers=?)")
+            raise HelperNotFoundError(f"no helper named {name!r} in this worker (is its module in helpers=?)")
         if entry.context:
             value = entry.fn(session.ctx, *args, **kwargs)
         else:

@@ -20,6 +20,7 @@ PUBLIC_NAMES = [
     "BadRequestError",
     "CallTimeoutError",
     "FrameTooLargeError",
+    "HelperNotFoundError",
     "MisroutedError",
     "NotAllowedError",
     "Pool",
@@ -105,6 +106,7 @@ def test_error_codes_are_unique() -> None:
     [
         ("SessionMismatchError", ValueError),
         ("RefNotFoundError", LookupError),
+        ("HelperNotFoundError", LookupError),
         ("BadRequestError", ValueError),
         ("FrameTooLargeError", poolbridge.BadRequestError),
         ("NotAllowedError", PermissionError),

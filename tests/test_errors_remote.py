@@ -162,7 +162,7 @@ def test_not_callable_target(pool: Pool, sid: str) -> None:
 
 
 def test_unknown_helper(pool: Pool, sid: str) -> None:
-    with pytest.raises(LookupError, match="no_such_helper"):
+    with pytest.raises(poolbridge.HelperNotFoundError, match="no_such_helper"):
         pool.options(session=sid).helper("no_such_helper")
 
 

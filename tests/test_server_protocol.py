@@ -273,7 +273,7 @@ def test_helpers_and_close_session(server: Server) -> None:
     server.ok("create", session="h1", fn="pb_test_helpers.Box")
     assert server.ok("close_session", session="h1") == 1  # refs + streams dropped
     assert server.ok("helper", session="h1", name="recall", args=["k"]) is None
-    assert server.error("helper", session="h1", name="nope")["code"] == "ref_not_found"
+    assert server.error("helper", session="h1", name="nope")["code"] == "helper_not_found"
 
 
 # -- streams ------------------------------------------------------------------------------------------

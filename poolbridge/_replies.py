@@ -65,7 +65,6 @@ class Waiter(Sink):
 _PENDING = concurrent.futures._base.PENDING
 _FINISHED = concurrent.futures._base.FINISHED
 _DONE_STATES = (concurrent.futures._base.CANCELLED, concurrent.futures._base.CANCELLED_AND_NOTIFIED, _FINISHED)
-_SEALED = object()  # in place of the Condition of a future settled before anyone needed one
 
 
 class PoolFuture(concurrent.futures.Future[Any], Sink):
@@ -73,47 +72,17 @@ class PoolFuture(concurrent.futures.Future[Any], Sink):
 
     ``cancel()`` reaches the worker: it returns True only if the worker had not started the call —
     it then never runs (see _cancel.py). A call that has started cannot be cancelled (False), as
-    with ``concurrent.futures``.
-
-    Cheap on the hot path. A stdlib Future builds a ``threading.Condition`` up front, and with it
-    the Future costs more than the rest of a submit; most futures of a burst are settled before
-    anyone waits on them. So the Condition is made on first use (the ``_condition`` property that
-    every stdlib method, ``wait()`` and ``as_completed()`` go through), and a future settled while
-    it has none is settled without one:
-
-    * the settler claims the slot with one atomic ``dict.setdefault(_cond, SEALED)``. It wins only
-      if no Condition exists — then nobody has registered a callback or a waiter, and it writes
-      the result and the state with no lock; else it settles the stdlib way, under the Condition.
-    * whoever needs the Condition after the seal waits the few bytecodes until the state is final
-      and gets a fresh Condition (a settled future never waits on it).
-
-    Only one party ever settles a given future: the reader that popped its sink from the channel's
-    pending table, or the canceller, timeout or crash that popped it instead (``dict.pop`` is atomic).
+    with ``concurrent.futures``. ``done()`` and the ``result()`` of a finished future read the
+    state without taking the Condition (the state is final once FINISHED).
     """
 
     cancellable = True
 
-    def __init__(self, decode: Callable[[int, Any], Any]) -> None:  # no super(): it would build the Condition
-        self._state = _PENDING
-        self._result = None
-        self._exception: BaseException | None = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Any] = []
+    def __init__(self, decode: Callable[[int, Any], Any]) -> None:
+        super().__init__()
         self.decode = decode
         self.seq = 0
         self._target: Any = None  # (channel, req_id) once sent
-
-    @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
-        d = self.__dict__
-        cond = d.get("_cond")
-        if cond is None:
-            cond = d.setdefault("_cond", threading.Condition())
-        if cond is _SEALED:
-            while self._state == _PENDING:  # the settler is between its seal and its state write
-                time.sleep(0)
-            cond = d["_cond"] = threading.Condition()
-        return cond
 
     # -- as a sink ---------------------------------------------------------------------
 
@@ -129,12 +98,6 @@ class PoolFuture(concurrent.futures.Future[Any], Sink):
         self._settle(None, exc)
 
     def _settle(self, value: Any, exc: BaseException | None) -> None:
-        if self.__dict__.setdefault("_cond", _SEALED) is _SEALED:
-            if self._state == _PENDING:
-                self._result = value
-                self._exception = exc
-                self._state = _FINISHED  # last: it publishes the two fields above
-            return
         try:
             if exc is not None:
                 self.set_exception(exc)

@@ -205,7 +205,7 @@ def test_a_timed_out_queued_request_fails_alone(make_pool, fifo, tmp_path):
     assert pool.options(session="late").call(f"{F}.add", 2, 3) == 5
 
 
-# -- PoolFuture: the stdlib Future contract, with its Condition made only when needed -------------
+# -- PoolFuture: the stdlib Future contract ----------------------------------------------------------
 
 
 def test_future_contract_through_stdlib_helpers(pool):
@@ -265,10 +265,10 @@ def test_settling_reaches_everyone_who_registered_first() -> None:
     assert calls == ["v"]
 
 
-def test_settling_before_anyone_asks_needs_no_condition() -> None:
+def test_settling_before_anyone_asks() -> None:
     fut = PoolFuture(lambda status, body: body)
     fut.deliver(0, "v")
-    assert "_cond" in fut.__dict__ and fut.result(0) == "v"
+    assert fut.done() and fut.result(0) == "v"
     calls: list[Any] = []
     fut.add_done_callback(lambda f: calls.append(f.result()))
     assert calls == ["v"]
@@ -309,8 +309,8 @@ def _race_once(value: int, barrier: threading.Barrier) -> None:
 
 
 def test_settling_races_waiters_callbacks_and_wait() -> None:
-    """The lock-free settle against every way of waiting, started at the same moment, many times:
-    each waiter sees the value, each callback runs exactly once, wait() never returns early."""
+    """Settling against every way of waiting, started at the same moment, many times: each waiter
+    sees the value, each callback runs exactly once, wait() never returns early."""
     barrier = threading.Barrier(4)
     for i in range(1000):
         _race_once(i, barrier)

@@ -269,7 +269,7 @@ class ProcessChannel:
                 self._queue.append(data)
                 self._queued_bytes += len(data)
                 if (
-                    self._written - self._answered - self._cancelled < _WINDOW
+                    self._unanswered() < _WINDOW
                     or self._queued_bytes >= _FLUSH_BYTES
                     or len(data) > _ATOMIC
                 ):
@@ -287,7 +287,7 @@ class ProcessChannel:
                     return  # written (or queued behind frames) into the pipe of a dying worker
             else:
                 queued = False
-        if (self._queue and self._written - self._answered - self._cancelled < _WINDOW) or self._close_when_flushed:
+        if (self._queue and self._unanswered() < _WINDOW) or self._close_when_flushed:
             self._after_unlock()
         if queued:
             return

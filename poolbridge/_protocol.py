@@ -194,13 +194,19 @@ class _EncoderState(threading.local):
         self.owner: object = None  # the pool whose refs may be arguments (None: any)
         # Tried first: plain msgpack values need no session context. Anything needing an
         # extension type (tuple, ref, pickle) stops it at once and takes `value` with context.
-        self.fast = msgpack.Packer(default=_needs_context, strict_types=True, use_bin_type=True)
-        self.value = msgpack.Packer(default=_default, strict_types=True, use_bin_type=True)
+        self.fast = _value_packer(_needs_context)
+        self.value = _value_packer(_default)
         self.plain = msgpack.Packer(use_bin_type=True)
 
 
 def encoding_session() -> str | None:
     return _encoding.session
+
+
+def _value_packer(default: Callable[[Any], Any]) -> msgpack.Packer:
+    """A Packer of user values: tuples stay distinct from lists (``strict_types``), so they reach
+    ``default`` and travel as EXT_TUPLE."""
+    return msgpack.Packer(default=default, strict_types=True, use_bin_type=True)
 
 
 class _NeedsContext(Exception):
@@ -246,7 +252,7 @@ def pack_value(obj: Any, session: str | None = None, owner: object = None) -> by
     except _NeedsContext:
         state.fast.reset()  # the buffer holds the part packed before the stop
     except BaseException:
-        state.fast = msgpack.Packer(default=_needs_context, strict_types=True, use_bin_type=True)
+        state.fast = _value_packer(_needs_context)
         raise
     state.session = session
     state.owner = owner
@@ -254,7 +260,7 @@ def pack_value(obj: Any, session: str | None = None, owner: object = None) -> by
         return state.value.pack(obj)  # type: ignore[no-any-return]
     except BaseException:
         # A failed pack leaves the Packer's buffer half-written: start the next one clean.
-        state.value = msgpack.Packer(default=_default, strict_types=True, use_bin_type=True)
+        state.value = _value_packer(_default)
         raise
     finally:
         state.session = None

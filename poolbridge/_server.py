@@ -259,7 +259,6 @@ class Server:
         # The loop's state (touched by the loop thread only, except _stopping and the wake pipe).
         self._poller = select.poll()
         self._watched: dict[int, Any] = {}  # reply fd -> the channel the loop reads it for
-        self._packer = msgpack.Packer(use_bin_type=True)  # the loop thread's own (fast path)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)  # written from a signal handler: must never block
@@ -478,14 +477,8 @@ class Server:
         slot = slot_for(session, self._n_slots)
         router = self.router
         rid = router.next_id()
-        # Plain values only (no refs, no tuples): the plain packer writes the same bytes as
-        # pack_value. This Packer is the loop thread's own.
-        pack = self._packer.pack
-        try:
-            data = pack([rid, OP_CALL, session, pack([fn, args, kwargs, ret])])
-        except BaseException:
-            self._packer = msgpack.Packer(use_bin_type=True)  # a half-written buffer: start clean
-            raise
+        # The general path's encoding (_send); checked plain values take pack_value's fast path.
+        data = pack_plain([rid, OP_CALL, session, pack_value([fn, args, kwargs, ret], session)])
         self._dispatch(slot, rid, data, _Reply(self.out, req_id, _VALUE))
         return True
 

@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 import pytest
 from hypothesis import settings
+from pb_faultmods import Fifo
 
 import poolbridge
 
@@ -65,6 +66,34 @@ def make_pool(**kwargs: object) -> poolbridge.Pool:
     kwargs.setdefault("workers", 2)
     kwargs.setdefault("helpers", ["pb_helpers"])
     return poolbridge.Pool(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def pool_maker() -> Iterator[Callable[..., poolbridge.Pool]]:
+    """A factory of pools of this test alone (one worker unless told), all closed with
+    ``cancel=True`` after it: for tests that kill, block or recycle workers."""
+    pools: list[poolbridge.Pool] = []
+
+    def make(**kwargs: Any) -> poolbridge.Pool:
+        kwargs.setdefault("workers", 1)
+        p = poolbridge.Pool(**kwargs)  # type: ignore[arg-type]
+        pools.append(p)
+        return p
+
+    yield make
+    for p in pools:
+        p.close(cancel=True)
+
+
+@pytest.fixture
+def fifo(tmp_path: Any) -> Iterator[Fifo]:
+    """A named pipe that blocks workers (``pb_faultmods.wait_fifo``) until the test releases them."""
+    f = Fifo(str(tmp_path / "gate"))
+    try:
+        yield f
+    finally:
+        f.release(256)  # never leave a worker blocked on it
+        f.close()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from pb_testmods import sessions_on_slot
+
 import poolbridge
 
 # -- plain values -------------------------------------------------------------------------------
@@ -316,14 +318,7 @@ def _pbf_forget(ctx: poolbridge.SessionContext) -> None:
 
 def sessions_for_slot(pool: Any, slot: int, n: int, prefix: str) -> list[str]:
     """``n`` distinct session ids that hash to ``slot`` of ``pool``."""
-    out: list[str] = []
-    i = 0
-    while len(out) < n:
-        sid = f"{prefix}-{i}"
-        if pool.slot_for(sid) == slot:
-            out.append(sid)
-        i += 1
-    return out
+    return sessions_on_slot(pool, slot, n, prefix)
 
 
 class Fifo:

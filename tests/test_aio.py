@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pb_faultmods import Fifo, ProcessHygiene, gone, sessions_for_slot, wait_until
+from pb_faultmods import ProcessHygiene, gone, sessions_for_slot, wait_until
 
 import poolbridge
 from poolbridge import (
@@ -47,16 +47,6 @@ def _hygiene(request: pytest.FixtureRequest) -> Iterator[None]:
 
     with ProcessHygiene(allowed):
         yield
-
-
-@pytest.fixture
-def fifo(tmp_path) -> Iterator[Fifo]:
-    f = Fifo(str(tmp_path / "gate"))
-    try:
-        yield f
-    finally:
-        f.release(256)
-        f.close()
 
 
 def bounded(aw: Any, limit: float = WAIT) -> Any:

@@ -16,7 +16,6 @@ import signal
 import struct
 import termios
 import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -31,31 +30,6 @@ pytestmark = pytest.mark.timeout(120)
 F = "pb_faultmods"
 T = "pb_testmods"
 WAIT = 60.0
-
-
-@pytest.fixture
-def make_pool() -> Iterator[Callable[..., poolbridge.Pool]]:
-    pools: list[poolbridge.Pool] = []
-
-    def make(**kwargs: Any) -> poolbridge.Pool:
-        kwargs.setdefault("workers", 1)
-        p = poolbridge.Pool(**kwargs)
-        pools.append(p)
-        return p
-
-    yield make
-    for p in pools:
-        p.close(cancel=True)
-
-
-@pytest.fixture
-def fifo(tmp_path) -> Iterator[Fifo]:
-    f = Fifo(str(tmp_path / "gate"))
-    try:
-        yield f
-    finally:
-        f.release(64)  # never leave a worker blocked on it
-        f.close()
 
 
 def _block(pool: poolbridge.Pool, fifo: Fifo, marker: str) -> concurrent.futures.Future[Any]:
@@ -74,8 +48,8 @@ def _queue_len(pool: poolbridge.Pool) -> int:
     return len(pool._router.channels()[0]._queue)
 
 
-def test_a_burst_behind_a_busy_worker_is_queued_then_answered_in_order(make_pool, fifo, tmp_path):
-    pool = make_pool()
+def test_a_burst_behind_a_busy_worker_is_queued_then_answered_in_order(pool_maker, fifo, tmp_path):
+    pool = pool_maker()
     blocker = _block(pool, fifo, str(tmp_path / "m"))
     token = f"order-{os.getpid()}"
     api = pool.options(session="burst")
@@ -88,10 +62,10 @@ def test_a_burst_behind_a_busy_worker_is_queued_then_answered_in_order(make_pool
     assert _queue_len(pool) == 0
 
 
-def test_a_sender_waits_for_the_pipe_instead_of_queueing_without_bound(make_pool, fifo, tmp_path):
+def test_a_sender_waits_for_the_pipe_instead_of_queueing_without_bound(pool_maker, fifo, tmp_path):
     """With the worker stuck, a sender fills the queue and the pipe, then blocks in its write
     until the worker reads again — as a plain pipe write always did. Nothing is lost."""
-    pool = make_pool()
+    pool = pool_maker()
     blocker = _block(pool, fifo, str(tmp_path / "m"))
     big = "x" * 2000
     api = pool.options(session="flood")
@@ -108,8 +82,8 @@ def test_a_sender_waits_for_the_pipe_instead_of_queueing_without_bound(make_pool
     assert [f.result(WAIT) for f in out] == [[[big, i], "flood"] for i in range(200)]
 
 
-def test_cancelled_queued_requests_never_run_and_do_not_stall_the_queue(make_pool, fifo, tmp_path):
-    pool = make_pool()
+def test_cancelled_queued_requests_never_run_and_do_not_stall_the_queue(pool_maker, fifo, tmp_path):
+    pool = pool_maker()
     blocker = _block(pool, fifo, str(tmp_path / "m"))
     token = f"cancel-{os.getpid()}"
     api = pool.options(session="cancels")
@@ -124,8 +98,8 @@ def test_cancelled_queued_requests_never_run_and_do_not_stall_the_queue(make_poo
     assert _queue_len(pool) == 0
 
 
-def test_a_crash_fails_queued_requests_and_the_slot_serves_again(make_pool, fifo, tmp_path):
-    pool = make_pool()
+def test_a_crash_fails_queued_requests_and_the_slot_serves_again(pool_maker, fifo, tmp_path):
+    pool = pool_maker()
     marker = str(tmp_path / "m")
     blocker = _block(pool, fifo, marker)
     api = pool.options(session="doomed")
@@ -139,8 +113,8 @@ def test_a_crash_fails_queued_requests_and_the_slot_serves_again(make_pool, fifo
     assert pool.stats().slots[0].generation == 1
 
 
-def test_close_sends_queued_requests_before_stopping_the_worker(make_pool, fifo, tmp_path):
-    pool = make_pool()
+def test_close_sends_queued_requests_before_stopping_the_worker(pool_maker, fifo, tmp_path):
+    pool = pool_maker()
     blocker = _block(pool, fifo, str(tmp_path / "m"))
     api = pool.options(session="closing")
     futures = [api.submit(f"{F}.add", i, 1) for i in range(300)]
@@ -154,8 +128,8 @@ def test_close_sends_queued_requests_before_stopping_the_worker(make_pool, fifo,
     assert [f.result(WAIT) for f in futures] == [i + 1 for i in range(300)]
 
 
-def test_recycling_with_a_queue_loses_nothing(make_pool):
-    pool = make_pool(max_calls_per_worker=40)
+def test_recycling_with_a_queue_loses_nothing(pool_maker):
+    pool = pool_maker(max_calls_per_worker=40)
     views = [pool.options(session=f"r-{i}") for i in range(7)]
     for _ in range(3):
         futures = [views[i % 7].submit(f"{F}.add", i, 1) for i in range(400)]
@@ -163,8 +137,8 @@ def test_recycling_with_a_queue_loses_nothing(make_pool):
     assert pool.stats().slots[0].generation >= 2
 
 
-def test_large_and_small_requests_interleaved(make_pool):
-    pool = make_pool()
+def test_large_and_small_requests_interleaved(pool_maker):
+    pool = pool_maker()
     api = pool.options(session="mixed")
     blob = b"b" * 300_000  # larger than the pipe: written by its sender, never left half-written
     futures = [api.submit(f"{F}.echo", blob if i % 10 == 0 else i) for i in range(100)]
@@ -172,8 +146,8 @@ def test_large_and_small_requests_interleaved(make_pool):
         assert f.result(WAIT) == [[blob if i % 10 == 0 else i], "mixed"]
 
 
-def test_sync_callers_on_many_threads_share_a_queued_channel(make_pool):
-    pool = make_pool()
+def test_sync_callers_on_many_threads_share_a_queued_channel(pool_maker):
+    pool = pool_maker()
     errors: list[str] = []
 
     def caller(t: int) -> None:
@@ -194,8 +168,8 @@ def test_sync_callers_on_many_threads_share_a_queued_channel(make_pool):
     assert [f.result(WAIT) for f in futures] == list(range(600))
 
 
-def test_a_timed_out_queued_request_fails_alone(make_pool, fifo, tmp_path):
-    pool = make_pool()
+def test_a_timed_out_queued_request_fails_alone(pool_maker, fifo, tmp_path):
+    pool = pool_maker()
     blocker = _block(pool, fifo, str(tmp_path / "m"))
     slow = pool.options(session="late", timeout=0.2).submit(f"{F}.add", 1, 1)
     with pytest.raises(CallTimeoutError):

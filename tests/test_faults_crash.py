@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-from pb_faultmods import Fifo, ProcessHygiene, pid_in, sessions_for_slot, wait_until
+from pb_faultmods import ProcessHygiene, pid_in, sessions_for_slot, wait_until
 
 import poolbridge
 from poolbridge import RefNotFoundError, SessionLostError, WorkerCrashedError
@@ -52,16 +52,6 @@ def _hygiene(request: pytest.FixtureRequest) -> Iterator[None]:
     with ProcessHygiene(allowed):
         yield
     _POOLS.clear()
-
-
-@pytest.fixture
-def fifo(tmp_path) -> Iterator[Fifo]:
-    f = Fifo(str(tmp_path / "gate"))
-    try:
-        yield f
-    finally:
-        f.release(64)  # never leave a worker blocked on it
-        f.close()
 
 
 def serves_every_slot(pool: poolbridge.Pool, tag: str = "probe") -> None:

@@ -16,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -45,31 +45,6 @@ def _hygiene() -> Iterator[None]:
         yield
 
 
-@pytest.fixture
-def make_pool() -> Iterator[Callable[..., poolbridge.Pool]]:
-    pools: list[poolbridge.Pool] = []
-
-    def make(**kwargs: Any) -> poolbridge.Pool:
-        kwargs.setdefault("workers", 1)
-        p = poolbridge.Pool(**kwargs)
-        pools.append(p)
-        return p
-
-    yield make
-    for p in pools:
-        p.close(cancel=True)
-
-
-@pytest.fixture
-def fifo(tmp_path) -> Iterator[Fifo]:
-    f = Fifo(str(tmp_path / "gate"))
-    try:
-        yield f
-    finally:
-        f.release(64)
-        f.close()
-
-
 def rss_of(pid: int) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 
@@ -85,8 +60,8 @@ def gone(pid: int) -> bool:
 # -- timeouts ---------------------------------------------------------------------------------------
 
 
-def test_timeout_keep_lets_the_worker_finish_and_drops_the_reply(make_pool, fifo, tmp_path):
-    pool = make_pool()
+def test_timeout_keep_lets_the_worker_finish_and_drops_the_reply(pool_maker, fifo, tmp_path):
+    pool = pool_maker()
     api = pool.options(session="slow")
     pid = pool.pids()[0]
     assert api.call(f"{M}.getpid") == pid  # the worker is up: the timeout below measures the call only
@@ -112,8 +87,8 @@ def test_timeout_keep_lets_the_worker_finish_and_drops_the_reply(make_pool, fifo
     assert api.options(timeout=5.0).call(f"{M}.add", 1, 2) == 3
 
 
-def test_timeout_restart_kills_the_worker_and_fails_its_other_calls(make_pool, fifo, tmp_path):
-    pool = make_pool()
+def test_timeout_restart_kills_the_worker_and_fails_its_other_calls(pool_maker, fifo, tmp_path):
+    pool = pool_maker()
     pid = pool.pids()[0]
     ref = pool.options(session="holder").create(f"{M}.Box", 1)
     marker = str(tmp_path / "running")
@@ -134,7 +109,7 @@ def test_timeout_restart_kills_the_worker_and_fails_its_other_calls(make_pool, f
         ref.call("get")
 
 
-def test_call_after_a_restart_timeout_goes_to_the_new_worker(make_pool, fifo):
+def test_call_after_a_restart_timeout_goes_to_the_new_worker(pool_maker, fifo):
     """The caller got CallTimeoutError and the pool chose to restart the worker: a call made
     *after* that must run on the restarted worker, not be sent into the one being killed.
 
@@ -143,7 +118,7 @@ def test_call_after_a_restart_timeout_goes_to_the_new_worker(make_pool, fifo):
     so the next call was written to it and failed with WorkerCrashedError ("died: killed by
     SIGKILL") — 5 times out of 5. Now the channel is marked leaving before the kill.
     """
-    pool = make_pool()
+    pool = pool_maker()
     failures = []
     for i in range(5):
         with pytest.raises(CallTimeoutError):
@@ -155,7 +130,7 @@ def test_call_after_a_restart_timeout_goes_to_the_new_worker(make_pool, fifo):
     assert not failures, failures
 
 
-def test_timeout_applies_to_submit_too(make_pool, fifo):
+def test_timeout_applies_to_submit_too(pool_maker, fifo):
     """``options(timeout=...)`` documents "seconds before CallTimeoutError" for the view's calls;
     ``AsyncPool.submit`` honours it. ``Pool.submit`` should too: its future fails with
     CallTimeoutError (and on_timeout applies), instead of waiting for the worker forever.
@@ -166,7 +141,7 @@ def test_timeout_applies_to_submit_too(make_pool, fifo):
     pending entry and fails the future with CallTimeoutError (killing the slot for
     on_timeout="restart"), as ``AsyncPool._expire`` does for asyncio.
     """
-    pool = make_pool()
+    pool = pool_maker()
     assert pool.call(f"{M}.add", 0, 0) == 0
     fut = pool.options(session="s", timeout=0.3).submit(f"{M}.wait_fifo", fifo.path, 10.0, "late")
     try:
@@ -178,8 +153,8 @@ def test_timeout_applies_to_submit_too(make_pool, fifo):
     assert isinstance(exc, CallTimeoutError), f"submit ignored its timeout: the future is {fut!r}"
 
 
-def test_timeout_option_is_validated(make_pool):
-    pool = make_pool()
+def test_timeout_option_is_validated(pool_maker):
+    pool = pool_maker()
     with pytest.raises(ValueError):
         pool.options(timeout=0)
     with pytest.raises(ValueError):
@@ -189,8 +164,8 @@ def test_timeout_option_is_validated(make_pool):
 # -- backpressure -------------------------------------------------------------------------------------
 
 
-def test_max_in_flight_blocks_callers_and_block_false_raises_busy(make_pool, fifo):
-    pool = make_pool(max_in_flight=2)
+def test_max_in_flight_blocks_callers_and_block_false_raises_busy(pool_maker, fifo):
+    pool = pool_maker(max_in_flight=2)
     ch = pool._router.channels()[0]
     f1 = pool.options(session="a").submit(f"{M}.wait_fifo", fifo.path, 60.0, "v1")
     f2 = pool.options(session="b").submit(f"{M}.wait_fifo", fifo.path, 60.0, "v2")
@@ -225,7 +200,7 @@ def test_max_in_flight_blocks_callers_and_block_false_raises_busy(make_pool, fif
     assert pool.options(block=False).call(f"{M}.add", 2, 2) == 4
 
 
-def test_timeout_bounds_the_wait_for_room_too(make_pool, fifo):
+def test_timeout_bounds_the_wait_for_room_too(pool_maker, fifo):
     """A call with ``timeout=0.5`` at a full slot must not wait longer than its timeout.
 
     BUG (poolbridge): ``_Api._run`` only starts the clock in ``await_reply``, *after*
@@ -235,7 +210,7 @@ def test_timeout_bounds_the_wait_for_room_too(make_pool, fifo):
     CallTimeoutError after 0.5 s. Suggested fix: pass the deadline down to ``send`` so waiting for
     room / for the slot counts against it.
     """
-    pool = make_pool(max_in_flight=1)
+    pool = pool_maker(max_in_flight=1)
     assert pool.call(f"{M}.add", 0, 0) == 0
     busy = pool.options(session="a").submit(f"{M}.wait_fifo", fifo.path, 4.0, "busy")
     started = time.monotonic()
@@ -250,8 +225,8 @@ def test_timeout_bounds_the_wait_for_room_too(make_pool, fifo):
     assert elapsed < 2.0
 
 
-def test_max_in_flight_under_many_threads_all_results_correct(make_pool):
-    pool = make_pool(workers=2, max_in_flight=4)
+def test_max_in_flight_under_many_threads_all_results_correct(pool_maker):
+    pool = pool_maker(workers=2, max_in_flight=4)
     results: dict[int, Any] = {}
     errors: list[BaseException] = []
 
@@ -274,7 +249,7 @@ def test_max_in_flight_under_many_threads_all_results_correct(make_pool):
     assert len(results) == 4
 
 
-def test_sender_waiting_for_room_survives_the_death_of_its_worker(make_pool, fifo, tmp_path):
+def test_sender_waiting_for_room_survives_the_death_of_its_worker(pool_maker, fifo, tmp_path):
     """A caller blocked at max_in_flight has sent nothing; if the worker dies meanwhile, its
     request should go to the restarted worker ("callers arriving meanwhile wait for it").
 
@@ -282,7 +257,7 @@ def test_sender_waiting_for_room_survives_the_death_of_its_worker(make_pool, fif
     died, and ``send`` then raised WorkerCrashedError("... is gone") for a request that never
     reached any worker. Now a request that was not written goes to generation + 1.
     """
-    pool = make_pool(max_in_flight=1)
+    pool = pool_maker(max_in_flight=1)
     marker = str(tmp_path / "running")
     blocked = pool.options(session="a").submit(f"{M}.mark_and_wait", marker, fifo.path)
     pid = wait_until(lambda: pid_in(marker), 10.0)
@@ -307,8 +282,8 @@ def test_sender_waiting_for_room_survives_the_death_of_its_worker(make_pool, fif
 # -- session TTL and caps -------------------------------------------------------------------------------
 
 
-def test_session_ttl_drops_idle_sessions_only(make_pool):
-    pool = make_pool(session_ttl=0.5)
+def test_session_ttl_drops_idle_sessions_only(pool_maker):
+    pool = pool_maker(session_ttl=0.5)
     idle = pool.options(session="idle").create(f"{M}.Box", 1)
     busy = pool.options(session="busy").create(f"{M}.Box", 100)
     assert idle.call("get") == 1
@@ -324,7 +299,7 @@ def test_session_ttl_drops_idle_sessions_only(make_pool):
     assert pool.stats().slots[0].sessions >= 1
 
 
-def test_session_ttl_counts_idle_time_not_the_time_of_its_own_call(make_pool, fifo, tmp_path):
+def test_session_ttl_counts_idle_time_not_the_time_of_its_own_call(pool_maker, fifo, tmp_path):
     """A session busy in one long call is not idle: the ref that call returns must be usable.
 
     BUG (poolbridge): ``WorkerCore._enter`` stamps ``session.last_used`` when a request *starts*;
@@ -335,7 +310,7 @@ def test_session_ttl_counts_idle_time_not_the_time_of_its_own_call(make_pool, fi
     finishes (in the ``finally`` of ``WorkerCore.handle``).
     """
     ttl = 0.5
-    pool = make_pool(session_ttl=ttl)
+    pool = pool_maker(session_ttl=ttl)
     api = pool.options(session="long-call")
     assert api.call(f"{M}.add", 0, 0) == 0
     marker = str(tmp_path / "running")
@@ -348,8 +323,8 @@ def test_session_ttl_counts_idle_time_not_the_time_of_its_own_call(make_pool, fi
     assert ref.call("upper") == "KEPT", "the session expired while its own call was running"
 
 
-def test_max_refs_per_session(make_pool):
-    pool = make_pool(max_refs_per_session=3)
+def test_max_refs_per_session(pool_maker):
+    pool = pool_maker(max_refs_per_session=3)
     api = pool.options(session="capped")
     refs = [api.create(f"{M}.Box", i) for i in range(3)]
     with pytest.raises(SessionLimitError):
@@ -369,8 +344,8 @@ def test_max_refs_per_session(make_pool):
     assert len([api.create(f"{M}.Box", i) for i in range(3)]) == 3
 
 
-def test_session_ttl_closes_the_streams_of_an_idle_session(make_pool):
-    pool = make_pool(session_ttl=0.5)
+def test_session_ttl_closes_the_streams_of_an_idle_session(pool_maker):
+    pool = pool_maker(session_ttl=0.5)
     api = pool.options(session="idle-stream", batch=1)
     stream = api.stream(f"{M}.counting_gen", "ttl", 100)
     assert next(stream) == 0
@@ -383,8 +358,8 @@ def test_session_ttl_closes_the_streams_of_an_idle_session(make_pool):
 
 
 @pytest.mark.parametrize("how", ["close_session", "ttl"])
-def test_dropping_a_session_frees_worker_memory(make_pool, how):
-    pool = make_pool(session_ttl=0.5 if how == "ttl" else None)
+def test_dropping_a_session_frees_worker_memory(pool_maker, how):
+    pool = pool_maker(session_ttl=0.5 if how == "ttl" else None)
     pid = pool.pids()[0]
     api = pool.options(session="big")
     base = rss_of(pid)
@@ -405,8 +380,8 @@ def test_dropping_a_session_frees_worker_memory(make_pool, how):
 # -- recycling ----------------------------------------------------------------------------------------
 
 
-def test_recycle_after_max_calls_loses_nothing_in_flight(make_pool):
-    pool = make_pool(max_calls_per_worker=50)
+def test_recycle_after_max_calls_loses_nothing_in_flight(pool_maker):
+    pool = pool_maker(max_calls_per_worker=50)
     first = pool.pids()[0]
     futures = [(i, pool.options(session=f"r-{i % 13}").submit(f"{M}.echo", i)) for i in range(600)]
     for i, f in futures:
@@ -423,10 +398,10 @@ def test_recycle_after_max_calls_loses_nothing_in_flight(make_pool):
     assert pool.stats().slots[0].restarts == gen
 
 
-def test_recycle_under_concurrent_blocking_callers(make_pool):
+def test_recycle_under_concurrent_blocking_callers(pool_maker):
     """Sync callers (who read their own replies off the pipe) from several threads, across many
     recycles: every call gets its own answer."""
-    pool = make_pool(max_calls_per_worker=50)
+    pool = pool_maker(max_calls_per_worker=50)
     first = pool.pids()[0]
     errors: list[str] = []
 
@@ -453,8 +428,8 @@ def test_recycle_under_concurrent_blocking_callers(make_pool):
 
 
 @pytest.mark.parametrize("state", ["ref", "stream", "helper"])
-def test_no_recycle_while_the_worker_holds_session_state(make_pool, state):
-    pool = make_pool(max_calls_per_worker=10, helpers=["pb_faultmods"])
+def test_no_recycle_while_the_worker_holds_session_state(pool_maker, state):
+    pool = pool_maker(max_calls_per_worker=10, helpers=["pb_faultmods"])
     pid = pool.pids()[0]
     api = pool.options(session="stateful")
     held: Any
@@ -489,8 +464,8 @@ def test_no_recycle_while_the_worker_holds_session_state(make_pool, state):
 # -- shutdown -----------------------------------------------------------------------------------------
 
 
-def test_close_finishes_in_flight_work(make_pool, fifo, tmp_path):
-    pool = make_pool(workers=2)
+def test_close_finishes_in_flight_work(pool_maker, fifo, tmp_path):
+    pool = pool_maker(workers=2)
     pids = pool.pids()
     marker = str(tmp_path / "running")
     slow = pool.options(session="slow").submit(f"{M}.mark_and_wait", marker, fifo.path, 60.0, "finished")
@@ -512,8 +487,8 @@ def test_close_finishes_in_flight_work(make_pool, fifo, tmp_path):
     wait_until(lambda: all(gone(p) for p in pids), 5.0, what="workers exited")
 
 
-def test_close_cancel_fails_in_flight_calls_promptly(make_pool, fifo, tmp_path):
-    pool = make_pool(workers=2)
+def test_close_cancel_fails_in_flight_calls_promptly(pool_maker, fifo, tmp_path):
+    pool = pool_maker(workers=2)
     pids = pool.pids()
     marker = str(tmp_path / "running")
     blocked = pool.options(session="blocked").submit(f"{M}.mark_and_wait", marker, fifo.path)
@@ -546,7 +521,7 @@ def test_close_cancel_fails_in_flight_calls_promptly(make_pool, fifo, tmp_path):
     pool.close()  # idempotent
 
 
-def test_close_during_a_slot_restart_leaves_no_worker_behind(make_pool):
+def test_close_during_a_slot_restart_leaves_no_worker_behind(pool_maker):
     """close() racing a restart: the worker of generation + 1 must be stopped too.
 
     Deterministic: the restart's factory is held until ``close()`` has taken its snapshot of the
@@ -562,7 +537,7 @@ def test_close_during_a_slot_restart_leaves_no_worker_behind(make_pool):
     wait/kill) instead of installing it — or have ``close()`` wait for restarts in progress and
     re-snapshot.
     """
-    pool = make_pool(workers=2)
+    pool = pool_maker(workers=2)
     assert pool.call(f"{M}.add", 1, 1) == 2
     router = pool._router
     real_factory, real_channels = router._factory, router.channels

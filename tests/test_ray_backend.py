@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import make_pool
+from pb_testmods import sessions_on_slot
 
 import poolbridge
 from poolbridge import (
@@ -87,15 +88,7 @@ def bpool(request: pytest.FixtureRequest) -> Iterator[Pool]:
 
 def sessions_on(pool: Pool, slot: int, n: int = 1) -> list[str]:
     """``n`` fresh session ids that map to ``slot``."""
-    out: list[str] = []
-    prefix = uuid.uuid4().hex[:8]
-    i = 0
-    while len(out) < n:
-        sid = f"s-{prefix}-{i}"
-        if pool.slot_for(sid) == slot:
-            out.append(sid)
-        i += 1
-    return out
+    return sessions_on_slot(pool, slot, n, f"s-{uuid.uuid4().hex[:8]}")
 
 
 def check_routed(pool: Pool, seen: dict[str, Any] | None, session: str) -> None:

@@ -698,6 +698,29 @@ class _InProcess:
             self.ready.extend(msgpack.unpackb(f, raw=False) for f in self.frames.feed(data))
         return self.ready.pop(0)
 
+    def session_on(self, slot: int, prefix: str) -> str:
+        router = self.server.router
+        return next(f"{prefix}-{i}" for i in range(100) if router.slot_for(f"{prefix}-{i}") == slot)
+
+    def crash_and_hold_restart(self, session: str) -> threading.Event:
+        """Kill ``session``'s worker and hold its slot's restart (inside the channel factory) until
+        the returned event is set; returns once the restart is being held."""
+        router = self.server.router
+        factory = router._factory
+        restarting, go_on = threading.Event(), threading.Event()
+
+        def gated_factory(r: Any, slot: int, generation: int) -> Any:
+            if generation > 0:
+                restarting.set()
+                assert go_on.wait(WAIT)
+            return factory(r, slot, generation)
+
+        router._factory = gated_factory
+        self.send(1, "call", session=session, fn="os._exit", args=[3])
+        assert self.recv()["error"]["code"] == "worker_crashed"
+        assert restarting.wait(WAIT)
+        return go_on
+
     def close(self) -> None:
         os.close(self.req_w)  # EOF: the loop returns
         self.thread.join(WAIT)
@@ -713,21 +736,8 @@ def test_request_to_a_restarting_slot_is_answered_by_the_new_worker() -> None:
     s = _InProcess(workers=2)
     try:
         router = s.server.router
-        a = next(f"r-{i}" for i in range(100) if router.slot_for(f"r-{i}") == 0)
-        b = next(f"r-{i}" for i in range(100) if router.slot_for(f"r-{i}") == 1)
-        factory = router._factory
-        restarting, go_on = threading.Event(), threading.Event()
-
-        def gated_factory(r: Any, slot: int, generation: int) -> Any:
-            if generation > 0:
-                restarting.set()
-                assert go_on.wait(WAIT)
-            return factory(r, slot, generation)
-
-        router._factory = gated_factory
-        s.send(1, "call", session=a, fn="os._exit", args=[3])
-        assert s.recv()["error"]["code"] == "worker_crashed"
-        assert restarting.wait(WAIT)  # slot 0 is restarting, held in the factory
+        a, b = s.session_on(0, "r"), s.session_on(1, "r")
+        go_on = s.crash_and_hold_restart(a)  # slot 0 is restarting, held in the factory
         assert not router.ready(0)
         for i in range(5):
             s.send(10 + i, "call", session=a, fn="operator.add", args=[i, 100])
@@ -758,21 +768,8 @@ def test_requests_held_for_a_restarting_slot_keep_their_order() -> None:
     the ones arriving while those are still being sent: none overtakes another."""
     s = _InProcess(workers=2)
     try:
-        router = s.server.router
-        a = next(f"o-{i}" for i in range(100) if router.slot_for(f"o-{i}") == 0)
-        factory = router._factory
-        restarting, go_on = threading.Event(), threading.Event()
-
-        def gated_factory(r: Any, slot: int, generation: int) -> Any:
-            if generation > 0:
-                restarting.set()
-                assert go_on.wait(WAIT)
-            return factory(r, slot, generation)
-
-        router._factory = gated_factory
-        s.send(1, "call", session=a, fn="os._exit", args=[3])
-        assert s.recv()["error"]["code"] == "worker_crashed"
-        assert restarting.wait(WAIT)
+        a = s.session_on(0, "o")
+        go_on = s.crash_and_hold_restart(a)
         token = f"order-{os.getpid()}-{time.monotonic_ns()}"
         for i in range(60):
             s.send(10 + i, "call", session=a, fn="pb_testmods.log_seq", args=[token, i])
@@ -796,21 +793,8 @@ def test_a_worker_dying_between_the_readiness_check_and_the_send_does_not_stall_
     s = _InProcess(workers=2)
     try:
         router = s.server.router
-        a = next(f"d-{i}" for i in range(100) if router.slot_for(f"d-{i}") == 0)
-        b = next(f"d-{i}" for i in range(100) if router.slot_for(f"d-{i}") == 1)
-        factory = router._factory
-        restarting, go_on = threading.Event(), threading.Event()
-
-        def gated_factory(r: Any, slot: int, generation: int) -> Any:
-            if generation > 0:
-                restarting.set()
-                assert go_on.wait(WAIT)
-            return factory(r, slot, generation)
-
-        router._factory = gated_factory
-        s.send(1, "call", session=a, fn="os._exit", args=[3])
-        assert s.recv()["error"]["code"] == "worker_crashed"
-        assert restarting.wait(WAIT)
+        a, b = s.session_on(0, "d"), s.session_on(1, "d")
+        go_on = s.crash_and_hold_restart(a)
         router.ready = lambda slot: True  # the readiness check saw the slot before its death
         s.send(2, "call", session=a, fn="operator.add", args=[1, 1])
         s.send(3, "call", session=b, fn="operator.add", args=[2, 2])

@@ -510,6 +510,16 @@ def test_worker_crash_and_session_lost() -> None:
         s.close()
 
 
+def _stops_within_a_second(s: Server, workers: list[int], started: float) -> None:
+    """The server asked to stop at ``started`` exits cleanly within a second, its workers gone."""
+    s.proc.wait(WAIT)
+    elapsed = time.monotonic() - started
+    s.close()
+    assert elapsed < 1.0, elapsed
+    assert s.proc.returncode == 0
+    assert _wait_gone(workers, 2.0) == []
+
+
 @pytest.mark.parametrize("how", ["eof", "sigterm"])
 def test_shutdown_leaves_no_process(how: str) -> None:
     s = Server(workers=2)
@@ -522,12 +532,7 @@ def test_shutdown_leaves_no_process(how: str) -> None:
         s.proc.stdin.close()
     else:
         s.proc.send_signal(signal.SIGTERM)
-    s.proc.wait(WAIT)
-    elapsed = time.monotonic() - started
-    s.close()
-    assert elapsed < 1.0, elapsed
-    assert s.proc.returncode == 0
-    assert _wait_gone(workers, 2.0) == []
+    _stops_within_a_second(s, workers, started)
 
 
 def test_workers_exit_when_server_is_killed() -> None:
@@ -814,9 +819,4 @@ def test_sigterm_while_requests_stream_in() -> None:
     s.recv()  # serving them now
     started = time.monotonic()
     s.proc.send_signal(signal.SIGTERM)
-    s.proc.wait(WAIT)
-    elapsed = time.monotonic() - started
-    s.close()
-    assert elapsed < 1.0, elapsed
-    assert s.proc.returncode == 0
-    assert _wait_gone(workers, 2.0) == []
+    _stops_within_a_second(s, workers, started)

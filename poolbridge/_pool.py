@@ -27,8 +27,10 @@ from ._errors import (
     SessionMismatchError,
     WorkerCrashedError,
 )
+from ._executor import ExecutorFace
 from ._handles import Ref, Stream
 from ._hashing import slot_for
+from ._mapping import MappingMixin
 from ._protocol import (
     OK,
     OP_CALL,
@@ -54,8 +56,9 @@ from ._protocol import (
 from ._replies import DISCARD, FAILED, Deadlines, PoolFuture, Waiter, rebuild_error
 from ._router import DEFAULT_MAX_IN_FLIGHT, Router
 from ._session import resolve_session, session_scope, validate_session_id
+from ._warmup import encode_initializer, encode_session_init
 
-__all__ = ["Pool", "PoolStats", "SlotStats"]
+__all__ = ["Pool", "PoolStats", "SlotStats", "describe_pool"]
 
 log = logging.getLogger("poolbridge")
 
@@ -127,7 +130,7 @@ class PoolStats:
 # -- the API, shared by Pool and its option views ---------------------------------------------
 
 
-class _Api:
+class _Api(MappingMixin):
     __slots__ = ("_opts", "_pool")
 
     def __init__(self, pool: Pool, opts: _Options) -> None:
@@ -388,6 +391,17 @@ class _Api:
         return slot_for(validate_session_id(session_id), self._pool.workers)
 
 
+def describe_pool(pool: Pool) -> str:
+    """What ``repr`` shows of a pool: slots, their pids and generations, state, calls in flight."""
+    channels = pool._router.channels()
+    pids = [ch.pid if ch is not None else -1 for ch in channels]
+    generations = [ch.generation if ch is not None else -1 for ch in channels]
+    in_flight = sum(len(ch.pending) for ch in channels if ch is not None)
+    state = "closed" if pool.closed else "running"
+    backend = "" if pool.backend == "process" else f" backend={pool.backend}"
+    return f"slots={pool.workers} pids={pids} generations={generations}{backend} {state} in_flight={in_flight}"
+
+
 # -- the pool ------------------------------------------------------------------------------------
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
@@ -400,7 +414,7 @@ def _close_live_pools() -> None:
         pool.close(cancel=True)
 
 
-class Pool(_Api):
+class Pool(_Api, ExecutorFace):
     """A pool of worker processes with per-session affinity.
 
     ``workers``: number of slots (default ``os.cpu_count()``). ``helpers``: modules imported in every
@@ -410,10 +424,18 @@ class Pool(_Api):
     block, or get :class:`PoolBusyError` with ``options(block=False)``. ``max_calls_per_worker`` /
     ``max_rss_per_worker`` (bytes): recycle a worker past these limits — only while it holds no
     session state (see docs/faults.md). ``backend``: ``"process"`` (default) or ``"ray"`` (each slot a
-    Ray actor; ``ray_init`` is passed to ``ray.init``).
+    Ray actor; ``ray_init`` is passed to ``ray.init``). ``initializer(*initargs)``: run once in
+    every worker process, and again in a restarted one (a dotted path or a callable); if it raises,
+    that worker's calls fail with :class:`WorkerCrashedError`. ``session_init``: a dotted path or
+    callable run as ``session_init(session_id)`` the first time a session touches its worker; its
+    result is kept in the session's state, ``current_session().state["session_init"]``.
+
+    A ``concurrent.futures.Executor``: ``submit``, ``map`` and ``shutdown`` behave as there (see
+    also ``imap``, ``starmap`` and ``broadcast``).
     """
 
-    __slots__ = ("__weakref__", "_deadlines", "_discards", "_router", "_unpack", "backend", "workers")
+    # (__weakref__ and __dict__ come from concurrent.futures.Executor)
+    __slots__ = ("_deadlines", "_discards", "_router", "_unpack", "backend", "workers")
 
     def __init__(
         self,
@@ -427,6 +449,9 @@ class Pool(_Api):
         max_rss_per_worker: int | None = None,
         backend: str = "process",
         ray_init: dict[str, Any] | None = None,
+        initializer: Any = None,
+        initargs: tuple[Any, ...] = (),
+        session_init: Any = None,
         _wire: bool = False,
     ) -> None:
         super().__init__(self, _Options())
@@ -454,6 +479,8 @@ class Pool(_Api):
                 "max_calls": max_calls_per_worker,
                 "max_rss": max_rss_per_worker,
                 "log_level": logging.getLogger("poolbridge").getEffectiveLevel(),
+                "initializer": encode_initializer(initializer, initargs),
+                "session_init": encode_session_init(session_init),
             },
             max_in_flight=max_in_flight,
             channel_factory=factory,
@@ -561,12 +588,7 @@ class Pool(_Api):
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "running"
-        in_flight = sum(len(ch.pending) for ch in self._router.channels() if ch is not None)
-        return (
-            f"<Pool workers={self.workers} backend={self.backend} "
-            f"state={state} in_flight={in_flight}>"
-        )
+        return f"<Pool {describe_pool(self)}>"
 
     def __iter__(self) -> Iterator[Any]:  # pragma: no cover - guard against `for x in pool`
         raise TypeError("Pool is not iterable; did you mean pool.stream(...)?")

@@ -19,6 +19,7 @@ which thread or task created it, and a different owner gets a fresh one.
 from __future__ import annotations
 
 import contextvars
+import functools
 import itertools
 import os
 import sys
@@ -30,7 +31,13 @@ from typing import Any
 
 from ._errors import SessionMismatchError
 
-__all__ = ["current_context_session", "resolve_session", "session_scope", "validate_session_id"]
+__all__ = [
+    "current_context_session",
+    "resolve_session",
+    "session_scope",
+    "slot_sessions",
+    "validate_session_id",
+]
 
 _context_session: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "poolbridge_context_session", default=None
@@ -97,6 +104,26 @@ def resolve_session(ref_session: str | None = None, override: str | None = None)
     if context is not None:
         return context
     return _auto()
+
+
+@functools.lru_cache(maxsize=16)
+def slot_sessions(n_slots: int) -> tuple[str, ...]:
+    """One session id per slot (``result[slot]`` hashes to ``slot``): the sessions that
+    ``broadcast`` and a map without ``session=`` run in, to reach a given worker.
+
+    Fixed per slot count, so repeated maps reuse the same few sessions in each worker instead of
+    leaving a new one behind per call. The ids start with ``poolbridge:`` (a prefix the auto-sessions
+    do not use).
+    """
+    from ._hashing import slot_for
+
+    found: dict[int, str] = {}
+    for k in itertools.count():
+        candidate = f"poolbridge:slot-{k}"
+        found.setdefault(slot_for(candidate, n_slots), candidate)
+        if len(found) == n_slots:
+            return tuple(found[slot] for slot in range(n_slots))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 @contextmanager

@@ -63,6 +63,7 @@ from ._protocol import (
     pack_value,
     unpack_plain,
 )
+from ._warmup import Warmup
 
 log = logging.getLogger("poolbridge.worker")
 
@@ -144,6 +145,8 @@ class WorkerCore:
         session_ttl: float | None = None,
         max_calls: int | None = None,
         max_rss: int | None = None,
+        initializer: bytes | None = None,
+        session_init: str | bytes | None = None,
     ) -> None:
         self.slot = slot
         self.n_slots = n_slots
@@ -167,6 +170,8 @@ class WorkerCore:
         for module in helpers:
             importlib.import_module(module)
         _active[0] = self
+        self._warmup = Warmup(slot, initializer, session_init)  # after helpers: it may use them
+        self._init_error = self._warmup.error
         self._ops: dict[str, Callable[..., bytes]] = {
             OP_CALL: self._op_call,
             OP_GETATTR: self._op_getattr,
@@ -210,6 +215,8 @@ class WorkerCore:
             return pack_plain([req_id, ERROR, pack_plain(error_fields(exc))])
 
     def _enter(self, session_id: Any) -> _Session:
+        if self._init_error is not None:
+            raise self._init_error
         try:
             session = self._sessions.get(session_id)
         except TypeError:  # unhashable: a list or map where the session id belongs
@@ -226,11 +233,25 @@ class WorkerCore:
             session = self._sessions[session_id] = _Session(
                 _helpers.SessionContext(session_id, self.slot, self.generation)
             )
+            if self._warmup.session_init is not None:
+                self._init_session(session)
         if self.session_ttl is not None:
             session.last_used = time.monotonic()
         self._session = session
         _helpers._current[0] = session.ctx
         return session
+
+    def _init_session(self, session: _Session) -> None:
+        # Runs with the session current (current_session() works in it); a failure leaves no
+        # session behind, so the next operation of that session tries again.
+        _helpers._current[0] = session.ctx
+        try:
+            self._warmup.init_session(session.ctx.session_id, session.ctx.state)
+        except BaseException:
+            del self._sessions[session.ctx.session_id]
+            raise
+        finally:
+            _helpers._current[0] = None
 
     # -- refs ------------------------------------------------------------------------------
 

@@ -73,6 +73,8 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
         session_ttl=options.get("session_ttl"),
         max_calls=options.get("max_calls"),
         max_rss=options.get("max_rss"),
+        initializer=options.get("initializer"),
+        session_init=options.get("session_init"),
     )
     seq = 0
     reader = FrameReader()

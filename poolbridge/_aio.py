@@ -28,7 +28,8 @@ from typing import Any
 
 from ._errors import CallTimeoutError, RefNotFoundError, SessionLostError
 from ._handles import Ref
-from ._pool import Pool, PoolStats, _Api, _Req
+from ._mapping import AsyncMappingMixin
+from ._pool import Pool, PoolStats, _Api, _Req, describe_pool
 from ._protocol import WireRef
 from ._router import Sink
 
@@ -117,9 +118,10 @@ def _settle(future: asyncio.Future[Any], value: Any, exc: BaseException | None) 
         future.set_result(value)
 
 
-class AsyncPool:
+class AsyncPool(AsyncMappingMixin):
     """Awaitable operations on a :class:`Pool`. ``AsyncPool(**pool_args)`` owns a new pool;
-    ``pool.aio`` wraps an existing one."""
+    ``pool.aio`` wraps an existing one. ``map`` / ``imap`` / ``starmap`` are ``async for``
+    iterators; ``broadcast`` is awaited."""
 
     __slots__ = ("_api", "_owned")
 
@@ -240,8 +242,17 @@ class AsyncPool:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    def pids(self) -> list[int]:
+        """The current worker pid of every slot, by slot."""
+        return self.pool.pids()
+
+    @property
+    def closed(self) -> bool:
+        return self.pool.closed
+
     def __repr__(self) -> str:
-        return f"<AsyncPool of {self.pool!r}>"
+        owner = "" if self._owned else " (view)"
+        return f"<AsyncPool{owner} {describe_pool(self.pool)}>"
 
 
 class AsyncStream(AsyncIterator[Any]):

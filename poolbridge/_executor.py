@@ -9,7 +9,7 @@ import concurrent.futures
 import threading
 from typing import TYPE_CHECKING, cast
 
-from ._mapping import cancel_runs
+from ._mapengine import cancel_runs
 from ._replies import PoolFuture
 
 if TYPE_CHECKING:

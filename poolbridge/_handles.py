@@ -99,7 +99,7 @@ class Ref(WireRef):
         state = " released" if self._released else ""
         return (
             f"<Ref {self.ref_id} session={self.session_id!r} slot={self.slot} "
-            f"generation={self.generation}{state}>"
+            f"generation={self.generation} {_where(self._api, self.slot, self.generation)}{state}>"
         )
 
     def __del__(self) -> None:
@@ -219,4 +219,19 @@ class Stream(Iterator[Any]):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<Stream session={self.session_id!r} slot={self._key.slot} {state}>"
+        key = self._key
+        return (
+            f"<Stream session={self.session_id!r} slot={key.slot} generation={key.generation} "
+            f"{_where(self._api, key.slot, key.generation)} {state}>"
+        )
+
+
+def _where(api: Any, slot: int, generation: int) -> str:
+    """``pid=N`` of the worker holding a handle's object, or ``lost`` if that worker is gone."""
+    try:
+        channel = api._pool._router.channels()[slot]
+    except Exception:  # repr must not fail (a half-built or closed pool)
+        return "pid=?"
+    if channel is None or channel.generation != generation:
+        return "lost"
+    return f"pid={channel.pid}"

@@ -1,32 +1,5 @@
-"""Parent side: ``map`` / ``imap`` / ``starmap`` (sync and async) and ``broadcast``.
-
-::
-
-    input iterable ──pull (lazily)──▶ buffer per key ──full──▶ chunk = one `call` of
-      (items, one at a time)            key: a session,        poolbridge._mapwork.apply_chunk
-                                        or None (spread)       in that session's worker
-                                                                        │
-    consumer ◀── next(): reorder (ordered) ◀── completed chunks ◀── PoolFuture callbacks
-       │                                        (any thread → queue)
-       └── each next() pulls more input while the window allows
-
-*Keys.* With ``session=`` a string (or a view's ``options(session=...)``, or the context session),
-every item has that key: one session, run in order in one worker. With ``session=`` a function,
-the key of an item is ``session(item)``: items of one session run in order in that session's worker
-(chunks of one session are sent in order on one channel, and a worker runs its requests in order),
-different sessions in parallel. Without any session the key is ``None`` and each chunk goes to the
-least-loaded slot, in the per-slot session of :func:`~poolbridge._session.slot_sessions`.
-
-*Bounds.* At most ``buffersize`` chunks are in flight; at most ``buffersize x chunksize`` items are
-taken from the input and not yet yielded (pulled, buffered, in flight, or waiting to be yielded in
-order). Input is pulled only inside ``next()``, so an infinite iterator costs flat memory.
-
-*Progress* is guaranteed by two rules applied before every wait: in order, the buffer holding the
-next item to yield is sent at once; and nothing in flight means the oldest buffer is sent.
-
-*Chunk size.* Given, or from the input's length (``len / (4 x workers)``, as ``multiprocessing``),
-or adaptive for an unsized input: the worker reports how long each chunk took, and the next chunks
-aim at ``_TARGET_SECONDS`` each (from 1 item up to ``_MAX_CHUNK``).
+"""Parent side: the faces of mapping — ``pool.map`` / ``imap`` / ``starmap`` as iterators (sync
+and ``async for``), and ``broadcast``. The engine they drive is in _mapengine.py.
 """
 
 from __future__ import annotations
@@ -34,354 +7,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import functools
-import importlib
-import itertools
-import math
 import queue
 import time
-import weakref
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._errors import PoolClosedError
-from ._mapwork import CHUNK_FN
-from ._protocol import WireRef, pack_plain
-from ._replies import rebuild_error
-from ._session import current_context_session, slot_sessions
+from ._mapengine import Chunk, MapRun, length_of
+from ._session import slot_sessions
 
 if TYPE_CHECKING:
-    from ._pool import Pool, _Api
+    from ._pool import _Api
 
-__all__ = ["AsyncMapIterator", "MapIterator", "MappingMixin"]
-
-_TARGET_SECONDS = 0.01  # long enough to amortise a round trip (~100 µs) 100x, short enough to balance
-_MAX_CHUNK = 4096  # for unsized inputs: bounds the memory of one chunk and of the window
-_MAX_VIEWS = 1024  # session views cached per map; past it the cache starts over
-
-
-class _Progress:
-    """``progress=True`` (tqdm), a callable ``progress(done, total)``, or nothing."""
-
-    __slots__ = ("bar", "callback", "done", "total")
-
-    def __init__(self, progress: Any, total: int | None) -> None:
-        self.done = 0
-        self.total = total
-        self.bar: Any = None
-        self.callback: Callable[[int, int | None], Any] | None = None
-        if progress is True:
-            try:
-                tqdm = importlib.import_module("tqdm")
-            except ImportError:
-                raise ImportError(
-                    "progress=True needs tqdm (pip install 'poolbridge[progress]'); "
-                    "or pass a callable progress(done, total)"
-                ) from None
-            self.bar = tqdm.tqdm(total=total, unit="item")
-        elif callable(progress):
-            self.callback = progress
-        elif progress not in (None, False):
-            raise TypeError(f"progress must be True, False, None or a callable, not {type(progress).__name__}")
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.callback is not None:
-            self.callback(self.done, self.total)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            bar, self.bar = self.bar, None
-            bar.close()
-
-
-class _Chunk:
-    __slots__ = ("future", "indices", "slot")
-
-    def __init__(self, indices: range | list[int], slot: int) -> None:
-        self.indices = indices
-        self.slot = slot
-        self.future: concurrent.futures.Future[Any] | None = None
-
-
-def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
-    try:
-        return min(len(it) for it in iterables)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-_runs: weakref.WeakKeyDictionary[Pool, weakref.WeakSet[_MapRun]] = weakref.WeakKeyDictionary()
-
-
-def cancel_runs(pool: Pool) -> None:
-    """Stop every map of ``pool``: nothing more is sent, and chunks not yet started never run."""
-    for run in list(_runs.get(pool, ())):
-        run.cancel()
-
-
-class _MapRun:
-    """The engine shared by the sync and async iterators. It never waits: completed chunks are
-    handed to it (``collect``) by whoever waited for them."""
-
-    def __init__(
-        self,
-        api: _Api,
-        fn: Any,
-        items: Iterator[Any],
-        *,
-        star: bool,
-        session: Any,
-        chunksize: int | None,
-        ordered: bool,
-        buffersize: int | None,
-        progress: Any,
-        total: int | None,
-        on_done: Callable[[_Chunk], Any],
-    ) -> None:
-        pool = api._pool
-        workers = pool.workers
-        self._api = api
-        self._fn = api._fn(fn)
-        if isinstance(fn, WireRef) and session is None:
-            session = fn.session_id  # a callable ref runs in its own session
-        if session is None:
-            session = api._opts.session or current_context_session()
-        if session is not None and not callable(session):
-            api = api.options(session=session)  # validated once; every item has this key
-        self._key = session if callable(session) else None
-        self._spread = session is None
-        self._views: dict[Any, Any] = {}
-        if self._spread:
-            self._slot_views = [api.options(session=sid) for sid in slot_sessions(workers)]
-            self._slot_load = [0] * workers
-        else:
-            self._fixed_view = api
-        self._items = items
-        self._star = star
-        self._ordered = ordered
-        if chunksize is not None and chunksize < 1:
-            raise ValueError(f"chunksize must be at least 1, got {chunksize}")
-        if buffersize is not None and buffersize < 1:
-            raise ValueError(f"buffersize must be at least 1, got {buffersize}")
-        self._fixed_chunk = chunksize
-        if chunksize is None and total is not None and self._spread:
-            self._fixed_chunk = max(1, math.ceil(total / (4 * workers)))
-        self._chunk = self._fixed_chunk or 1
-        self._per_item: float | None = None  # worker seconds per item, smoothed
-        self._window = buffersize or 4 * workers
-        self._progress = _Progress(progress, total)
-        self._on_done = on_done
-        # state
-        self._next_index = 0
-        self._held = 0  # pulled and not yet yielded
-        self._buffers: dict[Any, tuple[list[int], list[Any]]] = {}
-        self._in_flight: dict[int, _Chunk] = {}  # id(chunk) -> chunk
-        # Completed results not yet yielded: runs of consecutive items by their first index
-        # (ordered, one key), single items by index (ordered, keyed), or in completion order.
-        self._segments: dict[int, tuple[list[Any], BaseException | None]] = {}
-        self._results: dict[int, tuple[Any, BaseException | None]] = {}
-        self._ready: collections.deque[tuple[list[Any], BaseException | None]] = collections.deque()
-        self._head = 0
-        self._exhausted = False
-        self.closed = False
-        _runs.setdefault(pool, weakref.WeakSet()).add(self)
-
-    # -- sending ---------------------------------------------------------------------------
-
-    def pump(self) -> bool:
-        """Pull input and send chunks as far as the bounds allow, then make sure of progress.
-
-        Returns whether there is a chunk to wait for; if not, the input has just ended (or an
-        outcome is ready) and the caller looks again without waiting.
-        """
-        if self.closed:
-            return False
-        if self._key is None:
-            self._pump_runs()
-        else:
-            self._pump_keyed()
-        if self._in_flight:
-            return True
-        if self.finished or self._results.get(self._head) is not None or self._segments or self._ready:
-            return False
-        raise AssertionError(f"map stalled: {self._held} items held, none in flight")  # pragma: no cover
-
-    def _pump_runs(self) -> None:
-        # One key for every item: a chunk is a run of consecutive items, pulled in one islice.
-        while not self._exhausted and len(self._in_flight) < self._window:
-            n = min(self._chunk, self._window * self._chunk - self._held)
-            if n <= 0:
-                break
-            got = list(itertools.islice(self._items, n))
-            if len(got) < n:
-                self._exhausted = True
-            if not got:
-                break
-            if self._star:
-                got = [list(args) for args in got]
-            start = self._next_index
-            self._next_index += len(got)
-            self._held += len(got)
-            self._send(None, range(start, self._next_index), got)
-
-    def _pump_keyed(self) -> None:
-        buffers = self._buffers
-        key_of = self._key
-        assert key_of is not None
-        star = self._star
-        items = self._items
-        while not self._exhausted:
-            if len(self._in_flight) >= self._window:
-                break
-            if self._held >= self._window * self._chunk:
-                for key in list(buffers):  # full: send what is held, in every session at once
-                    self._send(key, *buffers.pop(key))
-                break
-            try:
-                item = next(items)
-            except StopIteration:
-                self._exhausted = True
-                break
-            if star:
-                item = list(item)
-                key = key_of(*item)
-            else:
-                key = key_of(item)
-            buf = buffers.get(key)
-            if buf is None:
-                buf = buffers[key] = ([], [])
-            buf[0].append(self._next_index)
-            buf[1].append(item)
-            self._next_index += 1
-            self._held += 1
-            if len(buf[0]) >= self._chunk:
-                self._send(key, *buffers.pop(key))
-        if self._exhausted:
-            for key in list(buffers):
-                self._send(key, *buffers.pop(key))
-        elif buffers:
-            oldest = next(iter(buffers))
-            if not self._in_flight or (self._ordered and buffers[oldest][0][0] == self._head):
-                self._send(oldest, *buffers.pop(oldest))
-
-    def _send(self, key: Any, indices: range | list[int], items: list[Any]) -> None:
-        if self._spread:
-            load = self._slot_load
-            slot = load.index(min(load))
-            view = self._slot_views[slot]
-            load[slot] += 1
-        else:
-            slot = -1
-            view = self._fixed_view if key is None else self._view(key)
-        chunk = _Chunk(indices, slot)
-        self._in_flight[id(chunk)] = chunk
-        chunk.future = view.submit(CHUNK_FN, self._fn, items, self._star)
-        chunk.future.add_done_callback(functools.partial(_done, self._on_done, chunk))
-
-    def _view(self, key: Any) -> Any:
-        view = self._views.get(key)
-        if view is None:
-            if len(self._views) >= _MAX_VIEWS:
-                self._views.clear()
-            view = self._views[key] = self._api.options(session=key)
-        return view
-
-    # -- receiving ---------------------------------------------------------------------------
-
-    def collect(self, chunk: _Chunk) -> None:
-        """Take in a completed chunk (in the consumer's thread)."""
-        if self._in_flight.pop(id(chunk), None) is None:
-            return
-        if chunk.slot >= 0:
-            self._slot_load[chunk.slot] -= 1
-        future = chunk.future
-        assert future is not None
-        error: BaseException | None = None
-        try:
-            values, fields, seconds = future.result(0)
-        except BaseException as exc:  # the chunk as a whole: worker crash, timeout, cancelled
-            values, error = [], exc
-        else:
-            if fields is not None:
-                error = rebuild_error(pack_plain(fields))
-            self._adapt(len(values) + (fields is not None), seconds)
-            self._progress.update(len(values))
-        if not self._ordered:
-            self._ready.append((values, error))
-        elif type(chunk.indices) is range:
-            self._segments[chunk.indices.start] = (values, error)
-        else:
-            results = self._results
-            for index, value in zip(chunk.indices, values, strict=False):
-                results[index] = (value, None)
-            if error is not None:
-                results[chunk.indices[len(values)]] = (None, error)
-
-    def _adapt(self, n: int, seconds: float) -> None:
-        if self._fixed_chunk is not None or n == 0:
-            return
-        per_item = seconds / n
-        self._per_item = per_item if self._per_item is None else 0.5 * (self._per_item + per_item)
-        self._chunk = max(1, min(_MAX_CHUNK, int(_TARGET_SECONDS / max(self._per_item, 1e-9))))
-
-    def take(self) -> tuple[list[Any], BaseException | None] | None:
-        """The next results to yield, in order, and the error that follows them (or None)."""
-        if not self._ordered:
-            if not self._ready:
-                return None
-            segment = self._ready.popleft()
-        elif self._segments:
-            found = self._segments.pop(self._head, None)
-            if found is None:
-                return None
-            segment = found
-        else:
-            results = self._results
-            values: list[Any] = []
-            error = None
-            head = self._head
-            while head in results:
-                value, error = results.pop(head)
-                if error is not None:
-                    break
-                values.append(value)
-                head += 1
-            if not values and error is None:
-                return None
-            segment = (values, error)
-        self._head += len(segment[0]) + (segment[1] is not None)
-        self._held -= len(segment[0]) + (segment[1] is not None)
-        return segment
-
-    @property
-    def finished(self) -> bool:
-        return self._exhausted and self._held <= 0
-
-    # -- ending ------------------------------------------------------------------------------
-
-    def cancel(self) -> None:
-        """Send nothing more; chunks the workers have not started never run."""
-        if not self.closed:
-            self.abandon()
-            for chunk in list(self._in_flight.values()):
-                if chunk.future is not None:
-                    chunk.future.cancel()
-
-    def abandon(self) -> None:
-        """Send nothing more, without any I/O (safe from ``__del__``)."""
-        self.closed = True
-        self._buffers.clear()
-        self._segments.clear()
-        self._results.clear()
-        self._ready.clear()
-        self._progress.close()
-
-
-def _done(hook: Callable[[_Chunk], Any], chunk: _Chunk, _future: Any) -> None:
-    hook(chunk)
+__all__ = ["AsyncMapIterator", "AsyncMappingMixin", "MapIterator", "MappingMixin", "broadcast_futures"]
 
 
 class MapIterator(Iterator[Any]):
@@ -394,8 +32,8 @@ class MapIterator(Iterator[Any]):
     def __init__(self, api: _Api, fn: Any, items: Iterator[Any], timeout: float | None, **kwargs: Any) -> None:
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._timeout = timeout
-        self._queue: queue.SimpleQueue[_Chunk] = queue.SimpleQueue()
-        self._run = _MapRun(api, fn, items, on_done=self._queue.put, **kwargs)
+        self._queue: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
+        self._run = MapRun(api, fn, items, on_done=self._queue.put, **kwargs)
         try:
             self._run.pump()  # work starts at the call, as with concurrent.futures
         except BaseException:
@@ -442,7 +80,7 @@ class MapIterator(Iterator[Any]):
     def __next__(self) -> Any:
         return next(self._gen)
 
-    def _wait(self) -> _Chunk:
+    def _wait(self) -> Chunk:
         if self._deadline is None:
             return self._queue.get()
         try:
@@ -474,15 +112,15 @@ class AsyncMapIterator(AsyncIterator[Any]):
         self._timeout = timeout
         self._deadline: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._completed: collections.deque[_Chunk] = collections.deque()
+        self._completed: collections.deque[Chunk] = collections.deque()
         self._event: asyncio.Event | None = None
         self._args = (api, fn, items, kwargs)
-        self._run: _MapRun | None = None
+        self._run: MapRun | None = None
         self._values: list[Any] = []
         self._pos = 0
         self._error: BaseException | None = None
 
-    def _on_done(self, chunk: _Chunk) -> None:  # any thread
+    def _on_done(self, chunk: Chunk) -> None:  # any thread
         self._completed.append(chunk)
         loop, event = self._loop, self._event
         if loop is not None and event is not None:
@@ -491,13 +129,13 @@ class AsyncMapIterator(AsyncIterator[Any]):
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
 
-    def _start(self) -> _MapRun:
+    def _start(self) -> MapRun:
         self._loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
         api, fn, items, kwargs = self._args
         if self._timeout is not None:
             self._deadline = self._loop.time() + self._timeout
-        self._run = _MapRun(api, fn, items, on_done=self._on_done, **kwargs)
+        self._run = MapRun(api, fn, items, on_done=self._on_done, **kwargs)
         return self._run
 
     def __aiter__(self) -> AsyncMapIterator:
@@ -597,7 +235,7 @@ class MappingMixin:
         star = len(iterables) > 1
         items = iter(zip(*iterables, strict=False)) if star else iter(iterables[0])
         return MapIterator(self._map_api(), fn, items, timeout, star=star, session=session, chunksize=chunksize,
-                           ordered=True, buffersize=buffersize, progress=progress, total=_length(iterables))
+                           ordered=True, buffersize=buffersize, progress=progress, total=length_of(iterables))
 
     def imap(
         self,
@@ -615,7 +253,7 @@ class MappingMixin:
         """``fn(item)`` for each item; ``ordered=False`` yields results as they complete."""
         return MapIterator(self._map_api(), fn, iter(iterable), timeout, star=False, session=session,
                            chunksize=chunksize, ordered=ordered, buffersize=buffersize, progress=progress,
-                           total=_length((iterable,)))
+                           total=length_of((iterable,)))
 
     def starmap(
         self,
@@ -632,7 +270,7 @@ class MappingMixin:
         """``fn(*args)`` for each ``args`` of ``iterable``, in order (a session function gets ``*args``)."""
         return MapIterator(self._map_api(), fn, iter(iterable), timeout, star=True, session=session,
                            chunksize=chunksize, ordered=True, buffersize=buffersize, progress=progress,
-                           total=_length((iterable,)))
+                           total=length_of((iterable,)))
 
     map.__doc__ = (map.__doc__ or "") + _MAP_DOC
     imap.__doc__ = (imap.__doc__ or "") + _MAP_DOC
@@ -672,3 +310,79 @@ def broadcast_futures(api: _Api, fn: Any, args: tuple[Any, ...], kwargs: dict[st
         except Exception as exc:
             out[slot] = exc
     return out
+
+
+class AsyncMappingMixin:
+    """``map``, ``imap``, ``starmap`` (``async for``) and ``broadcast`` for :class:`AsyncPool`."""
+
+    __slots__ = ()
+    _api: _Api
+
+    def map(
+        self,
+        fn: Any,
+        /,
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        session: Any = None,
+        buffersize: int | None = None,
+        progress: Any = None,
+    ) -> AsyncMapIterator:
+        """``async for result in apool.map(fn, items)``: as :meth:`Pool.map`, awaited."""
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        star = len(iterables) > 1
+        items = iter(zip(*iterables, strict=False)) if star else iter(iterables[0])
+        return AsyncMapIterator(self._api, fn, items, timeout, star=star, session=session, chunksize=chunksize,
+                                ordered=True, buffersize=buffersize, progress=progress, total=length_of(iterables))
+
+    def imap(
+        self,
+        fn: Any,
+        iterable: Iterable[Any],
+        /,
+        ordered: bool = True,
+        *,
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        session: Any = None,
+        buffersize: int | None = None,
+        progress: Any = None,
+    ) -> AsyncMapIterator:
+        """``async for result in apool.imap(fn, items, ordered=False)``: as :meth:`Pool.imap`."""
+        return AsyncMapIterator(self._api, fn, iter(iterable), timeout, star=False, session=session,
+                                chunksize=chunksize, ordered=ordered, buffersize=buffersize, progress=progress,
+                                total=length_of((iterable,)))
+
+    def starmap(
+        self,
+        fn: Any,
+        iterable: Iterable[Iterable[Any]],
+        /,
+        *,
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        session: Any = None,
+        buffersize: int | None = None,
+        progress: Any = None,
+    ) -> AsyncMapIterator:
+        """``async for result in apool.starmap(fn, arg_tuples)``: as :meth:`Pool.starmap`."""
+        return AsyncMapIterator(self._api, fn, iter(iterable), timeout, star=True, session=session,
+                                chunksize=chunksize, ordered=True, buffersize=buffersize, progress=progress,
+                                total=length_of((iterable,)))
+
+    async def broadcast(self, fn: Any, /, *args: Any, **kwargs: Any) -> dict[int, Any]:
+        """As :meth:`Pool.broadcast`, awaited: ``{slot: result or exception}``."""
+        futures = broadcast_futures(self._api, fn, args, kwargs)
+        slots = list(futures)
+        outcomes = await asyncio.gather(
+            *(_aresult(futures[slot]) for slot in slots), return_exceptions=True
+        )
+        return dict(zip(slots, outcomes, strict=True))
+
+
+async def _aresult(future: Any) -> Any:
+    if isinstance(future, BaseException):
+        raise future
+    return await asyncio.wrap_future(future)

@@ -13,9 +13,7 @@ from typing import Any
 
 from ._worker import active_core, error_fields, resolve_path
 
-__all__ = ["CHUNK_FN", "apply_chunk"]
-
-CHUNK_FN = "poolbridge._mapwork.apply_chunk"
+__all__ = ["apply_chunk"]
 
 
 def apply_chunk(fn: Any, items: list[Any], star: bool) -> list[Any]:

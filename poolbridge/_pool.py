@@ -399,7 +399,7 @@ def describe_pool(pool: Pool) -> str:
     in_flight = sum(len(ch.pending) for ch in channels if ch is not None)
     state = "closed" if pool.closed else "running"
     backend = "" if pool.backend == "process" else f" backend={pool.backend}"
-    return f"slots={pool.workers} pids={pids} generations={generations}{backend} {state} in_flight={in_flight}"
+    return f"workers={pool.workers} pids={pids} generations={generations}{backend} {state} in_flight={in_flight}"
 
 
 # -- the pool ------------------------------------------------------------------------------------

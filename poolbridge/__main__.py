@@ -1,4 +1,8 @@
-"""``python -m poolbridge serve`` — the Port server — and ``python -m poolbridge demo``."""
+"""poolbridge: a multiprocess worker pool with per-session affinity.
+
+Commands: serve runs the Port server (docs/protocol.md), demo shows the Pool API, bench measures
+Pool.map against the standard library's pools.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _fds(text: str) -> tuple[int, int]:
@@ -19,9 +24,26 @@ def _fds(text: str) -> tuple[int, int]:
     return a, b
 
 
+def _add_local_commands(parser: argparse.ArgumentParser, sub: Any) -> None:
+    """--version, and the commands that run in this process (demo, bench): _cli_tools.py."""
+    from . import __version__
+    from ._cli_tools import add_bench_parser
+
+    parser.add_argument("--version", action="version", version=f"poolbridge {__version__}")
+    add_bench_parser(sub)
+
+
+def _plain_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Help as plain text (no markup), with each option's default where it has one."""
+    from ._cli_tools import plain_help
+
+    return plain_help(parser)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m poolbridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_local_commands(parser, sub)
     serve = sub.add_parser("serve", help="run the Port server (docs/protocol.md) on stdio or --fds")
     serve.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (slots)")
     serve.add_argument("--fds", type=_fds, default=None, metavar="IN,OUT",
@@ -41,27 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _demo() -> int:
-    import poolbridge
-
-    log = logging.getLogger("poolbridge.demo")
-    with poolbridge.Pool(workers=2) as pool:
-        with pool.session("alice"):
-            log.warning("math.sqrt(2) = %s", pool.call("math.sqrt", 2))
-            counter = pool.create("collections.Counter")
-            pool.method(counter, "update", "hello")
-            log.warning("counter['l'] = %s", pool.method(counter, "__getitem__", "l"))
-            log.warning("streamed: %s", list(pool.stream("builtins.range", 5)))
-        log.warning("alice -> slot %d, bob -> slot %d", pool.slot_for("alice"), pool.slot_for("bob"))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = _plain_help(_parser())
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
-        return _demo()
+    if args.command in ("demo", "bench"):
+        from ._cli_tools import run_command
+
+        return run_command(args)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="poolbridge[%(process)d] %(levelname)s %(name)s: %(message)s")
     if args.workers < 1:

@@ -26,18 +26,21 @@ from ._errors import (
 from ._handles import Ref, Stream
 from ._hashing import jump_hash, stable_hash64
 from ._helpers import SessionContext, current_session, helper
+from ._mapping import AsyncMapIterator, MapIterator
 from ._pool import Pool, PoolStats, SlotStats
 from ._session import resolve_session
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncMapIterator",
     "AsyncPool",
     "AsyncStream",
     "BadRequestError",
     "CallTimeoutError",
     "FrameTooLargeError",
     "HelperNotFoundError",
+    "MapIterator",
     "MisroutedError",
     "NotAllowedError",
     "Pool",

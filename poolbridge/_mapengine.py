@@ -117,7 +117,9 @@ _runs: weakref.WeakKeyDictionary[Pool, weakref.WeakSet[MapRun]] = weakref.WeakKe
 def cancel_runs(pool: Pool) -> None:
     """Stop every map of ``pool``: nothing more is sent, and chunks not yet started never run."""
     for run in list(_runs.get(pool, ())):
-        run.cancel()
+        if not run.closed:
+            run.interrupted = concurrent.futures.CancelledError("the pool was shut down with cancel_futures=True")
+            run.cancel()
 
 
 class MapRun:
@@ -185,6 +187,8 @@ class MapRun:
         self._head = 0
         self._exhausted = False
         self.closed = False
+        #: Why the map stopped before its consumer did (raised at the consumer's next read).
+        self.interrupted: BaseException | None = None
         _runs.setdefault(pool, weakref.WeakSet()).add(self)
 
     # -- sending ---------------------------------------------------------------------------

@@ -54,6 +54,8 @@ class MapIterator(Iterator[Any]):
                     continue
                 if run.closed or run.finished:
                     run.abandon()
+                    if run.interrupted is not None:
+                        raise run.interrupted
                     return
                 if not run.pump():
                     continue
@@ -158,6 +160,9 @@ class AsyncMapIterator(AsyncIterator[Any]):
                     self._pos = 0
                     return await self.__anext__()
                 if run.closed or run.finished:
+                    if run.interrupted is not None:
+                        interrupted, run.interrupted = run.interrupted, None
+                        raise interrupted
                     raise StopAsyncIteration
                 if not run.pump():
                     continue

@@ -15,12 +15,14 @@ import pytest
 import poolbridge
 
 PUBLIC_NAMES = [
+    "AsyncMapIterator",
     "AsyncPool",
     "AsyncStream",
     "BadRequestError",
     "CallTimeoutError",
     "FrameTooLargeError",
     "HelperNotFoundError",
+    "MapIterator",
     "MisroutedError",
     "NotAllowedError",
     "Pool",
@@ -154,6 +156,12 @@ POOL_METHODS = [
     "stats",
     "pids",
     "close",
+    # concurrent.futures.Executor, and mapping
+    "map",
+    "imap",
+    "starmap",
+    "broadcast",
+    "shutdown",
 ]
 
 
@@ -164,10 +172,30 @@ def test_pool_has_method(name: str) -> None:
 
 def test_pool_signature() -> None:
     params = inspect.signature(poolbridge.Pool).parameters
-    for name in ("workers", "helpers", "session_ttl", "max_refs_per_session"):
+    keyword_only = ("helpers", "session_ttl", "max_refs_per_session", "initializer", "initargs", "session_init")
+    for name in ("workers", *keyword_only):
         assert name in params
-    for name in ("helpers", "session_ttl", "max_refs_per_session"):
+    for name in keyword_only:
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_pool_is_a_concurrent_futures_executor() -> None:
+    assert issubclass(poolbridge.Pool, concurrent.futures.Executor)
+    shutdown = inspect.signature(poolbridge.Pool.shutdown).parameters
+    assert shutdown["wait"].default is True
+    assert shutdown["cancel_futures"].default is False
+    params = inspect.signature(poolbridge.Pool.map).parameters
+    for name in ("timeout", "chunksize", "session", "buffersize", "progress"):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert inspect.signature(poolbridge.Pool.imap).parameters["ordered"].default is True
+
+
+def test_async_pool_has_closed_and_map_iterators() -> None:
+    assert isinstance(poolbridge.AsyncPool.closed, property)
+    for name in ("__aiter__", "__anext__", "__aenter__", "__aexit__", "aclose"):
+        assert callable(getattr(poolbridge.AsyncMapIterator, name))
+    for name in ("__iter__", "__next__", "__enter__", "__exit__", "close"):
+        assert callable(getattr(poolbridge.MapIterator, name))
 
 
 ASYNC_POOL_METHODS = [
@@ -188,6 +216,11 @@ ASYNC_POOL_METHODS = [
     "aclose",
     "__aenter__",
     "__aexit__",
+    "map",
+    "imap",
+    "starmap",
+    "broadcast",
+    "pids",
 ]
 
 

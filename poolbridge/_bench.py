@@ -38,17 +38,9 @@ class Row:
         return self.items / self.seconds if self.seconds > 0 else math.inf
 
 
-def _best(fn: Callable[[], Any], rounds: int) -> float:
-    best = math.inf
-    for _ in range(rounds):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
-
-
 def run(items: int = 100_000, rounds: int = 5, workers: int = 2) -> list[Row]:
-    """Measure the three cases; every pool is started and warmed up before it is timed."""
+    """Measure the three cases, interleaved round by round (so a burst of load on a shared machine
+    hits every case alike); every pool is started and warmed up before it is timed."""
     import poolbridge
 
     data = list(range(items))
@@ -56,20 +48,23 @@ def run(items: int = 100_000, rounds: int = 5, workers: int = 2) -> list[Row]:
     chunk = max(1, math.ceil(items / (4 * workers)))
     # The stdlib pools first: forking after poolbridge has started its threads is unsafe.
     ctx = multiprocessing.get_context("fork")
-    rows = []
-    with ctx.Pool(workers) as mp_pool:
+    with ctx.Pool(workers) as mp_pool, concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as ppe:
         mp_pool.map(tiny, range(workers * 4))
-        seconds = _best(lambda: _check(mp_pool.map(tiny, data), expected), rounds)
-        rows.append(Row("multiprocessing.Pool.map", seconds, items))
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as ppe:
         list(ppe.map(tiny, range(workers * 4)))
-        seconds = _best(lambda: _check(list(ppe.map(tiny, data, chunksize=chunk)), expected), rounds)
-        rows.append(Row(f"ProcessPoolExecutor.map(chunksize={chunk})", seconds, items))
-    with poolbridge.Pool(workers) as pool:
-        list(pool.map(tiny, range(workers * 4)))
-        seconds = _best(lambda: _check(list(pool.map(tiny, data)), expected), rounds)
-        rows.append(Row("poolbridge Pool.map", seconds, items))
-    return rows
+        with poolbridge.Pool(workers) as pool:
+            list(pool.map(tiny, range(workers * 4)))
+            cases: list[tuple[str, Callable[[], Any]]] = [
+                ("multiprocessing.Pool.map", lambda: mp_pool.map(tiny, data)),
+                (f"ProcessPoolExecutor.map(chunksize={chunk})", lambda: list(ppe.map(tiny, data, chunksize=chunk))),
+                ("poolbridge Pool.map", lambda: list(pool.map(tiny, data))),
+            ]
+            best = [math.inf] * len(cases)
+            for _ in range(rounds):
+                for i, (_, fn) in enumerate(cases):
+                    started = time.perf_counter()
+                    _check(fn(), expected)
+                    best[i] = min(best[i], time.perf_counter() - started)
+    return [Row(name, seconds, items) for (name, _), seconds in zip(cases, best, strict=True)]
 
 
 def _check(results: list[int], expected_last: int) -> None:

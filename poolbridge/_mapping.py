@@ -10,7 +10,7 @@ import concurrent.futures
 import queue
 import time
 from collections.abc import AsyncIterator, Generator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._errors import PoolClosedError
 from ._mapengine import Chunk, MapRun, length_of
@@ -218,10 +218,17 @@ _MAP_DOC = """
 """
 
 
-class MappingMixin:
-    """``map``, ``imap``, ``starmap`` and ``broadcast`` for :class:`Pool` and its option views."""
+ItT = TypeVar("ItT", MapIterator, AsyncMapIterator)
+
+
+class _MapFaces(Generic[ItT]):
+    """``map``, ``imap`` and ``starmap``, shared by the sync and async faces (which iterator they
+    return is the only difference: ``_iterate``)."""
 
     __slots__ = ()
+
+    def _iterate(self, fn: Any, items: Iterator[Any], timeout: float | None, **kwargs: Any) -> ItT:
+        raise NotImplementedError
 
     def map(
         self,
@@ -233,14 +240,14 @@ class MappingMixin:
         session: Any = None,
         buffersize: int | None = None,
         progress: Any = None,
-    ) -> MapIterator:
+    ) -> ItT:
         """``fn(*args)`` for the items of ``zip(*iterables)``, in order — like ``Executor.map``."""
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         star = len(iterables) > 1
         items = iter(zip(*iterables, strict=False)) if star else iter(iterables[0])
-        return MapIterator(self._map_api(), fn, items, timeout, star=star, session=session, chunksize=chunksize,
-                           ordered=True, buffersize=buffersize, progress=progress, total=length_of(iterables))
+        return self._iterate(fn, items, timeout, star=star, session=session, chunksize=chunksize,
+                             ordered=True, buffersize=buffersize, progress=progress, total=length_of(iterables))
 
     def imap(
         self,
@@ -254,11 +261,11 @@ class MappingMixin:
         session: Any = None,
         buffersize: int | None = None,
         progress: Any = None,
-    ) -> MapIterator:
+    ) -> ItT:
         """``fn(item)`` for each item; ``ordered=False`` yields results as they complete."""
-        return MapIterator(self._map_api(), fn, iter(iterable), timeout, star=False, session=session,
-                           chunksize=chunksize, ordered=ordered, buffersize=buffersize, progress=progress,
-                           total=length_of((iterable,)))
+        return self._iterate(fn, iter(iterable), timeout, star=False, session=session, chunksize=chunksize,
+                             ordered=ordered, buffersize=buffersize, progress=progress,
+                             total=length_of((iterable,)))
 
     def starmap(
         self,
@@ -271,15 +278,24 @@ class MappingMixin:
         session: Any = None,
         buffersize: int | None = None,
         progress: Any = None,
-    ) -> MapIterator:
+    ) -> ItT:
         """``fn(*args)`` for each ``args`` of ``iterable``, in order (a session function gets ``*args``)."""
-        return MapIterator(self._map_api(), fn, iter(iterable), timeout, star=True, session=session,
-                           chunksize=chunksize, ordered=True, buffersize=buffersize, progress=progress,
-                           total=length_of((iterable,)))
+        return self._iterate(fn, iter(iterable), timeout, star=True, session=session, chunksize=chunksize,
+                             ordered=True, buffersize=buffersize, progress=progress,
+                             total=length_of((iterable,)))
 
     map.__doc__ = (map.__doc__ or "") + _MAP_DOC
     imap.__doc__ = (imap.__doc__ or "") + _MAP_DOC
     starmap.__doc__ = (starmap.__doc__ or "") + _MAP_DOC
+
+
+class MappingMixin(_MapFaces[MapIterator]):
+    """``map``, ``imap``, ``starmap`` and ``broadcast`` for :class:`Pool` and its option views."""
+
+    __slots__ = ()
+
+    def _iterate(self, fn: Any, items: Iterator[Any], timeout: float | None, **kwargs: Any) -> MapIterator:
+        return MapIterator(self._map_api(), fn, items, timeout, **kwargs)
 
     def broadcast(self, fn: Any, /, *args: Any, **kwargs: Any) -> dict[int, Any]:
         """Run ``fn(*args, **kwargs)`` once in every worker: ``{slot: result}``.
@@ -304,78 +320,15 @@ class MappingMixin:
         return self  # type: ignore[return-value]
 
 
-def broadcast_futures(api: _Api, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, Any]:
-    """One submitted call per slot: ``{slot: future, or the exception that prevented sending}``."""
-    if api._pool.closed:
-        raise PoolClosedError("the pool is closed")
-    out: dict[int, Any] = {}
-    for slot, sid in enumerate(slot_sessions(api._pool.workers)):
-        try:
-            out[slot] = api.options(session=sid).submit(fn, *args, **kwargs)
-        except Exception as exc:
-            out[slot] = exc
-    return out
 
-
-class AsyncMappingMixin:
+class AsyncMappingMixin(_MapFaces[AsyncMapIterator]):
     """``map``, ``imap``, ``starmap`` (``async for``) and ``broadcast`` for :class:`AsyncPool`."""
 
     __slots__ = ()
     _api: _Api
 
-    def map(
-        self,
-        fn: Any,
-        /,
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        session: Any = None,
-        buffersize: int | None = None,
-        progress: Any = None,
-    ) -> AsyncMapIterator:
-        """``async for result in apool.map(fn, items)``: as :meth:`Pool.map`, awaited."""
-        if not iterables:
-            raise TypeError("map() needs at least one iterable")
-        star = len(iterables) > 1
-        items = iter(zip(*iterables, strict=False)) if star else iter(iterables[0])
-        return AsyncMapIterator(self._api, fn, items, timeout, star=star, session=session, chunksize=chunksize,
-                                ordered=True, buffersize=buffersize, progress=progress, total=length_of(iterables))
-
-    def imap(
-        self,
-        fn: Any,
-        iterable: Iterable[Any],
-        /,
-        ordered: bool = True,
-        *,
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        session: Any = None,
-        buffersize: int | None = None,
-        progress: Any = None,
-    ) -> AsyncMapIterator:
-        """``async for result in apool.imap(fn, items, ordered=False)``: as :meth:`Pool.imap`."""
-        return AsyncMapIterator(self._api, fn, iter(iterable), timeout, star=False, session=session,
-                                chunksize=chunksize, ordered=ordered, buffersize=buffersize, progress=progress,
-                                total=length_of((iterable,)))
-
-    def starmap(
-        self,
-        fn: Any,
-        iterable: Iterable[Iterable[Any]],
-        /,
-        *,
-        timeout: float | None = None,
-        chunksize: int | None = None,
-        session: Any = None,
-        buffersize: int | None = None,
-        progress: Any = None,
-    ) -> AsyncMapIterator:
-        """``async for result in apool.starmap(fn, arg_tuples)``: as :meth:`Pool.starmap`."""
-        return AsyncMapIterator(self._api, fn, iter(iterable), timeout, star=True, session=session,
-                                chunksize=chunksize, ordered=True, buffersize=buffersize, progress=progress,
-                                total=length_of((iterable,)))
+    def _iterate(self, fn: Any, items: Iterator[Any], timeout: float | None, **kwargs: Any) -> AsyncMapIterator:
+        return AsyncMapIterator(self._api, fn, items, timeout, **kwargs)
 
     async def broadcast(self, fn: Any, /, *args: Any, **kwargs: Any) -> dict[int, Any]:
         """As :meth:`Pool.broadcast`, awaited: ``{slot: result or exception}``."""
@@ -391,3 +344,16 @@ async def _aresult(future: Any) -> Any:
     if isinstance(future, BaseException):
         raise future
     return await asyncio.wrap_future(future)
+
+
+def broadcast_futures(api: _Api, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, Any]:
+    """One submitted call per slot: ``{slot: future, or the exception that prevented sending}``."""
+    if api._pool.closed:
+        raise PoolClosedError("the pool is closed")
+    out: dict[int, Any] = {}
+    for slot, sid in enumerate(slot_sessions(api._pool.workers)):
+        try:
+            out[slot] = api.options(session=sid).submit(fn, *args, **kwargs)
+        except Exception as exc:
+            out[slot] = exc
+    return out

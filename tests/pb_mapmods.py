@@ -106,3 +106,13 @@ def raise_if_slot(slot: int) -> int:
 
 def mul(x: int, y: int = 1) -> int:
     return x * y
+
+
+def maybe_wait(item: tuple[str, str | None]) -> str:
+    """``(name, fifo path or None)``: blocks on the fifo when there is one, then returns ``name``."""
+    import pb_faultmods
+
+    name, path = item
+    if path is not None:
+        pb_faultmods.wait_fifo(path, 30.0)
+    return name

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,14 +24,6 @@ WAIT = 30.0  # bound on any single wait in these tests
 F = "pb_faultmods"
 M = "pb_mapmods"
 
-
-@pytest.fixture(scope="module")
-def pool() -> Iterator[Pool]:
-    p = Pool(2)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def test_pool_is_an_executor(pool: Pool) -> None:
@@ -70,22 +62,18 @@ def test_map_exception(pool: Pool) -> None:
 
 
 def test_map_timeout(pool: Pool, fifo: Fifo) -> None:
+    # CPython's test_map_timeout, with a fifo instead of sleep(6): the third item blocks until
+    # released; the first two come back, then next() raises TimeoutError at the deadline.
+    pool.broadcast(f"{M}.maybe_wait", ("warm-up", None))  # imported in both workers before timing
     results = []
     items = [("a", None), ("b", None), ("c", fifo.path)]
     with pytest.raises(TimeoutError):
-        for r in pool.map(_maybe_wait, items, timeout=0.5, chunksize=1):
+        # buffersize=1: "c" is sent once "b" is back, never in one pipe read with "a" or "b" (a
+        # worker writes the replies of one read together, so theirs would wait for "c")
+        for r in pool.map(f"{M}.maybe_wait", items, timeout=3.0, chunksize=1, buffersize=1):
             results.append(r)
     assert results == ["a", "b"]
     fifo.release()
-
-
-def _maybe_wait(item: tuple[str, str | None]) -> str:
-    import pb_faultmods
-
-    name, path = item
-    if path is not None:
-        pb_faultmods.wait_fifo(path, 30.0)
-    return name
 
 
 def test_map_timeout_is_a_concurrent_futures_timeout(pool: Pool, fifo: Fifo) -> None:

@@ -22,14 +22,6 @@ WAIT = 30.0
 M = "pb_mapmods"
 
 
-@pytest.fixture(scope="module")
-def pool() -> Iterator[Pool]:
-    p = Pool(2)
-    try:
-        yield p
-    finally:
-        p.close()
-
 
 def _counting(n: int | None = None) -> tuple[Iterator[int], list[int]]:
     """An iterator of 0, 1, 2, ... (endless if ``n`` is None) that counts what was taken from it."""

@@ -41,7 +41,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._protocol import WireRef, pack_plain
+from ._protocol import OP_CALL, RET_VALUE, WireRef, pack_plain
 from ._replies import rebuild_error
 from ._session import current_context_session, slot_sessions
 
@@ -182,7 +182,7 @@ class MapRun:
         # Completed results not yet yielded: runs of consecutive items by their first index
         # (ordered, one key), single items by index (ordered, keyed), or in completion order.
         self._segments: dict[int, tuple[list[Any], BaseException | None]] = {}
-        self._results: dict[int, tuple[Any, BaseException | None]] = {}
+        self._results: dict[int, Any] = {}  # a value, or a _Failed
         self._ready: collections.deque[tuple[list[Any], BaseException | None]] = collections.deque()
         self._head = 0
         self._exhausted = False
@@ -207,7 +207,7 @@ class MapRun:
             self._pump_keyed()
         if self._in_flight:
             return True
-        if self.finished or self._results.get(self._head) is not None or self._segments or self._ready:
+        if self.finished or self._head in self._results or self._segments or self._ready:
             return False
         raise AssertionError(f"map stalled: {self._held} items held, none in flight")  # pragma: no cover
 
@@ -233,41 +233,42 @@ class MapRun:
         buffers = self._buffers
         key_of = self._key
         assert key_of is not None
-        star = self._star
-        items = self._items
-        while not self._exhausted:
-            if len(self._in_flight) >= self._window:
-                break
-            if self._held >= self._window * self._chunk:
+        send = self._send
+        while not self._exhausted and len(self._in_flight) < self._window:
+            room = self._window * self._chunk - self._held
+            if room <= 0:
                 for key in list(buffers):  # full: send what is held, in every session at once
-                    self._send(key, *buffers.pop(key))
+                    send(key, *buffers.pop(key))
                 break
-            try:
-                item = next(items)
-            except StopIteration:
+            # Pulled in batches (islice, map: loops in C); a batch never passes the bound.
+            batch = list(itertools.islice(self._items, min(room, max(self._chunk, 64))))
+            if not batch:
                 self._exhausted = True
                 break
-            if star:
-                item = list(item)
-                key = key_of(*item)
+            if self._star:
+                batch = [list(args) for args in batch]
+                keys = list(itertools.starmap(key_of, batch))
             else:
-                key = key_of(item)
-            buf = buffers.get(key)
-            if buf is None:
-                buf = buffers[key] = ([], [])
-            buf[0].append(self._next_index)
-            buf[1].append(item)
-            self._next_index += 1
-            self._held += 1
-            if len(buf[0]) >= self._chunk:
-                self._send(key, *buffers.pop(key))
+                keys = list(map(key_of, batch))
+            start = self._next_index
+            self._next_index += len(batch)
+            self._held += len(batch)
+            chunk = self._chunk
+            for index, key, item in zip(range(start, self._next_index), keys, batch, strict=True):
+                buf = buffers.get(key)
+                if buf is None:
+                    buf = buffers[key] = ([], [])
+                buf[0].append(index)
+                buf[1].append(item)
+                if len(buf[0]) >= chunk:
+                    send(key, *buffers.pop(key))
         if self._exhausted:
             for key in list(buffers):
-                self._send(key, *buffers.pop(key))
+                send(key, *buffers.pop(key))
         elif buffers:
             oldest = next(iter(buffers))
             if not self._in_flight or (self._ordered and buffers[oldest][0][0] == self._head):
-                self._send(oldest, *buffers.pop(oldest))
+                send(oldest, *buffers.pop(oldest))
 
     def _send(self, key: Any, indices: range | list[int], items: list[Any]) -> None:
         if self._spread:
@@ -280,7 +281,9 @@ class MapRun:
             view = self._fixed_view if key is None else self._view(key)
         chunk = Chunk(indices, slot)
         self._in_flight[id(chunk)] = chunk
-        chunk.future = view.submit(CHUNK_FN, self._fn, items, self._star)
+        # Always a value (whatever the view's ret=): the chunk's results come back as a list.
+        chunk.future = view._submit(OP_CALL, None, [CHUNK_FN, [self._fn, items, self._star], {}, RET_VALUE],
+                                    view._value)
         chunk.future.add_done_callback(functools.partial(_done, self._on_done, chunk))
 
     def _view(self, key: Any) -> Any:
@@ -316,11 +319,9 @@ class MapRun:
         elif type(chunk.indices) is range:
             self._segments[chunk.indices.start] = (values, error)
         else:
-            results = self._results
-            for index, value in zip(chunk.indices, values, strict=False):
-                results[index] = (value, None)
+            self._results.update(zip(chunk.indices, values, strict=False))
             if error is not None:
-                results[chunk.indices[len(values)]] = (None, error)
+                self._results[chunk.indices[len(values)]] = _Failed(error)
 
     def _adapt(self, n: int, seconds: float) -> None:
         if self._fixed_chunk is not None or n == 0:
@@ -341,15 +342,16 @@ class MapRun:
                 return None
             segment = found
         else:
-            results = self._results
+            pop = self._results.pop
             values: list[Any] = []
+            append = values.append
             error = None
             head = self._head
-            while head in results:
-                value, error = results.pop(head)
-                if error is not None:
+            while (value := pop(head, _Failed)) is not _Failed:
+                if type(value) is _Failed:
+                    error = value.error
                     break
-                values.append(value)
+                append(value)
                 head += 1
             if not values and error is None:
                 return None
@@ -380,6 +382,15 @@ class MapRun:
         self._results.clear()
         self._ready.clear()
         self._progress.close()
+
+
+class _Failed:
+    """An item's exception among the results of a keyed map (the class itself marks "absent")."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 def _done(hook: Callable[[Chunk], Any], chunk: Chunk, _future: Any) -> None:

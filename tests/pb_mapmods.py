@@ -116,3 +116,10 @@ def maybe_wait(item: tuple[str, str | None]) -> str:
     if path is not None:
         pb_faultmods.wait_fifo(path, 30.0)
     return name
+
+
+def die_at(x: int, bad: int) -> int:
+    """Map probe: the worker running item ``bad`` dies (SIGKILL)."""
+    if x == bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x

@@ -144,6 +144,20 @@ def test_error_is_raised_at_its_item(pool: Pool, chunksize: int) -> None:
     assert list(it) == []
 
 
+def test_worker_crash_during_a_map(pool_maker: Callable[..., Pool]) -> None:
+    p = pool_maker(workers=2)
+    got = []
+    with pytest.raises(WorkerCrashedError):
+        for value in p.starmap(f"{M}.die_at", ((x, 500) for x in range(1000)), chunksize=10, timeout=WAIT):
+            got.append(value)
+    assert got == list(range(len(got))) and len(got) <= 500  # in order up to the lost chunk
+    assert list(p.options(timeout=WAIT).map(abs, range(-5, 5))) == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4]
+
+
+def test_view_options_do_not_change_what_a_chunk_returns(pool: Pool) -> None:
+    assert list(pool.options(ret="ref").map(abs, range(-3, 3))) == [3, 2, 1, 0, 1, 2]
+
+
 def test_unordered_error_ends_the_iteration(pool: Pool) -> None:
     with pytest.raises(KeyError):
         list(pool.imap(f"{M}.fail_on", range(40), ordered=False, chunksize=5))

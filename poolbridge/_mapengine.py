@@ -1,4 +1,6 @@
-"""Parent side: ``map`` / ``imap`` / ``starmap`` (sync and async) and ``broadcast``.
+"""Parent side: the engine behind ``map`` / ``imap`` / ``starmap`` (its sync and async faces are
+in _mapping.py): what is pulled from the input, how it is chunked, where each chunk goes, and how
+results come back in order.
 
 ::
 
@@ -21,7 +23,7 @@ least-loaded slot, in the per-slot session of :func:`~poolbridge._session.slot_s
 taken from the input and not yet yielded (pulled, buffered, in flight, or waiting to be yielded in
 order). Input is pulled only inside ``next()``, so an infinite iterator costs flat memory.
 
-*Progress* is guaranteed by two rules applied before every wait: in order, the buffer holding the
+*Liveness* is guaranteed by two rules applied before every wait: in order, the buffer holding the
 next item to yield is sent at once; and nothing in flight means the oldest buffer is sent.
 
 *Chunk size.* Given, or from the input's length (``len / (4 x workers)``, as ``multiprocessing``),

@@ -154,6 +154,15 @@ def test_worker_crash_during_a_map(pool_maker: Callable[..., Pool]) -> None:
     assert list(p.options(timeout=WAIT).map(abs, range(-5, 5))) == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4]
 
 
+def test_a_callable_ref_maps_in_its_own_session(pool: Pool) -> None:
+    import functools
+
+    ref = pool.options(session="ref-home").create(functools.partial, pow, 2)
+    assert list(pool.map(ref, range(5))) == [1, 2, 4, 8, 16]
+    with pytest.raises(poolbridge.SessionMismatchError):
+        list(pool.map(ref, range(5), session="elsewhere"))
+
+
 def test_view_options_do_not_change_what_a_chunk_returns(pool: Pool) -> None:
     assert list(pool.options(ret="ref").map(abs, range(-3, 3))) == [3, 2, 1, 0, 1, 2]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import queue
 import time
 from collections.abc import AsyncIterator, Generator, Iterable, Iterator
@@ -39,16 +40,20 @@ class MapIterator(Iterator[Any]):
         except BaseException:
             self._run.cancel()
             raise
-        self._gen = self._generate()
+        self._segments = self._generate()
+        # Items come out of chain() in C: resuming a generator per item (even `yield from`)
+        # would cost more than the rest of a tiny function's map. The generator below runs once
+        # per segment (a chunk's results, or a run of them), when chain() has used up the last.
+        self._items = itertools.chain.from_iterable(self._segments)
 
-    def _generate(self) -> Generator[Any, None, None]:
+    def _generate(self) -> Generator[list[Any], None, None]:
         run = self._run
         try:
             while True:
                 segment = run.take()
                 if segment is not None:
                     values, error = segment
-                    yield from values  # the per-item path runs in C: no Python frame per item
+                    yield values
                     if error is not None:
                         raise error
                     continue
@@ -75,12 +80,12 @@ class MapIterator(Iterator[Any]):
             raise
 
     def __iter__(self) -> Iterator[Any]:
-        # The generator itself: `for` and list() then run at C speed. It is this iterator's own
+        # The chain itself: `for` and list() then run at C speed. It is this iterator's own
         # state, so mixing next(it) and `for x in it` reads one sequence.
-        return self._gen
+        return self._items
 
     def __next__(self) -> Any:
-        return next(self._gen)
+        return next(self._items)
 
     def _wait(self) -> Chunk:
         if self._deadline is None:
@@ -93,7 +98,8 @@ class MapIterator(Iterator[Any]):
     def close(self) -> None:
         """Stop: nothing more is sent, and chunks the workers have not started never run."""
         self._run.cancel()
-        self._gen.close()
+        self._segments.close()
+        self._items = iter(())  # drop what is left of the current segment too
 
     def __enter__(self) -> MapIterator:
         return self

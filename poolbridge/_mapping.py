@@ -44,7 +44,7 @@ class MapIterator(Iterator[Any]):
         # Items come out of chain() in C: resuming a generator per item (even `yield from`)
         # would cost more than the rest of a tiny function's map. The generator below runs once
         # per segment (a chunk's results, or a run of them), when chain() has used up the last.
-        self._items = itertools.chain.from_iterable(self._segments)
+        self._items: Iterator[Any] = itertools.chain.from_iterable(self._segments)
 
     def _generate(self) -> Generator[list[Any], None, None]:
         run = self._run

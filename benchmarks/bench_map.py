@@ -10,7 +10,8 @@ list. "Chunksize chosen by each": ``multiprocessing.Pool.map`` picks ``len / (4 
 it is also run with the stdlib pool's choice; ``Pool.map`` picks its chunks from ``len()``. The
 target ratio is against the best of the three baselines (report.py). The ``pool_map_sessions`` and
 ``pool_imap_unsized`` cases are information: a session function over 100 keys, and an input
-without ``len()`` (adaptive chunks).
+without ``len()`` (adaptive chunks). The cases run in file order: ``pool_map`` right after
+``mp_pool_map`` (the load of a shared machine drifts), ``ppe_map_default`` (seconds) last.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from conftest import WORKERS
 from poolbridge._bench import tiny
 
 N_ITEMS = 100_000
-ROUNDS = 10
+ROUNDS = 20  # many short rounds: more chances of a quiet moment on a shared machine
 DATA = list(range(N_ITEMS))
 LAST = N_ITEMS  # tiny(N_ITEMS - 1)
 CHUNK = math.ceil(N_ITEMS / (4 * WORKERS))  # multiprocessing.Pool.map's own choice
@@ -54,9 +55,9 @@ def test_mp_pool_map(benchmark: Any, mp_pool: Any) -> None:
 
 
 @pytest.mark.benchmark(group="map")
-def test_ppe_map_default(benchmark: Any, ppe: Any) -> None:
-    """ProcessPoolExecutor(2).map(tiny, 100k items), its own default chunksize=1 (one round)."""
-    _round(benchmark, "ppe_map_default", lambda: list(ppe.map(tiny, DATA)), rounds=1)
+def test_pool_map(benchmark: Any, pb_pool: Any) -> None:
+    """poolbridge Pool(workers=2).map(tiny, 100k items): spread over the workers, chunks from len()."""
+    _round(benchmark, "pool_map", lambda: list(pb_pool.map(tiny, DATA)))
 
 
 @pytest.mark.benchmark(group="map")
@@ -66,9 +67,9 @@ def test_ppe_map_chunked(benchmark: Any, ppe: Any) -> None:
 
 
 @pytest.mark.benchmark(group="map")
-def test_pool_map(benchmark: Any, pb_pool: Any) -> None:
-    """poolbridge Pool(workers=2).map(tiny, 100k items): spread over the workers, chunks from len()."""
-    _round(benchmark, "pool_map", lambda: list(pb_pool.map(tiny, DATA)))
+def test_pool_imap_unsized(benchmark: Any, pb_pool: Any) -> None:
+    """Pool.imap over an iterator without len(): adaptive chunks, bounded look-ahead."""
+    _round(benchmark, "pool_imap_unsized", lambda: list(pb_pool.imap(tiny, iter(DATA))))
 
 
 @pytest.mark.benchmark(group="map")
@@ -78,9 +79,9 @@ def test_pool_map_sessions(benchmark: Any, pb_pool: Any) -> None:
 
 
 @pytest.mark.benchmark(group="map")
-def test_pool_imap_unsized(benchmark: Any, pb_pool: Any) -> None:
-    """Pool.imap over an iterator without len(): adaptive chunks, bounded look-ahead."""
-    _round(benchmark, "pool_imap_unsized", lambda: list(pb_pool.imap(tiny, iter(DATA))))
+def test_ppe_map_default(benchmark: Any, ppe: Any) -> None:
+    """ProcessPoolExecutor(2).map(tiny, 100k items), its own default chunksize=1 (one round)."""
+    _round(benchmark, "ppe_map_default", lambda: list(ppe.map(tiny, DATA)), rounds=1)
 
 
 _SESSIONS = [f"map-{k}" for k in range(100)]

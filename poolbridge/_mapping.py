@@ -170,7 +170,7 @@ class AsyncMapIterator(AsyncIterator[Any]):
                         interrupted, run.interrupted = run.interrupted, None
                         raise interrupted
                     raise StopAsyncIteration
-                if not run.pump():
+                if not (run.pump() if self._router_ready() else await self._pump_off_loop(run)):
                     continue
                 await self._wait()
                 while self._completed:
@@ -181,6 +181,16 @@ class AsyncMapIterator(AsyncIterator[Any]):
         except BaseException:
             run.cancel()
             raise
+
+    def _router_ready(self) -> bool:
+        router = self._args[0]._pool._router
+        return all(router.ready(slot) for slot in range(router.n_slots))
+
+    async def _pump_off_loop(self, run: MapRun) -> bool:
+        # A slot is restarting or at its in-flight bound: sending may wait for it, which must not
+        # block the loop (as AsyncPool does for single calls). The loop awaits it: no concurrent use.
+        assert self._loop is not None
+        return await self._loop.run_in_executor(None, run.pump)
 
     async def _wait(self) -> None:
         event = self._event

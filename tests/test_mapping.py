@@ -304,6 +304,25 @@ async def test_async_imap_per_session_order(pool: Pool) -> None:
     assert [(k, s) for k, s, _ in results] == items
 
 
+async def test_async_map_sends_off_the_loop_while_a_slot_is_not_ready(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slot restarting (or at its in-flight bound) could make a send wait: the map then sends
+    # from a thread, as AsyncPool does for single calls, and the loop keeps running.
+    import threading
+
+    pulled_on: set[int] = set()
+
+    def items() -> Iterator[int]:
+        for i in range(20):
+            pulled_on.add(threading.get_ident())
+            yield i
+
+    monkeypatch.setattr(pool._router, "ready", lambda slot: False)
+    assert [x async for x in pool.aio.imap(abs, items(), chunksize=5)] == list(range(20))
+    assert threading.get_ident() not in pulled_on
+
+
 async def test_async_map_error_and_close(pool: Pool) -> None:
     got = []
     with pytest.raises(KeyError):

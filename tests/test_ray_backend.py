@@ -243,6 +243,14 @@ def test_a_sessions_operations_run_in_order_under_concurrent_senders(bpool: Pool
         assert values == [*range(1, 61), 60]
 
 
+def test_map_per_session_order_and_broadcast(bpool: Pool) -> None:
+    items = [(f"rk-{i % 5}-{bpool.backend}", i // 5) for i in range(200)]
+    results = list(bpool.map("pb_mapmods.record_order", items, session=lambda item: item[0], chunksize=7))
+    assert [(k, s) for k, s, _ in results] == items
+    assert list(bpool.map(abs, range(-50, 50))) == [abs(i) for i in range(-50, 50)]
+    assert bpool.broadcast("os.getpid") == dict(enumerate(bpool.pids()))
+
+
 async def test_the_asyncio_face(bpool: Pool) -> None:
     import asyncio
 

@@ -212,6 +212,8 @@ class ProcessChannel:
         self._frames = FrameReader()
         self._need_reader = threading.Event()
         self._probe: Any = None  # a poll object of the reply pipe alone (try_read)
+        self._closers: list[Callable[[ProcessChannel], None]] | None = []  # None once the pipe is closed
+        self._closers_lock = threading.Lock()
         self._bg_active = False
         self._space = threading.Condition()
         self._space_waiters = 0
@@ -458,6 +460,15 @@ class ProcessChannel:
         """The reply pipe, for an owner that polls it and calls :meth:`try_read` (the Port server)."""
         return self._read_fd
 
+    def on_close(self, callback: Callable[[ProcessChannel], None]) -> None:
+        """Call ``callback(self)`` once the reply pipe is closed (at once if it already is): an
+        event loop watching :attr:`read_fd` through a ``dup`` stops watching then."""
+        with self._closers_lock:
+            if self._closers is not None:
+                self._closers.append(callback)
+                return
+        callback(self)
+
     def try_read(self) -> bool:
         """Read and deliver what the reply pipe holds now, never blocking (for a poll loop).
 
@@ -562,6 +573,10 @@ class ProcessChannel:
                 os.close(self._read_fd)
             finally:
                 self._read_lock.release()
+            with self._closers_lock:
+                closers, self._closers = self._closers, None
+            for callback in closers or ():
+                callback(self)
         else:  # pragma: no cover - a reader stuck on a pipe some grandchild keeps open
             log.warning("slot %d: could not take the read lock to drain; leaving the pipe", self.slot)
         self.exitcode = self.process.wait()

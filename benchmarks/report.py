@@ -91,6 +91,13 @@ def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[Row], list[tuple[str, s
             ">= 0.3",
             lambda v: v >= 0.3,
         )
+    # Optional suite (bench_startup.py).
+    if "pool_ready" in cases:
+        ratio("pool_ready / mp_pool_ready_forkserver", "pool_ready", "mp_pool_ready_forkserver", round_us, "<= 1.5",
+              lambda v: v <= 1.5)
+    if "slot_restart" in cases:
+        best, median = round_us(cases["slot_restart"]) / 1e3, round_us(cases["slot_restart"], "median") / 1e3
+        out.append(("slot_restart ms", f"{best:.1f}", f"{median:.1f}", "<= 100", best <= 100))
     streams = sorted(c for c in cases if c.startswith("pool_stream_ints"))
     if not streams:
         out.append(("pool_stream_ints items/s", "missing", "", ">= 500k", False))

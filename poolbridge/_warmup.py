@@ -9,18 +9,22 @@ cloudpickle bytes of a callable (embedded mode). The initializer's spec is cloud
 from __future__ import annotations
 
 import logging
+import pickle
 from typing import Any
 
-import cloudpickle
-
 from ._errors import WorkerCrashedError
+from ._protocol import dumps_any
 
-__all__ = ["SESSION_INIT_KEY", "Warmup", "encode_initializer", "encode_session_init"]
+__all__ = ["MAX_SPEC_BYTES", "SESSION_INIT_KEY", "Warmup", "encode_initializer", "encode_session_init"]
 
 log = logging.getLogger("poolbridge.worker")
 
 #: The key of ``SessionContext.state`` under which a session's ``session_init`` result is kept.
 SESSION_INIT_KEY = "session_init"
+#: Bound on a pickled initializer (with its arguments): the specs travel in a worker's start
+#: options, which reach the template process in one 64 KiB message (_worker_template.py). Bigger
+#: state belongs in a module the initializer imports, named by dotted path.
+MAX_SPEC_BYTES = 32 * 1024
 
 
 # -- router side: building the specs ----------------------------------------------------------
@@ -33,7 +37,7 @@ def encode_initializer(fn: Any, initargs: tuple[Any, ...] | list[Any]) -> bytes 
         return None
     if not (isinstance(fn, str) or callable(fn)):
         raise TypeError(f"initializer must be a callable or a dotted path, not {type(fn).__name__}")
-    return bytes(cloudpickle.dumps((fn, tuple(initargs)), protocol=5))
+    return _bounded(dumps_any((fn, tuple(initargs))), "initializer (with its initargs)")
 
 
 def encode_session_init(fn: Any) -> str | bytes | None:
@@ -41,7 +45,16 @@ def encode_session_init(fn: Any) -> str | bytes | None:
         return fn
     if not callable(fn):
         raise TypeError(f"session_init must be a callable or a dotted path, not {type(fn).__name__}")
-    return bytes(cloudpickle.dumps(fn, protocol=5))
+    return _bounded(dumps_any(fn), "session_init")
+
+
+def _bounded(spec: bytes, what: str) -> bytes:
+    if len(spec) > MAX_SPEC_BYTES:
+        raise ValueError(
+            f"the pickled {what} is {len(spec):,} bytes, over {MAX_SPEC_BYTES:,}: pass a dotted path "
+            "to a module-level function, and load big data inside it"
+        )
+    return spec
 
 
 # -- child side ---------------------------------------------------------------------------------
@@ -67,10 +80,11 @@ class Warmup:
         self.session_init: Any = None
         try:
             if session_init is not None:
-                spec = cloudpickle.loads(session_init) if isinstance(session_init, bytes) else session_init
+                # cloudpickle's output is plain pickle (it imports what it needs): no cloudpickle here
+                spec = pickle.loads(session_init) if isinstance(session_init, bytes) else session_init
                 self.session_init = _resolve(spec)
             if initializer is not None:
-                fn, initargs = cloudpickle.loads(initializer)
+                fn, initargs = pickle.loads(initializer)
                 _resolve(fn)(*initargs)
         except Exception as exc:
             log.exception("slot %d: the worker initializer failed", slot)

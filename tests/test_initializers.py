@@ -66,11 +66,17 @@ def test_failing_initializer_breaks_that_worker_like_the_stdlib(pool_maker: Call
         list(p.map(abs, [1, 2]))
 
 
-def test_initargs_without_initializer_is_refused() -> None:
+def test_bad_initializers_are_refused_before_any_worker_starts() -> None:
     with pytest.raises(ValueError):
         Pool(1, initargs=(1,))
     with pytest.raises(TypeError):
         Pool(1, initializer=42)
+    with pytest.raises(TypeError):
+        Pool(1, session_init=42)
+    # A worker's start options reach the template process in one 64 KiB message: a big pickled
+    # initializer is refused with advice, rather than breaking the worker start.
+    with pytest.raises(ValueError, match="dotted path"):
+        Pool(1, initializer=f"{M}.init_worker", initargs=(b"x" * 100_000, "big"))
 
 
 # -- per-session initializer -------------------------------------------------------------------------

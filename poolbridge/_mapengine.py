@@ -293,7 +293,9 @@ class MapRun:
         if view is None:
             if len(self._views) >= _MAX_VIEWS:
                 self._views.clear()
-            view = self._views[key] = self._api.options(session=key)
+            # Session ids are strings; an int key (a user id) names the session of its decimal form.
+            session = str(key) if type(key) is int else key
+            view = self._views[key] = self._api.options(session=session)
         return view
 
     # -- receiving ---------------------------------------------------------------------------

@@ -224,13 +224,14 @@ class AsyncMapIterator(AsyncIterator[Any]):
 
 _MAP_DOC = """
         ``session``: a session id (every item in that session, in order, in its one worker), or a
-        function of the item (``session=lambda row: row["user"]``: items of one session in order in
-        its worker, sessions in parallel); default: the view's or the context session if any, else
-        the items are spread over all workers. ``chunksize``: items per request (default: from
-        ``len()``, or adaptive). ``buffersize``: chunks in flight (default 4 per worker); the input is
-        pulled lazily, at most ``buffersize x chunksize`` items ahead of the consumer. ``timeout``:
-        seconds from this call after which ``next()`` raises ``TimeoutError``. ``progress``: ``True``
-        for a tqdm bar (``pip install 'poolbridge[progress]'``) or a callable ``progress(done, total)``.
+        function of the item returning a str or an int (``session=lambda row: row["user_id"]``):
+        items of one session in order in its worker, sessions in parallel. Default: the view's or
+        the context session if any, else the items are spread over all workers. ``chunksize``:
+        items per request (default: from ``len()``, or adaptive). ``buffersize``: chunks in flight
+        (default 4 per worker); the input is pulled lazily, at most ``buffersize x chunksize``
+        items ahead of the consumer. ``timeout``: seconds from this call after which ``next()``
+        raises ``TimeoutError``. ``progress``: ``True`` for a tqdm bar (``pip install
+        'poolbridge[progress]'``) or a callable ``progress(done, total)``.
 """
 
 

@@ -69,6 +69,14 @@ def test_session_function_small_chunks_keep_order(pool: Pool) -> None:
         assert pool.options(session=key).call(f"{M}.pop_order", key) == list(range(100))
 
 
+def test_int_session_keys_name_sessions_by_their_decimal_form(pool: Pool) -> None:
+    rows = [{"user_id": i % 3, "n": i} for i in range(30)]
+    results = list(pool.map(f"{M}.session_and_pid", rows, session=lambda row: row["user_id"], chunksize=4))
+    assert [s for s, _ in results] == [str(i % 3) for i in range(30)]
+    with pytest.raises(TypeError):
+        list(pool.map(abs, [1, 2], session=lambda x: 1.5))
+
+
 def test_fixed_session_runs_everything_in_that_session(pool: Pool) -> None:
     results = list(pool.map(f"{M}.session_and_pid", range(50), session="only-me", chunksize=4))
     assert set(results) == {("only-me", pool.pids()[pool.slot_for("only-me")])}

@@ -302,8 +302,8 @@ class MapRun:
 
     def collect(self, chunk: Chunk) -> None:
         """Take in a completed chunk (in the consumer's thread)."""
-        if self._in_flight.pop(id(chunk), None) is None:
-            return
+        if self._in_flight.pop(id(chunk), None) is None or self.closed:
+            return  # (closed: nobody will read it)
         if chunk.slot >= 0:
             self._slot_load[chunk.slot] -= 1
         future = chunk.future

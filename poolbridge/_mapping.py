@@ -337,7 +337,6 @@ class MappingMixin(_MapFaces[MapIterator]):
         return self  # type: ignore[return-value]
 
 
-
 class AsyncMappingMixin(_MapFaces[AsyncMapIterator]):
     """``map``, ``imap``, ``starmap`` (``async for``) and ``broadcast`` for :class:`AsyncPool`."""
 
@@ -351,9 +350,7 @@ class AsyncMappingMixin(_MapFaces[AsyncMapIterator]):
         """As :meth:`Pool.broadcast`, awaited: ``{slot: result or exception}``."""
         futures = broadcast_futures(self._api, fn, args, kwargs)
         slots = list(futures)
-        outcomes = await asyncio.gather(
-            *(_aresult(futures[slot]) for slot in slots), return_exceptions=True
-        )
+        outcomes = await asyncio.gather(*(_aresult(futures[slot]) for slot in slots), return_exceptions=True)
         return dict(zip(slots, outcomes, strict=True))
 
 

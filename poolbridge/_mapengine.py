@@ -19,7 +19,8 @@ the key of an item is ``session(item)``: items of one session run in order in th
 different sessions in parallel. Without any session the key is ``None`` and each chunk goes to the
 least-loaded slot, in the per-slot session of :func:`~poolbridge._session.slot_sessions`.
 
-*Bounds.* At most ``buffersize`` chunks are in flight; at most ``buffersize x chunksize`` items are
+*Bounds.* At most ``buffersize`` chunks are in flight (default 4 per worker, 16 with a session
+function); at most ``buffersize x chunksize`` items are
 taken from the input and not yet yielded (pulled, buffered, in flight, or waiting to be yielded in
 order). Input is pulled only inside ``next()``, so an infinite iterator costs flat memory.
 
@@ -173,7 +174,9 @@ class MapRun:
             self._fixed_chunk = max(1, math.ceil(total / (4 * workers)))
         self._chunk = self._fixed_chunk or 1
         self._per_item: float | None = None  # worker seconds per item, smoothed
-        self._window = buffersize or 4 * workers
+        # Keyed maps hold a buffer per session: a wider default window lets each fill further
+        # before the bound flushes them all (fewer, larger chunks; still a fixed bound).
+        self._window = buffersize or (4 if self._key is None else 16) * workers
         self._progress = _Progress(progress, total)
         self._on_done = on_done
         # state

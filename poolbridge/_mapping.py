@@ -228,10 +228,10 @@ _MAP_DOC = """
         items of one session in order in its worker, sessions in parallel. Default: the view's or
         the context session if any, else the items are spread over all workers. ``chunksize``:
         items per request (default: from ``len()``, or adaptive). ``buffersize``: chunks in flight
-        (default 4 per worker); the input is pulled lazily, at most ``buffersize x chunksize``
-        items ahead of the consumer. ``timeout``: seconds from this call after which ``next()``
-        raises ``TimeoutError``. ``progress``: ``True`` for a tqdm bar (``pip install
-        'poolbridge[progress]'``) or a callable ``progress(done, total)``.
+        (default 4 per worker, 16 with a session function); the input is pulled lazily, at most
+        ``buffersize x chunksize`` items ahead of the consumer. ``timeout``: seconds from this call
+        after which ``next()`` raises ``TimeoutError``. ``progress``: ``True`` for a tqdm bar
+        (``pip install 'poolbridge[progress]'``) or a callable ``progress(done, total)``.
 """
 
 

@@ -198,6 +198,39 @@ def test_submit_future_is_a_concurrent_future(pool: Pool) -> None:
     assert f.result(WAIT) == 3 and f.done() and not f.cancelled()
 
 
+def test_workers_must_be_positive() -> None:
+    for bad in (0, -1):
+        with pytest.raises(ValueError):
+            Pool(bad)
+
+
+class _Holder:
+    def method(self) -> int:
+        return 7
+
+
+def test_no_stale_references(pool: Pool) -> None:
+    # CPython issue 16284: the executor keeps no reference to a submitted callable (here: an
+    # object pickled by value with its bound method) once its future is done.
+    import gc
+    import weakref
+
+    holder = _Holder()
+    gone = weakref.ref(holder)
+    future = pool.submit(holder.method)
+    assert future.result(WAIT) == 7
+    del holder
+    gc.collect()
+    assert gone() is None
+    items = [_Holder() for _ in range(3)]
+    refs = [weakref.ref(item) for item in items]
+    results = pool.map(lambda h: h.method(), items)
+    assert list(results) == [7, 7, 7]
+    del items
+    gc.collect()
+    assert all(ref() is None for ref in refs)  # a finished map keeps none of its items
+
+
 def test_executor_names() -> None:
     for name in ("submit", "map", "shutdown", "__enter__", "__exit__"):
         assert callable(getattr(poolbridge.Pool, name))

@@ -104,6 +104,32 @@ class OversizedFrame:
     def error(self, limit: int) -> FrameTooLargeError:
         return FrameTooLargeError(f"frame of {self.size} bytes exceeds the limit of {limit} bytes")
 
+    def leading_id(self) -> Any:
+        """The id of a private-channel frame (``[id, ...]``, a request or a reply), read from its
+        first bytes; None when they do not hold one."""
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(self.head)
+        try:
+            if unpacker.read_array_header() < 1:
+                return None
+            req_id = unpacker.unpack()
+        except Exception:
+            return None
+        return req_id if type(req_id) is int else None
+
+
+def frame_too_large(what: str, size: int, limit: int) -> FrameTooLargeError:
+    """The error of a value the pool will not carry: ``what`` encodes to ``size`` bytes, over ``limit``.
+
+    The one place that words it (the caller's check in ``Router.send``, the worker's check of a
+    result), so changing how the bound is configured changes one message.
+    """
+    return FrameTooLargeError(
+        f"{what} encodes to {size} bytes, over the pool's limit of {limit} bytes "
+        f"({limit / (1 << 20):g} MiB) for one message; nothing was sent for it. Pass data this large "
+        "another way (a file path, shared memory), or split it"
+    )
+
 
 class FrameReader:
     """Incremental ``{packet, 4}`` decoder: feed it any chunking of the stream, get whole frames.
@@ -231,7 +257,7 @@ def check_ref_session(ref: WireRef) -> None:
     owner = _encoding.owner
     if owner is not None and getattr(ref, "owner", owner) is not owner:
         # Ref ids are per worker process: another pool's (session, id) could name an object here.
-        raise ValueError(f"{ref!r} belongs to another pool; refs are only usable in their own pool")
+        raise SessionMismatchError(f"{ref!r} belongs to another pool; a ref is only usable in its own pool")
     session = encoding_session()
     if session is not None and ref.session_id != session:
         raise SessionMismatchError(

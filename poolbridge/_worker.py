@@ -41,6 +41,7 @@ from ._hashing import slot_for
 from ._protocol import (
     ERROR,
     EXT_REF,
+    MAX_FRAME_DEFAULT,
     OK,
     OP_CALL,
     OP_CLOSE_SESSION,
@@ -58,6 +59,7 @@ from ._protocol import (
     RET_REF,
     RET_VALUE,
     WireRef,
+    frame_too_large,
     make_unpacker,
     pack_plain,
     pack_value,
@@ -74,6 +76,12 @@ def active_core() -> WorkerCore | None:
     return _active[0]
 
 _SESSIONLESS_OPS = frozenset({OP_STATS, OP_PING})
+# Ops that only act on what a session already holds (a ref or stream of it, or the session
+# itself): for a session this worker does not know they fail or do nothing, and never create it —
+# a release queued by a dropped handle must not bring back a session closed meanwhile.
+_EXISTING_SESSION_OPS = frozenset(
+    {OP_RELEASE, OP_STREAM_NEXT, OP_STREAM_CLOSE, OP_CLOSE_SESSION, OP_METHOD, OP_SETATTR}
+)
 
 
 class _Session:
@@ -118,7 +126,12 @@ def split_path(path: str) -> tuple[Any, tuple[str, ...]]:
                 raise  # the module exists but one of *its* imports is missing
             continue
         return module, tuple(parts[cut:])
-    return importlib.import_module("builtins"), tuple(parts)
+    builtins = importlib.import_module("builtins")
+    if not hasattr(builtins, parts[0]):
+        raise ModuleNotFoundError(
+            f"no module named {parts[0]!r} could be imported for {path!r} (nor is it a builtin)", name=parts[0]
+        )
+    return builtins, tuple(parts)
 
 
 def resolve_path(path: str) -> Any:
@@ -144,8 +157,10 @@ class WorkerCore:
         session_ttl: float | None = None,
         max_calls: int | None = None,
         max_rss: int | None = None,
+        max_frame: int = MAX_FRAME_DEFAULT,
     ) -> None:
         self.slot = slot
+        self.max_frame = max_frame  # no reply is larger: the router would not read it
         self.n_slots = n_slots
         self.generation = generation
         self.wire = wire
@@ -196,11 +211,14 @@ class WorkerCore:
                 raise BadRequestError(f"unknown op {op!r}")
             if op in _SESSIONLESS_OPS:
                 return pack_plain([req_id, OK, handler()])
-            session = self._enter(session_id)
+            session = self._enter(session_id, op not in _EXISTING_SESSION_OPS)
             try:
                 fields = self._unpack(body)
                 self.calls += 1
-                return pack_plain([req_id, OK, handler(session, *fields)])
+                reply = pack_plain([req_id, OK, handler(session, *fields)])
+                if len(reply) > self.max_frame:  # e.g. a stream batch: results are checked below
+                    raise frame_too_large("the reply", len(reply), self.max_frame)
+                return reply
             finally:
                 self._session = None
                 _helpers._current[0] = None
@@ -209,7 +227,9 @@ class WorkerCore:
         except BaseException as exc:
             return pack_plain([req_id, ERROR, pack_plain(error_fields(exc))])
 
-    def _enter(self, session_id: Any) -> _Session:
+    def _enter(self, session_id: Any, create: bool = True) -> _Session:
+        """The session a request runs in. ``create=False``: a session not held here is not created
+        (the request gets a transient, empty one: its refs and streams are simply not found)."""
         try:
             session = self._sessions.get(session_id)
         except TypeError:  # unhashable: a list or map where the session id belongs
@@ -223,9 +243,9 @@ class WorkerCore:
                     f"session {session_id!r} hashes to slot {slot_for(session_id, self.n_slots)}, "
                     f"not to this worker's slot {self.slot}"
                 )
-            session = self._sessions[session_id] = _Session(
-                _helpers.SessionContext(session_id, self.slot, self.generation)
-            )
+            session = _Session(_helpers.SessionContext(session_id, self.slot, self.generation))
+            if create:
+                self._sessions[session_id] = session
         if self.session_ttl is not None:
             session.last_used = time.monotonic()
         self._session = session
@@ -282,11 +302,18 @@ class WorkerCore:
         if ret == RET_REF:
             return self._new_ref(session, value)
         try:
-            return self._encode(session, value) if self.wire else pack_value(value)
+            return self._sized(self._encode(session, value) if self.wire else pack_value(value))
         except Exception:
             if ret == RET_VALUE:
                 raise
             return self._new_ref(session, value)
+
+    def _sized(self, body: bytes) -> bytes:
+        """``body`` if a reply can carry it; else :class:`FrameTooLargeError` (which ``ret="auto"``
+        turns into a ref, as for a value that cannot be encoded)."""
+        if len(body) > self.max_frame - 64:  # room for the reply's [id, status, ...] around it
+            raise frame_too_large("the result", len(body), self.max_frame)
+        return body
 
     def _encode(self, session: _Session, value: Any) -> bytes:
         if not self.wire:
@@ -334,12 +361,14 @@ class WorkerCore:
             fn = self._callable(fn)
         value = fn(*args, **kwargs)
         if ret == RET_AUTO:
-            if self.wire:
-                return self._encode(session, value)  # never fails: what msgpack cannot carry is a ref
             try:
-                return pack_value(value)
+                body = self._encode(session, value) if self.wire else pack_value(value)
             except Exception:  # noqa: S110 - not encodable: _result below hands it over as a ref
                 pass
+            else:
+                if len(body) <= self.max_frame - 64:
+                    return body
+                return self._new_ref(session, value)  # too large to carry: kept here, as a ref
         return self._result(session, value, ret)
 
     def _op_getattr(self, session: _Session, target: Any, name: str | None, ret: int) -> bytes:
@@ -398,9 +427,17 @@ class WorkerCore:
         if done:
             session.streams.pop(stream_id, None)
         try:
-            return self._encode(session, items), done
+            body = self._encode(session, items)
         except Exception:  # noqa: S110 - some item is not encodable: handed over as refs below
             pass
+        else:
+            if len(body) > self.max_frame - 64:
+                # The batch is lost: end the stream rather than leave it suspended, its key unsent.
+                if session.streams.pop(stream_id, None) is not None:
+                    state.close()
+                what = f"a batch of {len(items)} stream items (use a smaller batch=)"
+                raise frame_too_large(what, len(body), self.max_frame)
+            return body, done
         # Like a call's result: an item that cannot be encoded is handed over as a ref. If that
         # fails too (the session's cap), the batch is lost: undo its refs and end the stream,
         # rather than leave objects and a suspended generator nobody holds a key to.

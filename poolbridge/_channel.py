@@ -687,6 +687,8 @@ class ProcessChannel:
         self._need_reader.set()
         if self._read_lock.acquire(timeout=_ORPHAN_WAIT):
             try:
+                if self._read_fd < 0:
+                    return  # drained already
                 os.set_blocking(self._read_fd, False)
                 while True:
                     try:

@@ -301,11 +301,7 @@ class Router:
             return  # a forked child's copy: the workers are the parent's (see _forked)
         self.closing = True
         self._closed.set()
-        channels = []
-        for s in self._slots:
-            with s.cond:  # a restart holds it while it spawns: its new channel is closed too
-                if s.channel is not None:
-                    channels.append(s.channel)
+        channels = [ch for ch in self.channels() if ch is not None]
         for ch in channels:
             if cancel:
                 ch.kill()
@@ -325,7 +321,16 @@ class Router:
         for s in self._slots:
             with s.cond:
                 s.cond.notify_all()
-        self.monitor.stop()
+        self.monitor.stop()  # joins its reapers: a restart racing close() has installed its channel
+        for ch in self.channels():
+            if ch is not None and ch not in channels and not ch.finished.is_set():
+                # Started by a restart that raced close() (which killed it already): the monitor
+                # is gone, so do a reaper's work here — or its reader thread and pipes would stay.
+                ch.kill()
+                ch.wait_exit(5.0)
+                ch.drain_and_close()
+                ch.finished.set()
+                channels.append(ch)
         self.spawner.stop()
         for ch in channels:
             join = getattr(ch, "join", None)

@@ -38,11 +38,12 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._channel import ProcessChannel, Retired, Spawner, _Monitor
+from ._channel import ProcessChannel, Retired, _Monitor
 from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError
 from ._hashing import slot_for
 from ._pending import Sink
 from ._protocol import MAX_FRAME_DEFAULT, encode_frame, frame_too_large
+from ._spawn import Spawner
 
 log = logging.getLogger("poolbridge.router")
 
@@ -291,6 +292,7 @@ class Router:
             if forget is not None:
                 forget(exc)
         self.monitor.forget_after_fork()
+        self.spawner.forget_after_fork()
 
     def close(self, cancel: bool = False, timeout: float = 10.0) -> None:
         """Stop every worker. ``cancel=False`` lets each finish the requests it already has.

@@ -23,7 +23,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import cloudpickle
 import msgpack
 
 from . import _helpers
@@ -59,6 +58,7 @@ from ._protocol import (
     RET_REF,
     RET_VALUE,
     WireRef,
+    dumps_any,
     frame_too_large,
     make_unpacker,
     pack_plain,
@@ -585,7 +585,7 @@ def error_fields(exc: BaseException) -> list[Any]:
     type_name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     tb = "".join(traceback.format_exception(exc))
     try:
-        pickled: bytes | None = cloudpickle.dumps(exc, protocol=5)
+        pickled: bytes | None = dumps_any(exc)
     except Exception:
         pickled = None
     return [code, type_name, str(exc), tb, pickled]

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import base64
+import fcntl
 import os
+import stat
 import struct
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 from pb_faultmods import wait_fifo
-
-from poolbridge._protocol import unpack_plain
 
 
 def gen_after_fifo(path: str, n: int) -> Iterator[int]:
@@ -28,7 +26,18 @@ def blocked_then(path: str, value: Any) -> Any:
 
 def write_garbage_reply() -> str:
     """Write a frame that is not a reply into this worker's reply pipe, then return normally."""
-    options = unpack_plain(base64.b64decode(sys.argv[1]))
-    reply_fd = options["fds"][1]
-    os.write(reply_fd, struct.pack(">I", 1) + b"\xc1")  # 0xc1: the one byte msgpack never uses
+    os.write(_reply_fd(), struct.pack(">I", 1) + b"\xc1")  # 0xc1: the one byte msgpack never uses
     return "after the garbage"
+
+
+def _reply_fd() -> int:
+    """This worker's reply pipe: its one write-only pipe above stdio (the request pipe is read-only)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            pipe = fd > 2 and stat.S_ISFIFO(os.fstat(fd).st_mode)
+            if pipe and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+                return fd
+        except OSError:
+            continue
+    raise RuntimeError("no reply pipe found")

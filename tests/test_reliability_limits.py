@@ -93,6 +93,7 @@ def test_a_frame_that_is_not_a_reply_never_kills_the_reader(pool_maker: Any) -> 
         assert future.result(timeout=WAIT) == "after the garbage"
     except WorkerCrashedError:
         pass
+    wait_until(lambda: pool.stats().slots[0].restarts == 1, WAIT, what="the slot restarted")
     assert pool.submit("operator.add", 1, 2).result(timeout=WAIT) == 3
 
 

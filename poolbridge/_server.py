@@ -246,6 +246,9 @@ class Server:
             max_refs_per_session=max_refs_per_session,
             _wire=True,
             max_in_flight=DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight,
+            # A request --max-frame lets in must also fit between router and worker; a smaller
+            # --max-frame (for untrusted input) does not shrink the results workers may send.
+            _max_frame=max(max_frame, MAX_FRAME_DEFAULT),
         )
         self.router = self.pool._router
         self._n_slots = self.router.n_slots

@@ -38,9 +38,10 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._channel import ProcessChannel, Retired, _Monitor
+from ._channel import ProcessChannel, Retired
 from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError
 from ._hashing import slot_for
+from ._monitor import Monitor
 from ._pending import Sink
 from ._protocol import MAX_FRAME_DEFAULT, encode_frame, frame_too_large
 from ._spawn import Spawner
@@ -97,7 +98,7 @@ class Router:
         self._ids = itertools.count(1)
         self._slots = [_Slot(i) for i in range(n_slots)]
         self.spawner = Spawner()
-        self.monitor = _Monitor(self._channel_exited)
+        self.monitor = Monitor(self._channel_exited)
         _routers.add(self)
         try:
             for slot in self._slots:

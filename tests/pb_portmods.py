@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
+from json import dumps  # noqa: F401 - a function of another module, re-exported: refused under an allow-list
 from typing import Any
 
-getpid = os.getpid  # a function of another module (posix), re-exported: refused under an allow-list
+getpid = os.getpid  # the same, from posix (through os)
 sub = os  # a module attribute: refused unless `os` is allowed
+
+
+def _private() -> str:
+    return "private"
+
+
+def imported(name: str) -> bool:
+    return name in sys.modules
 
 
 class Boom(Exception):

@@ -48,6 +48,7 @@ class Server:
             env=env(),
         )
         self.replies: queue.Queue[Any] = queue.Queue()
+        self.raw: queue.Queue[bytes] = queue.Queue()  # every reply frame as it came, header included
         self.stderr = b""
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -67,6 +68,7 @@ class Server:
                 return
             (n,) = struct.unpack(">I", head)
             body = out.read(n)
+            self.raw.put(head + body)
             try:
                 self.replies.put(msgpack.unpackb(body, raw=False, strict_map_key=False))
             except Exception as exc:  # a corrupted frame must fail the test that reads it

@@ -38,7 +38,7 @@ def frame(obj: Any) -> bytes:
 class Server:
     """A server subprocess and a reader thread turning its stdout into reply maps."""
 
-    def __init__(self, *extra: str, workers: int = 2) -> None:
+    def __init__(self, *extra: str, workers: int = 2, start_wait: float = WAIT) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "poolbridge", "serve", "--workers", str(workers), "--helpers", "pb_test_helpers",
              *extra],
@@ -55,7 +55,11 @@ class Server:
         self._err = threading.Thread(target=self._read_err, daemon=True)
         self._err.start()
         self.next_id = 0
-        self.hello = self.recv()
+        try:
+            self.hello = self.recv(start_wait)
+        except BaseException:
+            self.close()  # never leave the server (and what it started) behind
+            raise
         assert self.hello["hello"] == "poolbridge"
 
     def _read(self) -> None:
@@ -123,8 +127,12 @@ class Server:
             try:
                 self.proc.wait(WAIT)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(WAIT)
+                self.proc.terminate()  # e.g. still starting (Ray): SIGTERM cleans up what it started
+                try:
+                    self.proc.wait(WAIT)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(WAIT)
         self._reader.join(WAIT)
         self._err.join(WAIT)
         for f in (self.proc.stdout, self.proc.stderr, self.proc.stdin):

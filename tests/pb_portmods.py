@@ -97,3 +97,8 @@ def hold(started: str, release: str, value: Any = None) -> Any:
     open(started, "w").close()
     wait_for(release)
     return value
+
+
+def die(code: int) -> None:
+    """Kill this worker (``os._exit`` is out of reach under an allow-list: it starts with ``_``)."""
+    os._exit(code)

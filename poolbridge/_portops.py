@@ -48,7 +48,7 @@ def _args(req: dict[Any, Any], refs: list[PortRef]) -> list[Any]:
     if type(args) is not list:
         args = field(req, "args", list, [])
     check_value(args, refs)
-    return args  # type: ignore[no-any-return]
+    return args
 
 
 def _kwargs(req: dict[Any, Any], refs: list[PortRef]) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def _kwargs(req: dict[Any, Any], refs: list[PortRef]) -> dict[str, Any]:
         if type(key) is not str:
             raise BadRequestError("kwargs keys must be strings")
     check_value(kwargs, refs)
-    return kwargs  # type: ignore[no-any-return]
+    return kwargs
 
 
 def _ret(req: dict[Any, Any]) -> int:

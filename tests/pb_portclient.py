@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import struct
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +140,18 @@ class Server:
         for f in (self.proc.stdout, self.proc.stderr, self.proc.stdin):
             if f is not None and not f.closed:
                 f.close()
+
+
+@contextlib.contextmanager
+def running(*extra: str, workers: int = 2) -> Iterator[Server]:
+    """A server for a test module: closed after it, with its workers gone."""
+    s = Server(*extra, workers=workers)
+    pids = s.worker_pids()
+    try:
+        yield s
+    finally:
+        s.close()
+    assert wait_gone([s.proc.pid, *pids]) == []
 
 
 def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:

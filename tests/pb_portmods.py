@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from json import dumps  # noqa: F401 - a function of another module, re-exported: refused under an allow-list
 from typing import Any
 
+from pb_testmods import wait_for_path as wait_for
+
 getpid = os.getpid  # the same, from posix (through os)
 sub = os  # a module attribute: refused unless `os` is allowed
 
@@ -80,16 +82,6 @@ class Holder:
 
     def get(self) -> int:
         return self.value
-
-
-def wait_for(path: str, limit: float = 30.0) -> bool:
-    """Block (bounded) until ``path`` exists."""
-    deadline = time.monotonic() + limit
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def hold(started: str, release: str, value: Any = None) -> Any:

@@ -129,6 +129,7 @@ class PortReply(Sink):
 
     def _finish(self) -> None:
         self.done = True
+        self.data = b""  # kept only for a re-send after a crash: a large request is not held on to
         inflight = self.server._inflight
         if inflight.get(self.req_id) is self:
             inflight.pop(self.req_id, None)

@@ -22,12 +22,12 @@ Values (embedded mode) are msgpack with three extension types:
 from __future__ import annotations
 
 import os
+import pickle
 import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
 import msgpack
 
 from ._errors import FrameTooLargeError, SessionMismatchError
@@ -227,7 +227,15 @@ def _default(obj: Any) -> msgpack.ExtType:
     if isinstance(obj, WireRef):
         check_ref_session(obj)
         return msgpack.ExtType(EXT_REF, msgpack.packb(obj.key()))
-    return msgpack.ExtType(EXT_PICKLE, cloudpickle.dumps(obj, protocol=5))
+    return msgpack.ExtType(EXT_PICKLE, dumps_any(obj))
+
+
+def dumps_any(obj: Any) -> bytes:
+    """cloudpickle bytes of ``obj`` (protocol 5). cloudpickle is imported on first use, so a worker
+    that never pickles does not pay for it at every start."""
+    import cloudpickle
+
+    return cloudpickle.dumps(obj, protocol=5)  # type: ignore[no-any-return]
 
 
 def check_ref_session(ref: WireRef) -> None:
@@ -277,7 +285,7 @@ def make_unpacker(on_ref: Callable[[list[Any]], Any]) -> Callable[[bytes], Any]:
         if code == EXT_TUPLE:
             return tuple(unpack(data))
         if code == EXT_PICKLE:
-            return cloudpickle.loads(data)
+            return pickle.loads(data)  # cloudpickle's output is plain pickle; it imports what it needs
         if code == EXT_REF:
             return on_ref(msgpack.unpackb(data))
         return msgpack.ExtType(code, data)

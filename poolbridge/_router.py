@@ -36,10 +36,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._channel import ProcessChannel, Retired, Spawner, _Monitor
+from ._channel import ProcessChannel, Retired, _Monitor
 from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError
 from ._hashing import slot_for
 from ._protocol import encode_frame
+from ._spawn import Spawner
 
 log = logging.getLogger("poolbridge.router")
 

@@ -23,7 +23,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import cloudpickle
 import msgpack
 
 from . import _helpers
@@ -60,6 +59,7 @@ from ._protocol import (
     RET_REF,
     RET_VALUE,
     WireRef,
+    dumps_any,
     make_unpacker,
     pack_plain,
     pack_value,
@@ -593,7 +593,7 @@ def error_fields(exc: BaseException, port: bool = False) -> list[Any]:
     else:
         tb = "".join(traceback.format_exception(exc))
     try:
-        pickled: bytes | None = cloudpickle.dumps(exc, protocol=5)
+        pickled: bytes | None = dumps_any(exc)
     except Exception:
         pickled = None
     return [code, type_name, str(exc), tb, pickled]

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgpack
 import psutil
+from pb_faultmods import worker_pids_of
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -117,7 +118,7 @@ class Server:
         return reply["error"]  # type: ignore[no-any-return]
 
     def worker_pids(self) -> list[int]:
-        return [c.pid for c in psutil.Process(self.proc.pid).children()]
+        return worker_pids_of(self.proc.pid)
 
     def close(self) -> None:
         if self.proc.poll() is None:

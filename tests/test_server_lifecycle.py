@@ -195,7 +195,7 @@ def test_fds_mode() -> None:
         assert hello["slots"] == 1
         os.write(req_w, frame({"id": 1, "op": "call", "session": "f", "fn": "builtins.print", "args": ["to stdout"]}))
         assert recv() == {"id": 1, "status": "ok", "value": None}
-        workers = [c.pid for c in psutil.Process(proc.pid).children()]
+        workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]  # and the template
         protocol = {f"pipe:[{os.fstat(fd).st_ino}]" for fd in (req_w, rep_r)}
         for pid in workers:
             links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")

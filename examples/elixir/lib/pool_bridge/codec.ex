@@ -72,7 +72,7 @@ defmodule PoolBridge.Codec do
   defp enc(i, _) when is_integer(i), do: int(i)
   defp enc(b, _) when is_binary(b), do: str_or_bin(b)
   defp enc(f, _) when is_float(f), do: <<0xCB, f::float-64>>
-  defp enc(l, ctx) when is_list(l), do: [array_header(length(l)) | list(l, ctx)]
+  defp enc(l, ctx) when is_list(l), do: [array_header(list_length(l)) | list(l, ctx)]
   defp enc(%Ref{} = ref, ctx), do: ref(ref, ctx)
   defp enc(%Bytes{data: b}, _) when is_binary(b), do: [bin_header(byte_size(b)), b]
   defp enc(%StreamRef{} = s, ctx), do: stream(s, ctx)
@@ -90,6 +90,12 @@ defmodule PoolBridge.Codec do
   defp enc(a, _) when is_atom(a), do: str_or_bin(Atom.to_string(a))
   defp enc(t, ctx) when is_tuple(t), do: enc(Tuple.to_list(t), ctx)
   defp enc(other, _), do: refuse("cannot encode #{inspect(other, limit: 5)}")
+
+  defp list_length(l) do
+    length(l)
+  rescue
+    ArgumentError -> refuse("cannot encode an improper list: #{inspect(l, limit: 5)}")
+  end
 
   defp list([], _ctx), do: []
   defp list([h | t], ctx), do: [enc(h, ctx) | list(t, ctx)]

@@ -116,7 +116,7 @@ defmodule PoolBridge do
   and no ref). Nests; the previous session is restored when `fun` returns or raises. Key it by the
   same `pool` term (name or pid) the calls inside use.
   """
-  @spec with_session(pool(), String.t(), (-> result)) :: result when result: term()
+  @spec with_session(pool(), String.t(), (() -> result)) :: result when result: term()
   def with_session(pool, session, fun), do: Session.with_session(pool, session, fun)
 
   @doc "The session an operation of this process on `pool` would use now (given no ref and no `session:`)."
@@ -311,7 +311,9 @@ defmodule PoolBridge do
     do: raise(ArgumentError, "expected a dotted path (string) or a %PoolBridge.Ref{}, got: #{inspect(other)}")
 
   defp check_session!(session) do
-    if Options.session?(session), do: session, else: raise(ArgumentError, "invalid session id: #{inspect(session)}")
+    if Options.session?(session),
+      do: session,
+      else: raise(ArgumentError, "invalid session id: #{inspect(session)}")
   end
 
   @doc false

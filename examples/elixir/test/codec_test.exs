@@ -5,9 +5,10 @@ defmodule PoolBridge.CodecTest do
   defp rt(v), do: Codec.decode(Codec.encode(v))
 
   test "scalars round-trip at every width" do
-    for v <- [nil, true, false, 0, 1, 127, 128, 255, 256, 65_535, 65_536, 4_294_967_295, 4_294_967_296] ++
-               [18_446_744_073_709_551_615, -1, -32, -33, -128, -129, -32_768, -32_769] ++
-               [-2_147_483_648, -2_147_483_649, -9_223_372_036_854_775_808, 0.0, 1.5, -2.25e300] do
+    for v <-
+          [nil, true, false, 0, 1, 127, 128, 255, 256, 65_535, 65_536, 4_294_967_295, 4_294_967_296] ++
+            [18_446_744_073_709_551_615, -1, -32, -33, -128, -129, -32_768, -32_769] ++
+            [-2_147_483_648, -2_147_483_649, -9_223_372_036_854_775_808, 0.0, 1.5, -2.25e300] do
       assert rt(v) == {:ok, v}
     end
   end
@@ -36,10 +37,11 @@ defmodule PoolBridge.CodecTest do
   end
 
   test "strings, lists, maps (any scalar keys), tuples" do
-    for v <- ["", String.duplicate("a", 31), String.duplicate("b", 32), String.duplicate("c", 300)] ++
-               [String.duplicate("d", 70_000), Enum.to_list(1..20), Enum.to_list(1..70_000)] ++
-               [%{"a" => [1, %{"b" => nil}]}, Map.new(1..20, &{&1, &1}), Map.new(1..70_000, &{&1, &1})] ++
-               [%{1 => "int", nil => 0, true => 1, 1.5 => 2, %Bytes{data: <<0>>} => 3}] do
+    for v <-
+          ["", String.duplicate("a", 31), String.duplicate("b", 32), String.duplicate("c", 300)] ++
+            [String.duplicate("d", 70_000), Enum.to_list(1..20), Enum.to_list(1..70_000)] ++
+            [%{"a" => [1, %{"b" => nil}]}, Map.new(1..20, &{&1, &1}), Map.new(1..70_000, &{&1, &1})] ++
+            [%{1 => "int", nil => 0, true => 1, 1.5 => 2, %Bytes{data: <<0>>} => 3}] do
       assert rt(v) == {:ok, v}
     end
 

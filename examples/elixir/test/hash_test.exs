@@ -36,6 +36,7 @@ defmodule PoolBridge.HashTest do
   end
 
   defp join([], acc), do: acc
+
   defp join([{:u, hi}, {:u, lo} | rest], acc) when hi in 0xD800..0xDBFF,
     do: join(rest, acc <> <<0x10000 + (hi - 0xD800) * 0x400 + (lo - 0xDC00)::utf8>>)
 
@@ -67,7 +68,11 @@ defmodule PoolBridge.HashTest do
 
   test "published jump_hash vectors and the consistency property" do
     for [key, buckets, bucket] <- rows("| key | buckets") do
-      key = if String.starts_with?(key, "0x"), do: String.to_integer(String.slice(key, 2..-1//1), 16), else: String.to_integer(key)
+      key =
+        if String.starts_with?(key, "0x"),
+          do: String.to_integer(String.slice(key, 2..-1//1), 16),
+          else: String.to_integer(key)
+
       assert Hash.jump_hash(key, String.to_integer(buckets)) == String.to_integer(bucket)
     end
 

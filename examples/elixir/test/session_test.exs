@@ -44,20 +44,29 @@ defmodule PoolBridge.SessionTest do
     [
       call: fn o -> PoolBridge.call!(@pool, "pb_test_helpers.who", [], o) end,
       helper: fn o -> PoolBridge.helper!(@pool, "whoami", [], o) end,
-      create: fn o -> PoolBridge.get_attr!(@pool, PoolBridge.create!(@pool, "pb_test_helpers.Probe", [], o), "created") end,
+      create: fn o ->
+        PoolBridge.get_attr!(@pool, PoolBridge.create!(@pool, "pb_test_helpers.Probe", [], o), "created")
+      end,
       getattr: fn o ->
         %Ref{} = ref = PoolBridge.getattr!(@pool, "pb_test_helpers.Probe", [{:ret, :ref} | o])
         # the ref was stored under the payload's session, in that session's worker
         %{"session" => ref.session, "slot" => ref.slot, "pid" => nil}
       end,
       stream_open_and_next: fn o ->
-        [a, b, c] = @pool |> PoolBridge.stream("pb_test_helpers.who_stream", [3], [{:batch, 1} | o]) |> Enum.to_list()
+        [a, b, c] =
+          @pool |> PoolBridge.stream("pb_test_helpers.who_stream", [3], [{:batch, 1} | o]) |> Enum.to_list()
+
         assert a == b and b == c
         a
       end,
       stream_close: fn o ->
         key = "close-#{System.unique_integer([:positive])}"
-        [0, 1] = @pool |> PoolBridge.stream("pb_test_helpers.guarded_stream", [100, key], [{:batch, 1} | o]) |> Enum.take(2)
+
+        [0, 1] =
+          @pool
+          |> PoolBridge.stream("pb_test_helpers.guarded_stream", [100, key], [{:batch, 1} | o])
+          |> Enum.take(2)
+
         true = PoolBridge.call!(@pool, "pb_test_helpers.was_closed", [key], o)
         PoolBridge.call!(@pool, "pb_test_helpers.who", [], o)
       end,
@@ -91,19 +100,24 @@ defmodule PoolBridge.SessionTest do
       method: fn ref, o -> PoolBridge.method(@pool, ref, "who", [], o) end,
       get_attr: fn ref, o -> PoolBridge.get_attr(@pool, ref, "seen", o) end,
       set_attr: fn ref, o ->
-        with {:ok, nil} <- PoolBridge.set_attr(@pool, ref, "poke", 1, o), do: PoolBridge.get_attr(@pool, ref, "poke")
+        with {:ok, nil} <- PoolBridge.set_attr(@pool, ref, "poke", 1, o),
+             do: PoolBridge.get_attr(@pool, ref, "poke")
       end,
       call_ref: fn ref, o -> PoolBridge.call(@pool, ref, [], o) end,
       release: fn ref, o ->
         with {:ok, nil} <- PoolBridge.release(@pool, ref, o) do
-          {:error, %Error{code: :ref_not_found}} = PoolBridge.get_attr(@pool, ref, "seen", session: ref.session)
+          {:error, %Error{code: :ref_not_found}} =
+            PoolBridge.get_attr(@pool, ref, "seen", session: ref.session)
+
           {:ok, %{"session" => ref.session, "slot" => ref.slot, "pid" => nil}}
         end
       end
     ]
   end
 
-  test "every ref path x every way: the ref's own session wins; a disagreeing session: is refused", %{info: info} do
+  test "every ref path x every way: the ref's own session wins; a disagreeing session: is refused", %{
+    info: info
+  } do
     for {way, run} <- ways(), {path, op} <- ref_paths() do
       own = "own-#{path}-#{way}"
       probe = PoolBridge.create!(@pool, "pb_test_helpers.Probe", [], session: own)
@@ -180,7 +194,8 @@ defmodule PoolBridge.SessionTest do
     assert epoch == info.epoch
     assert ref.slot == PoolBridge.slot_for(@pool, "carry")
     # a value msgpack cannot carry comes back as a ref of the session it was made in, nested too
-    assert {:ok, [%Ref{session: "carry"}, 1]} = PoolBridge.call(@pool, "builtins.list", [[ref, 1]], session: "carry")
+    assert {:ok, [%Ref{session: "carry"}, 1]} =
+             PoolBridge.call(@pool, "builtins.list", [[ref, 1]], session: "carry")
   end
 
   test "cross-session refs are refused before dispatch: the answer comes while that session's worker is busy" do
@@ -196,7 +211,11 @@ defmodule PoolBridge.SessionTest do
       fn -> PoolBridge.call(@pool, "builtins.len", [[%{"deep" => {1, [ref_a]}}]], session: "busy-b") end,
       fn -> PoolBridge.helper(@pool, "remember", ["k", %{ref_a => 1}], session: "busy-b") end,
       fn -> PoolBridge.call(@pool, "builtins.dict", [], session: "busy-b", kwargs: [x: [ref_a]]) end,
-      fn -> PoolBridge.with_session(@pool, "busy-b", fn -> PoolBridge.create(@pool, "builtins.list", [[ref_a]]) end) end,
+      fn ->
+        PoolBridge.with_session(@pool, "busy-b", fn ->
+          PoolBridge.create(@pool, "builtins.list", [[ref_a]])
+        end)
+      end,
       fn -> PoolBridge.method(@pool, ref_a, "get", [], session: "busy-b") end,
       fn -> PoolBridge.set_attr(@pool, ref_a, "value", 2, session: "busy-b") end,
       fn -> PoolBridge.release(@pool, ref_a, session: "busy-b") end,
@@ -229,7 +248,9 @@ defmodule PoolBridge.SessionTest do
       forged = %Ref{secret | session: "thief", id: id, slot: slot}
       assert {:error, %Error{code: code}} = PoolBridge.method(@pool, forged, "get")
       assert code == :ref_not_found
-      assert {:error, %Error{code: :ref_not_found}} = PoolBridge.call(@pool, "builtins.id", [forged], session: "thief")
+
+      assert {:error, %Error{code: :ref_not_found}} =
+               PoolBridge.call(@pool, "builtins.id", [forged], session: "thief")
     end
 
     # auto-session ids are random, so a process cannot guess another's
@@ -255,7 +276,10 @@ defmodule PoolBridge.SessionTest do
     send(pid, :exit)
     started = System.monotonic_time(:millisecond)
 
-    assert eventually(fn -> match?({:error, %Error{code: :ref_not_found}}, PoolBridge.method(@pool, ref, "get")) end)
+    assert eventually(fn ->
+             match?({:error, %Error{code: :ref_not_found}}, PoolBridge.method(@pool, ref, "get"))
+           end)
+
     elapsed = System.monotonic_time(:millisecond) - started
     assert {:ok, nil} = PoolBridge.helper(@pool, "recall", ["k"], session: ref.session)
     IO.puts("auto-session closed #{elapsed} ms after its process exited")

@@ -84,7 +84,8 @@ defmodule PoolBridge.Options do
     if valid?(type, value) do
       value
     else
-      raise ArgumentError, "invalid value for #{inspect(key)} (#{where}): expected #{what}, got: #{inspect(value)}"
+      raise ArgumentError,
+            "invalid value for #{inspect(key)} (#{where}): expected #{what}, got: #{inspect(value)}"
     end
   end
 
@@ -105,5 +106,7 @@ defmodule PoolBridge.Options do
   defp valid?({:in, values}, v), do: v in values
 
   defp valid?(:env, v) when is_map(v), do: valid?(:env, Map.to_list(v))
-  defp valid?(:env, v), do: is_list(v) and Enum.all?(v, &match?({k, s} when is_binary(k) and is_binary(s), &1))
+
+  defp valid?(:env, v),
+    do: is_list(v) and Enum.all?(v, &match?({k, s} when is_binary(k) and is_binary(s), &1))
 end

@@ -62,10 +62,11 @@ defmodule PoolBridge.Session do
   end
 
   @doc "Run `fun` with `session` as this process's context session for `pool` (see `PoolBridge.with_session/3`)."
-  @spec with_session(GenServer.server(), String.t(), (-> result)) :: result when result: term()
+  @spec with_session(GenServer.server(), String.t(), (() -> result)) :: result when result: term()
   def with_session(pool, session, fun) when is_function(fun, 0) do
     unless Options.session?(session) do
-      raise ArgumentError, "with_session expects a session id (1 to 256 UTF-8 bytes), got: #{inspect(session)}"
+      raise ArgumentError,
+            "with_session expects a session id (1 to 256 UTF-8 bytes), got: #{inspect(session)}"
     end
 
     key = {__MODULE__, :context, pool}

@@ -16,7 +16,7 @@ defmodule PoolBridge.Telemetry do
   def available?, do: Code.ensure_loaded?(:telemetry) and function_exported?(:telemetry, :execute, 3)
 
   @doc false
-  @spec span(boolean(), map(), (-> {:ok, term()} | {:error, PoolBridge.Error.t()})) ::
+  @spec span(boolean(), map(), (() -> {:ok, term()} | {:error, PoolBridge.Error.t()})) ::
           {:ok, term()} | {:error, PoolBridge.Error.t()}
   def span(false, _meta, fun), do: fun.()
 

@@ -2,7 +2,8 @@ defmodule PoolBridge.TestSupport do
   @moduledoc "Starting pools against the real server of this checkout, and bounded waits."
 
   @repo Path.expand("../../../..", __DIR__)
-  @support __DIR__
+  # The Python side of the tests: tests/elixir/pb_test_helpers.py, shared with the Python Port tests.
+  @support Path.join(@repo, "tests/elixir")
 
   @doc "The server's environment: this checkout's poolbridge and the test helpers importable."
   def env do
@@ -25,7 +26,9 @@ defmodule PoolBridge.TestSupport do
 
   @doc "Start a pool not linked to the caller (for a setup_all shared by tests)."
   def start_shared(opts) do
-    {:ok, pid} = GenServer.start(PoolBridge.Server, PoolBridge.Options.validate_pool!(pool_opts(opts)), name: opts[:name])
+    {:ok, pid} =
+      GenServer.start(PoolBridge.Server, PoolBridge.Options.validate_pool!(pool_opts(opts)), name: opts[:name])
+
     {:ok, _info} = PoolBridge.info(pid)
     pid
   end

@@ -1,4 +1,5 @@
-"""Helpers imported by the Port server under test (``--helpers pb_test_helpers``)."""
+"""Helpers imported by the Port servers under test (``--helpers pb_test_helpers``): the Python Port
+tests (tests/test_server_*.py) and the Elixir package's ExUnit suite (examples/elixir/test/)."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ defmodule PoolBridge.MixProject do
       elixir: "~> 1.14",
       elixirc_paths: elixirc_paths(Mix.env()),
       start_permanent: Mix.env() == :prod,
+      elixirc_options: [warnings_as_errors: true],
       deps: [],
       description: "Elixir client for poolbridge: a Python worker pool with per-session affinity",
       test_coverage: [summary: [threshold: 0]]

@@ -35,7 +35,10 @@ defmodule PoolBridge do
     `get_attr`, `method`, `helper`);
   * `:batch` — stream items per round trip (`stream`);
   * `:when_busy` — `:wait` (default: block, within the timeout) or `:error` (return `:busy` at once)
-    when the pool's `:max_pending` requests are in flight.
+    when the pool's `:max_pending` requests are in flight;
+  * `:on_timeout` — `:keep` (default: a request already running finishes, its reply is dropped) or
+    `:restart` (protocol 2: the server enforces the timeout and restarts the worker of a request
+    still running at expiry — that slot's sessions lose their objects).
 
   ## Telemetry
 
@@ -49,6 +52,7 @@ defmodule PoolBridge do
   @type fun_ref :: String.t() | Ref.t()
 
   @common [:session, :timeout, :when_busy]
+  @worker [:on_timeout | @common]
 
   # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -124,12 +128,18 @@ defmodule PoolBridge do
   def current_session(pool) do
     case Session.context(pool) do
       nil ->
-        {:ok, conn} = Server.conn(pool, 5_000)
-        {:ok, session} = Session.resolve(pool, conn, nil, [])
+        {:ok, session} = Session.resolve(pool, conn!(pool), nil, [])
         session
 
       session ->
         session
+    end
+  end
+
+  defp conn!(pool) do
+    case Server.conn(pool, 5_000) do
+      {:ok, conn} -> conn
+      {:error, error} -> raise error
     end
   end
 
@@ -139,8 +149,7 @@ defmodule PoolBridge do
   """
   @spec slot_for(pool(), String.t() | nil) :: non_neg_integer()
   def slot_for(pool, session \\ nil) do
-    {:ok, conn} = Server.conn(pool, 5_000)
-    PoolBridge.Hash.slot_for(session || current_session(pool), conn.slots)
+    PoolBridge.Hash.slot_for(session || current_session(pool), conn!(pool).slots)
   end
 
   @doc """
@@ -149,7 +158,7 @@ defmodule PoolBridge do
   """
   @spec close_session(pool(), String.t() | nil, keyword()) :: result()
   def close_session(pool, session \\ nil, opts \\ []) do
-    opts = Options.validate_call!(opts, @common)
+    opts = Options.validate_call!(opts, @worker)
     opts = if session, do: Keyword.put(opts, :session, check_session!(session)), else: opts
     Client.run(pool, "close_session", nil, opts, fn _ -> [] end)
   end
@@ -159,7 +168,7 @@ defmodule PoolBridge do
   @doc "Call a function by dotted path (`\"math.sqrt\"`) or a callable ref, with `args` and `kwargs:`."
   @spec call(pool(), fun_ref(), list(), keyword()) :: result()
   def call(pool, fun, args \\ [], opts \\ []) when is_list(args) do
-    opts = Options.validate_call!(opts, [:kwargs, :ret | @common])
+    opts = Options.validate_call!(opts, [:kwargs, :ret | @worker])
 
     Client.run(pool, "call", target(fun), opts, fn _ ->
       [{"fn", fun}, {"args", args}, {"kwargs", kwargs(opts)} | ret(opts)]
@@ -169,14 +178,14 @@ defmodule PoolBridge do
   @doc "Read a module attribute by dotted path (`\"math.pi\"`)."
   @spec getattr(pool(), String.t(), keyword()) :: result()
   def getattr(pool, path, opts \\ []) when is_binary(path) do
-    opts = Options.validate_call!(opts, [:ret | @common])
+    opts = Options.validate_call!(opts, [:ret | @worker])
     Client.run(pool, "getattr", nil, opts, fn _ -> [{"path", path} | ret(opts)] end)
   end
 
   @doc "Construct an object (class by dotted path or ref) and keep it in the worker: returns a `%PoolBridge.Ref{}`."
   @spec create(pool(), fun_ref(), list(), keyword()) :: result()
   def create(pool, class, args \\ [], opts \\ []) when is_list(args) do
-    opts = Options.validate_call!(opts, [:kwargs | @common])
+    opts = Options.validate_call!(opts, [:kwargs | @worker])
 
     Client.run(pool, "create", target(class), opts, fn _ ->
       [{"fn", class}, {"args", args}, {"kwargs", kwargs(opts)}]
@@ -186,7 +195,7 @@ defmodule PoolBridge do
   @doc "Call a method of the object behind a ref (in the ref's session)."
   @spec method(pool(), Ref.t(), String.t(), list(), keyword()) :: result()
   def method(pool, %Ref{} = ref, name, args \\ [], opts \\ []) when is_binary(name) and is_list(args) do
-    opts = Options.validate_call!(opts, [:kwargs, :ret | @common])
+    opts = Options.validate_call!(opts, [:kwargs, :ret | @worker])
 
     Client.run(pool, "method", ref, opts, fn _ ->
       [{"target", ref}, {"name", name}, {"args", args}, {"kwargs", kwargs(opts)} | ret(opts)]
@@ -196,21 +205,21 @@ defmodule PoolBridge do
   @doc "Read an attribute of the object behind a ref."
   @spec get_attr(pool(), Ref.t(), String.t(), keyword()) :: result()
   def get_attr(pool, %Ref{} = ref, name, opts \\ []) when is_binary(name) do
-    opts = Options.validate_call!(opts, [:ret | @common])
+    opts = Options.validate_call!(opts, [:ret | @worker])
     Client.run(pool, "getattr", ref, opts, fn _ -> [{"target", ref}, {"name", name} | ret(opts)] end)
   end
 
   @doc "Set an attribute of the object behind a ref."
   @spec set_attr(pool(), Ref.t(), String.t(), term(), keyword()) :: result()
   def set_attr(pool, %Ref{} = ref, name, value, opts \\ []) when is_binary(name) do
-    opts = Options.validate_call!(opts, @common)
+    opts = Options.validate_call!(opts, @worker)
     Client.run(pool, "setattr", ref, opts, fn _ -> [{"target", ref}, {"name", name}, {"value", value}] end)
   end
 
   @doc "Call a `@poolbridge.helper` of a module given in the pool's `:helpers`."
   @spec helper(pool(), String.t(), list(), keyword()) :: result()
   def helper(pool, name, args \\ [], opts \\ []) when is_binary(name) and is_list(args) do
-    opts = Options.validate_call!(opts, [:kwargs, :ret | @common])
+    opts = Options.validate_call!(opts, [:kwargs, :ret | @worker])
 
     Client.run(pool, "helper", nil, opts, fn _ ->
       [{"name", name}, {"args", args}, {"kwargs", kwargs(opts)} | ret(opts)]
@@ -225,14 +234,14 @@ defmodule PoolBridge do
   """
   @spec stream(pool(), fun_ref(), list(), keyword()) :: Enumerable.t()
   def stream(pool, fun, args \\ [], opts \\ []) when is_list(args) do
-    opts = Options.validate_call!(opts, [:kwargs, :batch | @common])
+    opts = Options.validate_call!(opts, [:kwargs, :batch | @worker])
     PoolBridge.Stream.new(pool, fun, args, opts)
   end
 
   @doc "Drop a ref in its worker."
   @spec release(pool(), Ref.t(), keyword()) :: result()
   def release(pool, %Ref{} = ref, opts \\ []) do
-    opts = Options.validate_call!(opts, @common)
+    opts = Options.validate_call!(opts, @worker)
     Client.run(pool, "release", ref, opts, fn _ -> [{"ref", ref}] end)
   end
 

@@ -38,6 +38,22 @@ defmodule PoolBridge.CallsTest do
     assert {:ok, nil} = PoolBridge.helper(@pool, "recall", [key], session: "t2")
   end
 
+  @tag :v2
+  test "on_timeout: :restart: the server times the request out and restarts its worker" do
+    pb = start_pool(workers: 1)
+    {:ok, %{"pid" => before}} = PoolBridge.ping(pb, session: "r")
+
+    assert {:error, %Error{code: :timeout}} =
+             PoolBridge.call(pb, "time.sleep", [30], session: "r", timeout: 300, on_timeout: :restart)
+
+    assert eventually(fn ->
+             match?({:ok, %{"pid" => pid}} when pid != before, PoolBridge.ping(pb, session: "r"))
+           end)
+
+    assert {:ok, 3} = PoolBridge.call(pb, "operator.add", [1, 2], session: "r")
+    stop_pool(pb)
+  end
+
   test "when_busy: :error says :busy at the bound; :wait blocks until a slot frees" do
     pb = start_pool(max_pending: 2)
 

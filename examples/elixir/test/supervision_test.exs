@@ -106,4 +106,16 @@ defmodule PoolBridge.SupervisionTest do
     assert {:error, %Error{code: :session_lost}} = PoolBridge.method(pb, box, "get")
     stop_pool(pb)
   end
+
+  @tag :v2
+  test "protocol 2: the hello's epoch is the refs' epoch; worker_crashed says the request ran" do
+    pb = start_pool(workers: 1)
+    {:ok, info} = PoolBridge.info(pb)
+    assert info.protocol >= 2
+    assert info.epoch =~ ~r/^[0-9a-f]{16}$/
+    assert %PoolBridge.Ref{epoch: epoch} = PoolBridge.create!(pb, "pb_test_helpers.Box", [1])
+    assert epoch == info.epoch
+    assert {:error, %Error{code: :worker_crashed, ran: true}} = PoolBridge.call(pb, "os._exit", [1])
+    stop_pool(pb)
+  end
 end

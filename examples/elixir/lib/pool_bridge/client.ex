@@ -46,7 +46,8 @@ defmodule PoolBridge.Client do
   @spec request(Conn.t(), list(), String.t() | nil, keyword()) :: result()
   def request(conn, fields, session, opts) do
     timeout = Keyword.get(opts, :timeout) || conn.default_timeout
-    deadline = if timeout == :infinity, do: :infinity, else: now() + timeout
+    {fields, wait_ms} = server_timeout(fields, timeout, Keyword.get(opts, :on_timeout, :keep), conn)
+    deadline = if timeout == :infinity, do: :infinity, else: now() + wait_ms
     id = Conn.next_id(conn)
 
     try do
@@ -60,6 +61,16 @@ defmodule PoolBridge.Client do
         end
     end
   end
+
+  # on_timeout: :restart hands the deadline to the server (protocol 2), which answers `timeout`
+  # itself and restarts the worker of a request still running; the client then waits a little
+  # longer than the timeout for that answer, and cancels as usual if even that does not come.
+  @server_grace_ms 2_000
+  defp server_timeout(fields, timeout, :restart, %Conn{protocol: p}) when p >= 2 and is_integer(timeout) do
+    {fields ++ [{"timeout", timeout / 1000}, {"on_timeout", "restart"}], timeout + @server_grace_ms}
+  end
+
+  defp server_timeout(fields, timeout, _on_timeout, _conn), do: {fields, timeout}
 
   defp send_and_wait(conn, id, frame, session, deadline, timeout) do
     reply_to = :erlang.monitor(:process, conn.owner, [{:alias, :demonitor}])

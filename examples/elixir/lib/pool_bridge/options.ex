@@ -28,7 +28,8 @@ defmodule PoolBridge.Options do
     kwargs: {:kwargs, %{}, "a map or keyword list of keyword arguments"},
     ret: {{:in, [:auto, :ref, :value, "auto", "ref", "value"]}, nil, ":auto, :ref or :value"},
     batch: {:pos_integer_or_nil, nil, "a positive integer (stream items per round trip)"},
-    when_busy: {{:in, [:wait, :error]}, :wait, ":wait or :error (what to do at max_pending)"}
+    when_busy: {{:in, [:wait, :error]}, :wait, ":wait or :error (what to do at max_pending)"},
+    on_timeout: {{:in, [:keep, :restart]}, :keep, ":keep or :restart (the worker, at the timeout)"}
   ]
 
   @doc "Validate the options of `PoolBridge.start_link/1`; raises `ArgumentError` naming the bad one."

@@ -27,6 +27,7 @@ defmodule PoolBridge.Server do
   alias PoolBridge.{Codec, Conn, Error, Options}
 
   @doc false
+  @spec child_spec(keyword()) :: Supervisor.child_spec()
   def child_spec(opts) do
     %{id: Keyword.get(opts, :name, PoolBridge), start: {__MODULE__, :start_link, [opts]}, type: :worker}
   end

@@ -124,7 +124,7 @@ Bench.summary("api ping", p)
 :io.format("ratio api call / bare port (median): ~.3fx   (target <= 1.15x)~n", [api_med / bare_med])
 :io.format("ratio bare port / raw echo (median): ~.2fx~n", [bare_med / raw_med])
 
-per_caller = max(div(n * 2, callers), 1)
+per_caller = max(div(n * 4, callers), 1)
 rate = Bench.throughput(pool, callers, per_caller)
 :io.format("concurrent: ~w callers x ~w calls through PoolBridge.call/4 = ~w calls/s~n", [callers, per_caller, rate])
 

@@ -428,6 +428,7 @@ class Pool(_Api):
         backend: str = "process",
         ray_init: dict[str, Any] | None = None,
         _wire: bool = False,
+        _allow_modules: tuple[str, ...] = (),
     ) -> None:
         super().__init__(self, _Options())
         self.workers = int(workers if workers is not None else (os.cpu_count() or 1))
@@ -451,6 +452,7 @@ class Pool(_Api):
                 "session_ttl": session_ttl,
                 "max_refs_per_session": max_refs_per_session,
                 "wire": _wire,
+                "allow_modules": list(_allow_modules),  # the Port server's --allow-module
                 "max_calls": max_calls_per_worker,
                 "max_rss": max_rss_per_worker,
                 "log_level": logging.getLogger("poolbridge").getEffectiveLevel(),
@@ -486,28 +488,33 @@ class Pool(_Api):
             except (WorkerCrashedError, PoolClosedError):
                 pass
 
-    def stats(self) -> PoolStats:
+    def stats(self, *, _ask_busy: bool = True) -> PoolStats:
         """A frozen snapshot of every slot: pid, generation, sessions, refs, streams, in-flight.
 
         Worker-side counts come from the worker itself, queued behind the calls it already has; a
         worker busy for longer than the 2 s wait is reported ``alive`` (its process runs) but not
-        ``responsive``, with those counts as -1.
+        ``responsive``, with those counts as -1. ``_ask_busy=False`` (the Port server): a worker
+        with calls in flight is not asked at all, so the snapshot never waits behind one.
         """
         router = self._router
-        asked = []
+        asked: list[tuple[int, Any, int, Waiter, Any]] = []  # slot, asked channel, id, waiter, channel
         for slot in range(self.workers):
             waiter = Waiter()
             req_id = router.next_id()
+            ch = router.channels()[slot]
+            if not _ask_busy and (ch is None or ch.pending or ch.dead):
+                asked.append((slot, None, req_id, waiter, ch))
+                continue
             try:
                 ch = router.send(slot, req_id, pack_plain([req_id, OP_STATS, None, b""]), waiter)
             except (WorkerCrashedError, PoolClosedError):
                 ch = None
-            asked.append((slot, ch, req_id, waiter))
+            asked.append((slot, ch, req_id, waiter, ch))
         deadline = time.monotonic() + 2.0
         slots = []
-        for slot, ch, req_id, waiter in asked:
+        for slot, asked_ch, req_id, waiter, ch in asked:
             worker: dict[str, Any] = {}
-            if ch is not None:
+            if asked_ch is not None:
                 if waiter.wait(max(0.0, deadline - time.monotonic())):
                     if waiter.status == OK:
                         worker = unpack_plain(waiter.body)

@@ -193,6 +193,12 @@ class Deadlines:
                 if self._stopped:
                     return
                 _, req_id, (channel, sink, slot, message, restart) = heapq.heappop(self._heap)
+            if getattr(sink, "cancel_on_timeout", False):
+                # Not started yet: it never runs (the Port server's timeouts). Nothing to restart.
+                try_cancel = getattr(channel, "try_cancel", None)
+                if try_cancel is not None and try_cancel(req_id, sink.seq):
+                    sink.fail(CallTimeoutError(message))
+                    continue
             if channel.pending.pop(req_id, None) is None:
                 continue  # answered (or failed) in time
             if restart:

@@ -73,6 +73,7 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
         session_ttl=options.get("session_ttl"),
         max_calls=options.get("max_calls"),
         max_rss=options.get("max_rss"),
+        allow_modules=tuple(options.get("allow_modules") or ()),
     )
     seq = 0
     reader = FrameReader()

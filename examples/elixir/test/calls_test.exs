@@ -43,12 +43,22 @@ defmodule PoolBridge.CallsTest do
     pb = start_pool(workers: 1)
     {:ok, %{"pid" => before}} = PoolBridge.ping(pb, session: "r")
 
-    assert {:error, %Error{code: :timeout}} =
-             PoolBridge.call(pb, "time.sleep", [30], session: "r", timeout: 300, on_timeout: :restart)
+    # the worker is up and idle (it answered), so the sleep starts long before its timeout; a
+    # request that has not started at its timeout is dropped instead, with no restart
+    assert {:ok, ^before} = PoolBridge.call(pb, "os.getpid", [], session: "r")
+    # the server's answer (not the client's own timer): it timed the request out itself
+    assert {:error, %Error{code: :timeout, type: "CallTimeoutError"}} =
+             PoolBridge.call(pb, "time.sleep", [30], session: "r", timeout: 1_000, on_timeout: :restart)
 
-    assert eventually(fn ->
-             match?({:ok, %{"pid" => pid}} when pid != before, PoolBridge.ping(pb, session: "r"))
-           end)
+    assert eventually(
+             fn ->
+               match?(
+                 {:ok, %{"pid" => pid, "generation" => 1}} when pid != before,
+                 PoolBridge.ping(pb, session: "r")
+               )
+             end,
+             20_000
+           )
 
     assert {:ok, 3} = PoolBridge.call(pb, "operator.add", [1, 2], session: "r")
     stop_pool(pb)
@@ -139,7 +149,12 @@ defmodule PoolBridge.CallsTest do
             %Error{code: :remote_error, type: "ValueError", message: "math domain error", traceback: tb}} =
              PoolBridge.call(@pool, "math.sqrt", [-1.0])
 
-    assert tb =~ "Traceback"
+    assert tb =~ "ValueError: math domain error"
+    # a failure in Python code: the traceback starts at the user's frames
+    assert {:error, %Error{code: :remote_error, type: "json.decoder.JSONDecodeError", traceback: tb}} =
+             PoolBridge.call(@pool, "json.loads", ["{"])
+
+    assert tb =~ "Traceback (most recent call last)"
     assert {:error, %Error{code: :helper_not_found}} = PoolBridge.helper(@pool, "no_such_helper")
     assert {:error, %Error{code: :bad_request}} = PoolBridge.call(@pool, "os.getpid", [self()])
 

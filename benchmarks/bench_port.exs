@@ -57,6 +57,34 @@ defmodule Bench do
     pct.(0.5)
   end
 
+  # The server's own capacity: one process keeps `window` requests in flight on a bare Port.
+  def pipelined(port, total, window) do
+    t0 = System.monotonic_time(:microsecond)
+    for id <- 1..window, do: send_call(port, id)
+    pump(port, window, total, 0)
+    dt = System.monotonic_time(:microsecond) - t0
+    round(total / (dt / 1_000_000))
+  end
+
+  defp pump(_port, _sent, total, total), do: :ok
+
+  defp pump(port, sent, total, done) do
+    receive do
+      {^port, {:data, _}} ->
+        if sent < total, do: send_call(port, sent + 1)
+        pump(port, min(sent + 1, total), total, done + 1)
+    after
+      10_000 -> raise "no reply"
+    end
+  end
+
+  defp send_call(port, id) do
+    ctx = %{session: nil, epoch: nil, protocol: 2}
+    session = "p#{rem(id, 64)}"
+    fields = [{"op", "call"}, {"session", session}, {"fn", "operator.add"}, {"args", [1, 2]}]
+    Port.command(port, Codec.encode_request(10_000_000 + id, fields, ctx))
+  end
+
   def throughput(pool, callers, per) do
     t0 = System.monotonic_time(:microsecond)
 
@@ -125,8 +153,23 @@ Bench.summary("api ping", p)
 :io.format("ratio bare port / raw echo (median): ~.2fx~n", [bare_med / raw_med])
 
 per_caller = max(div(n * 4, callers), 1)
-rate = Bench.throughput(pool, callers, per_caller)
-:io.format("concurrent: ~w callers x ~w calls through PoolBridge.call/4 = ~w calls/s~n", [callers, per_caller, rate])
+total = callers * per_caller
+# interleaved: bare pipelined, API, bare pipelined, API
+[p1, a1, p2, a2] =
+  for f <- [:bare, :api, :bare, :api] do
+    if f == :bare,
+      do: Bench.pipelined(bare, total, callers),
+      else: Bench.throughput(pool, callers, per_caller)
+  end
+
+:io.format("bare port, ~w in flight from one process: ~w, ~w calls/s~n", [callers, p1, p2])
+
+:io.format("concurrent: ~w callers x ~w calls through PoolBridge.call/4: ~w, ~w calls/s~n", [
+  callers,
+  per_caller,
+  a1,
+  a2
+])
 
 PoolBridge.close(pool)
 Port.close(bare)

@@ -278,6 +278,8 @@ defmodule PoolBridge.Server do
     for from <- state.queued, do: GenServer.reply(from, {:error, Error.new(:pool_closed, message)})
   end
 
+  # The fast path: the id read without decoding. A frame whose id cannot be peeked (not written
+  # id-first) is decoded in full, once, to find it.
   defp deliver(id, frame, state) do
     case :ets.take(state.table, id) do
       [{_id, reply_to}] ->
@@ -294,24 +296,22 @@ defmodule PoolBridge.Server do
   # sent, or a reply that came after its caller gave up. A stream opened that late is closed.
   defp unmatched(frame, state) do
     case Codec.decode(frame, state.conn.epoch) do
-      {:ok, %{"id" => id} = reply} when id != nil ->
-        case :ets.take(state.table, id) do
-          [{_id, reply_to}] ->
-            send(reply_to, {reply_to, frame})
-            :atomics.sub(state.counters, 2, 1)
-            wake(state)
-
-          [] ->
-            with %{"status" => "ok", "value" => %{"stream" => %PoolBridge.StreamRef{} = s}} <- reply do
-              send_frame(state, [{"op", "stream_close"}, {"stream", s}], s.session)
-            end
-
-            state
-        end
+      {:ok, %{"id" => id}} = decoded when id != nil ->
+        if :ets.member(state.table, id),
+          do: deliver(id, frame, state),
+          else: close_late_stream(decoded, state)
 
       _ ->
         state
     end
+  end
+
+  defp close_late_stream({:ok, reply}, state) do
+    with %{"status" => "ok", "value" => %{"stream" => %PoolBridge.StreamRef{} = s}} <- reply do
+      send_frame(state, [{"op", "stream_close"}, {"stream", s}], s.session)
+    end
+
+    state
   end
 
   defp wake(state) do

@@ -58,6 +58,12 @@ defmodule PoolBridge.SupervisionTest do
     assert wait_gone([new_info.server_pid | new_info.worker_pids]) == []
   end
 
+  test "a server that exits before its hello: callers get :pool_closed, never a hang" do
+    opts = PoolBridge.Options.validate_pool!(pool_opts(python: "false"))
+    {:ok, pid} = GenServer.start(PoolBridge.Server, opts)
+    assert {:error, %Error{code: :pool_closed}} = PoolBridge.call(pid, "os.getpid", [], timeout: 10_000)
+  end
+
   test "the pool closed mid-call: the caller gets :pool_closed and no process is left behind" do
     pb = start_pool()
     {:ok, info} = PoolBridge.info(pb)

@@ -11,6 +11,12 @@ defmodule PoolBridge.Server do
   * monitors the processes that own an auto-session or an open stream, and closes those in Python
     when such a process exits.
 
+  Why callers may write: `:erlang.port_command/2` may be called by any process, not only the port's
+  connected process (only sending `{pid, {:command, data}}` messages requires being the owner), and
+  each call hands the driver one whole packet — the `{packet, 4}` header is added per call — so
+  frames of concurrent writers never interleave. A busy port suspends the writing caller, not the
+  owner. Data *from* the port goes only to the connected process: hence the owner's demultiplexing.
+
   ```
   caller ──encode──▶ ETS {id, alias} ──Port.command──▶ python -m poolbridge serve ──▶ worker[slot]
      ▲                                                             │

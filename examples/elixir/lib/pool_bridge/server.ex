@@ -146,7 +146,9 @@ defmodule PoolBridge.Server do
 
     env = for {k, v} <- opts[:env], do: {String.to_charlist(k), String.to_charlist(v)}
 
-    [{:args, args}, {:packet, 4}, :binary, :exit_status, {:env, env}] ++
+    # parallelism: many callers write to this port at once; with the hint, a write that finds the
+    # port busy is scheduled as a port task instead of contending for its lock (benchmarks/PORT.md).
+    [{:args, args}, {:packet, 4}, :binary, :exit_status, {:env, env}, {:parallelism, true}] ++
       if(fds, do: [:nouse_stdio], else: []) ++
       if(opts[:cd], do: [{:cd, opts[:cd]}], else: [])
   end

@@ -106,8 +106,11 @@ class AllowList:
         return obj
 
     def getattr(self, obj: Any, name: str) -> Any:
-        """``getattr(obj, name)`` for an attribute op on a ref, checked."""
+        """``getattr(obj, name)`` for an attribute op on a ref: the target, the name and the result
+        are checked (a ref to a module outside the allow-list, returned by an allowed call, gives
+        nothing)."""
         self.check_name(name)
+        self.check_obj(obj, "the target ref")
         return self.check_obj(getattr(obj, name), name)
 
     # -- dotted paths ------------------------------------------------------------------------

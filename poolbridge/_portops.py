@@ -10,7 +10,7 @@ worker enforces it while resolving (_allow.py), where the objects are.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from ._errors import BadRequestError
 from ._portwire import REF_TAG, STREAM_TAG, PortRef, PortStream, check_value, field
@@ -39,26 +39,29 @@ _RET = {"auto": RET_AUTO, "ref": RET_REF, "value": RET_VALUE}
 KIND_VALUE, KIND_STREAM_OPEN, KIND_STREAM_NEXT, KIND_PLAIN = range(4)
 
 
-class Translated(NamedTuple):
-    op: str
-    target: PortRef | None
-    fields: list[Any]
-    kind: int
+#: (worker op, target ref or None, the worker's field list, reply kind) — a plain tuple: built per request.
+Translated = tuple[str, "PortRef | None", list[Any], int]
 
 
 def _args(req: dict[Any, Any], refs: list[PortRef]) -> list[Any]:
-    args = field(req, "args", list, [])
+    args = req.get("args")
+    if type(args) is not list:
+        args = field(req, "args", list, [])
     check_value(args, refs)
-    return args  # type: ignore[no-any-return]
+    return args
 
 
 def _kwargs(req: dict[Any, Any], refs: list[PortRef]) -> dict[str, Any]:
-    kwargs = field(req, "kwargs", dict, {})
+    kwargs = req.get("kwargs")
+    if kwargs is None:
+        return {}
+    if type(kwargs) is not dict:
+        kwargs = field(req, "kwargs", dict)
     for key in kwargs:
         if type(key) is not str:
             raise BadRequestError("kwargs keys must be strings")
     check_value(kwargs, refs)
-    return kwargs  # type: ignore[no-any-return]
+    return kwargs
 
 
 def _ret(req: dict[Any, Any]) -> int:
@@ -113,22 +116,22 @@ def _name(req: dict[Any, Any]) -> str:
 
 def _call(req: dict[Any, Any], refs: list[PortRef]) -> Translated:
     fn, target = _fn(req)
-    return Translated(OP_CALL, target, [fn, _args(req, refs), _kwargs(req, refs), _ret(req)], KIND_VALUE)
+    return (OP_CALL, target, [fn, _args(req, refs), _kwargs(req, refs), _ret(req)], KIND_VALUE)
 
 
 def _create(req: dict[Any, Any], refs: list[PortRef]) -> Translated:
     fn, target = _fn(req)
-    return Translated(OP_CALL, target, [fn, _args(req, refs), _kwargs(req, refs), RET_REF], KIND_VALUE)
+    return (OP_CALL, target, [fn, _args(req, refs), _kwargs(req, refs), RET_REF], KIND_VALUE)
 
 
 def _getattr(req: dict[Any, Any], refs: list[PortRef]) -> Translated:
     if req.get("target") is not None:
         target = _ref(req, "target")
-        return Translated(OP_GETATTR, target, [target, _name(req), _ret(req)], KIND_VALUE)
+        return (OP_GETATTR, target, [target, _name(req), _ret(req)], KIND_VALUE)
     path = field(req, "path", str)
     if not path:
         raise BadRequestError("field 'path' must not be empty")
-    return Translated(OP_GETATTR, None, [path, None, _ret(req)], KIND_VALUE)
+    return (OP_GETATTR, None, [path, None, _ret(req)], KIND_VALUE)
 
 
 def _setattr(req: dict[Any, Any], refs: list[PortRef]) -> Translated:
@@ -137,43 +140,43 @@ def _setattr(req: dict[Any, Any], refs: list[PortRef]) -> Translated:
         raise BadRequestError("'setattr' needs the field 'value'")
     value = req["value"]
     check_value(value, refs)
-    return Translated(OP_SETATTR, target, [target, _name(req), value], KIND_VALUE)
+    return (OP_SETATTR, target, [target, _name(req), value], KIND_VALUE)
 
 
 def _method(req: dict[Any, Any], refs: list[PortRef]) -> Translated:
     target = _ref(req, "target")
     fields = [target, _name(req), _args(req, refs), _kwargs(req, refs), _ret(req)]
-    return Translated(OP_METHOD, target, fields, KIND_VALUE)
+    return (OP_METHOD, target, fields, KIND_VALUE)
 
 
 def _helper(req: dict[Any, Any], refs: list[PortRef]) -> Translated:
     fields = [field(req, "name", str), _args(req, refs), _kwargs(req, refs), _ret(req)]
-    return Translated(OP_HELPER, None, fields, KIND_VALUE)
+    return (OP_HELPER, None, fields, KIND_VALUE)
 
 
 def _stream_open(req: dict[Any, Any], refs: list[PortRef]) -> Translated:
     fn, target = _fn(req)
     fields = [fn, _args(req, refs), _kwargs(req, refs), _batch(req)]
-    return Translated(OP_STREAM_OPEN, target, fields, KIND_STREAM_OPEN)
+    return (OP_STREAM_OPEN, target, fields, KIND_STREAM_OPEN)
 
 
 def _stream_next(req: dict[Any, Any], refs: list[PortRef]) -> Translated:
     stream = _stream(req)
-    return Translated(OP_STREAM_NEXT, stream, [stream.key(), _batch(req)], KIND_STREAM_NEXT)
+    return (OP_STREAM_NEXT, stream, [stream.key(), _batch(req)], KIND_STREAM_NEXT)
 
 
 def _stream_close(req: dict[Any, Any], refs: list[PortRef]) -> Translated:
     stream = _stream(req)
-    return Translated(OP_STREAM_CLOSE, stream, [stream.key()], KIND_PLAIN)
+    return (OP_STREAM_CLOSE, stream, [stream.key()], KIND_PLAIN)
 
 
 def _release(req: dict[Any, Any], refs: list[PortRef]) -> Translated:
     ref = _ref(req, "ref")
-    return Translated(OP_RELEASE, ref, [ref.key()], KIND_PLAIN)
+    return (OP_RELEASE, ref, [ref.key()], KIND_PLAIN)
 
 
 def _close_session(req: dict[Any, Any], refs: list[PortRef]) -> Translated:
-    return Translated(OP_CLOSE_SESSION, None, [], KIND_PLAIN)
+    return (OP_CLOSE_SESSION, None, [], KIND_PLAIN)
 
 
 #: Port op -> its translation. Ops answered by the server itself (ping, stats, slot_for, cancel)

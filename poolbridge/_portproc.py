@@ -7,10 +7,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
-from ._protocol import MAX_FRAME_DEFAULT
 from ._server import Server
 
 log = logging.getLogger("poolbridge.server")
@@ -57,20 +56,10 @@ def _private_fds(fds: tuple[int, int] | None) -> tuple[int, int]:
     return in_fd, out_fd
 
 
-def serve(
-    *,
-    workers: int,
-    fds: tuple[int, int] | None = None,
-    allow_modules: Sequence[str] = (),
-    max_frame: int = MAX_FRAME_DEFAULT,
-    helpers: Sequence[str] = (),
-    session_ttl: float | None = None,
-    max_refs_per_session: int | None = None,
-    max_in_flight: int | None = None,
-    backend: str = "process",
-    ray_address: str | None = None,
-) -> int:
-    """Run the Port server until EOF on its input or SIGTERM; returns the exit status."""
+def serve(*, fds: tuple[int, int] | None = None, **options: Any) -> int:
+    """Run the Port server until EOF on its input or SIGTERM; returns the exit status.
+
+    ``fds``: the protocol's (in, out) fds, default stdio; ``options``: :class:`Server`'s."""
     in_fd, out_fd = _private_fds(fds)
 
     server: Server | None = None
@@ -85,19 +74,7 @@ def serve(
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        server = Server(
-            in_fd,
-            out_fd,
-            workers=workers,
-            allow_modules=allow_modules,
-            max_frame=max_frame,
-            helpers=helpers,
-            session_ttl=session_ttl,
-            max_refs_per_session=max_refs_per_session,
-            max_in_flight=max_in_flight,
-            backend=backend,
-            ray_address=ray_address,
-        )
+        server = Server(in_fd, out_fd, **options)
         server.run()
     except _Stop:
         log.info("SIGTERM during start-up")

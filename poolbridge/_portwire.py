@@ -151,7 +151,16 @@ def id_from_head(head: bytes) -> Any:
 def check_value(value: Any, refs: list[PortRef]) -> None:
     """Reject what plain msgpack decoding may still produce but a value must not hold (timestamps,
     a stream tag used as a value, absurd nesting); collect the refs so they can be checked."""
-    if type(value) in PLAIN_TYPES:
+    t = type(value)
+    if t in PLAIN_TYPES:
+        return
+    if t is list:  # the common case, args of scalars: no walk
+        for item in value:
+            if type(item) not in PLAIN_TYPES:
+                break
+        else:
+            return
+    elif t is dict and not value:
         return
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
@@ -192,6 +201,8 @@ def field(req: dict[Any, Any], name: str, types: type | tuple[type, ...], defaul
 
 def timeout_of(req: dict[Any, Any]) -> tuple[float | None, bool]:
     """The optional ``timeout`` (seconds) and whether ``on_timeout`` is ``"restart"``."""
+    if "timeout" not in req and "on_timeout" not in req:
+        return None, False
     timeout = field(req, "timeout", (int, float), None)
     if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
         raise BadRequestError(f"timeout must be a positive number of seconds, got {timeout!r}")

@@ -4,11 +4,11 @@ speaks the public, map-based Port protocol (docs/protocol.md) to an Elixir (or a
 ::
 
     client ──{packet,4} msgpack map──▶ ┌ the loop thread: poll(port in, wake pipe, reply fds) ┐
-                                       │  port in  → handle_frame: decode, validate, resolve │
-                                       │    the session once, check every ref, translate    │
-                                       │    (_portops) → router.send(slot, lead=True) ──────┼─▶ worker[slot]
-    client ◀── reply map ◀── _Output ◀─┤  reply fd → channel.try_read  → _Reply.deliver ◀───┼── worker[slot]
-      (completion order)               └─────────────────────────────────────────────────────┘
+                                       │  port in  → handle_frame: decode, validate, resolve  │
+                                       │    the session once, check every ref, translate      │
+                                       │    (_portops) → router.send(slot, lead=True) ────────┼─▶ worker[slot]
+    client ◀── reply map ◀──  Output ◀─┤  reply fd → channel.try_read → PortReply.deliver ◀───┼── worker[slot]
+      (completion order)               └──────────────────────────────────────────────────────┘
 
 One thread does the common-case I/O: it polls the protocol input and the reply pipes of the
 channels it sent to, so a tiny call costs no thread hand-off on either side. Requests are sent with
@@ -48,10 +48,10 @@ from ._errors import (
     PoolClosedError,
     SessionLostError,
     SessionMismatchError,
-    WorkerCrashedError,
 )
 from ._pool import Pool
-from ._portops import KIND_STREAM_NEXT, KIND_STREAM_OPEN, KIND_VALUE, WORKER_OPS
+from ._portops import WORKER_OPS
+from ._portsinks import Output, PortReply
 from ._portwire import (
     REF_TAG,
     STREAM_TAG,
@@ -59,28 +59,21 @@ from ._portwire import (
     RequestCancelledError,
     ValueDecoder,
     decode_request,
-    error_reply,
     exc_reply,
     id_from_head,
     ok_reply,
     salvage_id,
     timeout_of,
     valid_id,
-    worker_error_reply,
 )
 from ._protocol import (
     MAX_FRAME_DEFAULT,
-    OK,
     FrameReader,
     OversizedFrame,
-    encode_frame,
     pack_plain,
     pack_value,
-    reset_plain_packer,
-    unpack_plain,
-    write_all,
 )
-from ._router import DEFAULT_MAX_IN_FLIGHT, Sink
+from ._router import DEFAULT_MAX_IN_FLIGHT
 from ._session import resolve_session, validate_session_id
 
 log = logging.getLogger("poolbridge.server")
@@ -90,112 +83,6 @@ __all__ = ["PROTOCOL_VERSION", "REF_TAG", "STREAM_TAG", "Server"]
 PROTOCOL_VERSION = 2
 
 _POLLIN = select.POLLIN
-
-
-class _Output:
-    """The protocol output fd, written whole frames at a time under one lock."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.lock = threading.Lock()
-        self.broken = False
-
-    def write(self, reply: dict[str, Any]) -> None:
-        try:
-            data = encode_frame(pack_plain(reply))  # a reused per-thread Packer, not packb's new one
-        except Exception as exc:  # a value msgpack cannot carry after all: report, never drop
-            log.exception("could not encode a reply")
-            reset_plain_packer()
-            data = encode_frame(pack_plain(error_reply(reply.get("id"), "internal", type(exc).__name__, str(exc), "")))
-        with self.lock:
-            if self.broken:
-                return
-            try:
-                write_all(self.fd, data)
-            except OSError:
-                # The client is gone; the read loop sees EOF and shuts down.
-                self.broken = True
-
-
-class _Reply(Sink):
-    """One client request on its way through a worker, and the one reply it gets.
-
-    Called from whichever thread reads the reply (the loop, a channel's background reader, the
-    monitor failing a dead worker's requests, the deadline thread). ``order`` is its arrival
-    number: held requests are sent in that order.
-    """
-
-    __slots__ = ("channel", "data", "deadline", "done", "held", "kind", "order", "req_id", "restart", "rid",
-                 "seq", "server", "slot")
-    cancellable = True  # the channel numbers it (seq), so ``cancel`` and timeouts can reach the worker
-    cancel_on_timeout = True  # a request timed out before it started never runs
-
-    def __init__(self, server: Server, req_id: Any, kind: int, slot: int, rid: int, data: bytes) -> None:
-        self.server = server
-        self.req_id = req_id
-        self.kind = kind
-        self.slot = slot
-        self.rid = rid
-        self.data = data
-        self.order = next(server._arrivals)
-        self.seq = 0
-        self.channel: Any = None
-        self.deadline: float | None = None
-        self.restart = False
-        self.done = False  # answered (or answering): nothing more is written for it
-        self.held = False  # in the server's held queue of its slot
-
-    def deliver(self, status: int, body: Any) -> None:
-        server = self.server
-        self._finish()
-        server._last_reply[self.slot] = (time.monotonic(), self.channel)
-        try:
-            reply = ok_reply(self.req_id, self._value(body)) if status == OK else worker_error_reply(self.req_id, body)
-        except Exception as exc:
-            log.exception("undecodable worker reply")
-            reply = exc_reply(self.req_id, exc)
-        server.out.write(reply)
-
-    def _value(self, body: bytes) -> Any:
-        kind = self.kind
-        decode = self.server.values.decode
-        if kind == KIND_VALUE:
-            return decode(body)
-        if kind == KIND_STREAM_OPEN:
-            key, items, done = unpack_plain(body)  # [session, id, slot, generation], from the worker
-            return {"stream": self.server.values.stream(key), "items": decode(items), "done": done}
-        if kind == KIND_STREAM_NEXT:
-            items, done = unpack_plain(body)
-            return {"items": decode(items), "done": done}
-        return unpack_plain(body)
-
-    def fail(self, exc: BaseException, *, sent: bool = True, retry: bool = True) -> None:
-        """The request failed. ``sent=False``: it never reached a worker (the send raised).
-        ``retry=False``: a worker crash is not retried (its slot did not come back)."""
-        if self.done or self.held:  # already answered, or already re-held by the monitor
-            return
-        server = self.server
-        reply = exc_reply(self.req_id, exc)
-        if isinstance(exc, WorkerCrashedError):
-            ran = sent and self._ran()
-            if not ran and retry and not server.pool.closed:
-                server._hold(self.slot, self)  # no worker started it: the slot's next worker runs it
-                return
-            reply["error"]["ran"] = ran
-        self._finish()
-        server.out.write(reply)
-
-    def _ran(self) -> bool:
-        """May the dead worker have started this request? (True when it cannot be known.)"""
-        ch = self.channel
-        reached = getattr(ch, "reached", None)
-        return self.seq == 0 or reached is None or bool(reached(self.seq))
-
-    def _finish(self) -> None:
-        self.done = True
-        inflight = self.server._inflight
-        if inflight.get(self.req_id) is self:
-            inflight.pop(self.req_id, None)
 
 
 class Server:
@@ -217,7 +104,7 @@ class Server:
         ray_address: str | None = None,
     ) -> None:
         self.in_fd = in_fd
-        self.out = _Output(out_fd)
+        self.out = Output(out_fd)
         self.max_frame = max_frame
         self.epoch = os.urandom(8).hex()
         self.values = ValueDecoder(self.epoch)
@@ -236,11 +123,11 @@ class Server:
         self._side_threads: list[threading.Thread] = []
         self._arrivals = itertools.count()
         # client id -> its request while in flight (for ``cancel``; ids are the client's to keep unique)
-        self._inflight: dict[Any, _Reply] = {}
+        self._inflight: dict[Any, PortReply] = {}
         # (monotonic time, channel) of each slot's last reply, for ping/stats' last_reply_ms
         self._last_reply: dict[int, tuple[float, Any]] = {}
         # Requests waiting for their slot, per slot, in arrival order (see _dispatch, _hold).
-        self._held: dict[int, list[_Reply]] = {}
+        self._held: dict[int, list[PortReply]] = {}
         self._held_lock = threading.Lock()
         self._restart_waits = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, workers), thread_name_prefix="poolbridge-restart-wait"
@@ -396,7 +283,7 @@ class Server:
             timeout, restart = timeout_of(req)
             rid = self.router.next_id()
             data = pack_plain([rid, wop, session, pack_value(fields, session)])
-            reply = _Reply(self, req_id, kind, slot, rid, data)
+            reply = PortReply(self, req_id, kind, slot, rid, data)
             if timeout is not None:
                 reply.deadline = time.monotonic() + timeout
                 reply.restart = restart
@@ -413,10 +300,14 @@ class Server:
         Both given and different is a ``session_mismatch``; neither is a ``bad_request``."""
         session = req.get("session")
         if session is not None:
-            try:
-                validate_session_id(session)
-            except (TypeError, ValueError) as exc:
-                raise BadRequestError(str(exc)) from None
+            # At most 64 characters is at most 256 UTF-8 bytes: no need to encode it to count.
+            if type(session) is not str or not 0 < len(session) <= 64:
+                try:
+                    validate_session_id(session)
+                except (TypeError, ValueError) as exc:
+                    raise BadRequestError(str(exc)) from None
+            if target is None:
+                return session  # type: ignore[no-any-return]
         elif target is None:
             raise BadRequestError(f"{op!r} needs a 'session' (there is no default session on the wire)")
         return resolve_session(target.session_id if target is not None else None, session)
@@ -444,7 +335,7 @@ class Server:
 
     # -- sending -----------------------------------------------------------------------------
 
-    def _dispatch(self, slot: int, reply: _Reply) -> None:
+    def _dispatch(self, slot: int, reply: PortReply) -> None:
         """Send one worker request from the loop; its reply is read by the loop.
 
         Requests reach a slot in the order they arrived: while any wait for the slot (it is
@@ -472,13 +363,13 @@ class Server:
                 return
         self._hold(slot, reply)
 
-    def _sent(self, reply: _Reply, ch: Any) -> None:
+    def _sent(self, reply: PortReply, ch: Any) -> None:
         reply.channel = ch
         if reply.deadline is not None:
             self.pool._deadlines.add(reply.deadline, ch, reply.rid, reply, reply.slot,
                                      f"request {reply.req_id!r} did not finish within its timeout", reply.restart)
 
-    def _hold(self, slot: int, reply: _Reply) -> None:
+    def _hold(self, slot: int, reply: PortReply) -> None:
         """Queue ``reply`` for ``slot`` (in arrival order); a restart-wait thread sends the queue."""
         with self._held_lock:
             reply.held = True
@@ -591,5 +482,5 @@ class Server:
         t.start()
 
 
-def _answered(reply: _Reply) -> bool:
+def _answered(reply: PortReply) -> bool:
     return reply.done

@@ -368,6 +368,7 @@ class WorkerCore:
     def _op_setattr(self, session: _Session, target: Any, name: str, value: Any) -> bytes:
         if self.allow is not None:
             self.allow.check_name(name)
+            self.allow.check_obj(target, "the target ref")
         setattr(target, name, value)
         return pack_value(None)
 

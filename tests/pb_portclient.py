@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import struct
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ def frame(obj: Any) -> bytes:
 class Server:
     """A server subprocess and a reader thread turning its stdout into reply maps."""
 
-    def __init__(self, *extra: str, workers: int = 2) -> None:
+    def __init__(self, *extra: str, workers: int = 2, start_wait: float = WAIT) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "poolbridge", "serve", "--workers", str(workers), "--helpers", "pb_test_helpers",
              *extra],
@@ -48,13 +50,18 @@ class Server:
             env=env(),
         )
         self.replies: queue.Queue[Any] = queue.Queue()
+        self.raw: queue.Queue[bytes] = queue.Queue()  # every reply frame as it came, header included
         self.stderr = b""
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self._err = threading.Thread(target=self._read_err, daemon=True)
         self._err.start()
         self.next_id = 0
-        self.hello = self.recv()
+        try:
+            self.hello = self.recv(start_wait)
+        except BaseException:
+            self.close()  # never leave the server (and what it started) behind
+            raise
         assert self.hello["hello"] == "poolbridge"
 
     def _read(self) -> None:
@@ -67,6 +74,7 @@ class Server:
                 return
             (n,) = struct.unpack(">I", head)
             body = out.read(n)
+            self.raw.put(head + body)
             try:
                 self.replies.put(msgpack.unpackb(body, raw=False, strict_map_key=False))
             except Exception as exc:  # a corrupted frame must fail the test that reads it
@@ -121,13 +129,29 @@ class Server:
             try:
                 self.proc.wait(WAIT)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(WAIT)
+                self.proc.terminate()  # e.g. still starting (Ray): SIGTERM cleans up what it started
+                try:
+                    self.proc.wait(WAIT)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(WAIT)
         self._reader.join(WAIT)
         self._err.join(WAIT)
         for f in (self.proc.stdout, self.proc.stderr, self.proc.stdin):
             if f is not None and not f.closed:
                 f.close()
+
+
+@contextlib.contextmanager
+def running(*extra: str, workers: int = 2) -> Iterator[Server]:
+    """A server for a test module: closed after it, with its workers gone."""
+    s = Server(*extra, workers=workers)
+    pids = s.worker_pids()
+    try:
+        yield s
+    finally:
+        s.close()
+    assert wait_gone([s.proc.pid, *pids]) == []
 
 
 def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:

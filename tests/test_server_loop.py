@@ -10,18 +10,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pb_portclient import InProcess, Server, frame, server_cpu, stops_within_a_second, two_slot_sessions, wait_gone
+from pb_portclient import (
+    InProcess,
+    Server,
+    frame,
+    running,
+    server_cpu,
+    stops_within_a_second,
+    two_slot_sessions,
+)
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    s = Server()
-    pids = s.worker_pids()
-    try:
+    with running() as s:
         yield s
-    finally:
-        s.close()
-    assert wait_gone([s.proc.pid, *pids]) == []
 
 
 def test_replies_taken_over_by_a_background_reader_are_not_lost(server: Server) -> None:

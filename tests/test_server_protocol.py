@@ -10,18 +10,13 @@ from typing import Any
 
 import msgpack
 import pytest
-from pb_portclient import REF, STREAM, Server, frame, wait_gone
+from pb_portclient import REF, STREAM, Server, frame, running
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    s = Server()
-    pids = s.worker_pids()
-    try:
+    with running() as s:
         yield s
-    finally:
-        s.close()
-    assert wait_gone([s.proc.pid, *pids]) == []
 
 
 # -- hello and plain ops --------------------------------------------------------------------------

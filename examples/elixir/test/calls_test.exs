@@ -64,6 +64,23 @@ defmodule PoolBridge.CallsTest do
     stop_pool(pb)
   end
 
+  @tag :v2
+  test "ping and stats are answered while the session's worker is busy (protocol 2)" do
+    busy = Task.async(fn -> PoolBridge.call(@pool, "time.sleep", [2], session: "pinged", timeout: 10_000) end)
+    assert eventually(fn -> match?({:ok, %{pending: 1}}, PoolBridge.info(@pool)) end)
+    slot = PoolBridge.slot_for(@pool, "pinged")
+
+    assert {:ok, %{"slot" => ^slot, "generation" => _, "pid" => _}} =
+             PoolBridge.ping(@pool, session: "pinged")
+
+    assert {:ok, %{"workers" => 2, "slots" => [%{"slot" => 0}, %{"slot" => 1}] = slots}} =
+             PoolBridge.stats(@pool)
+
+    assert Enum.all?(slots, &Map.has_key?(&1, "last_reply_ms"))
+    assert Task.yield(busy, 0) == nil
+    assert {:ok, nil} = Task.await(busy, 10_000)
+  end
+
   test "when_busy: :error says :busy at the bound; :wait blocks until a slot frees" do
     pb = start_pool(max_pending: 2)
 

@@ -22,7 +22,7 @@ wait for the write lock, so a reader cannot deadlock with a worker blocked on it
              → re-check: queue left and few unanswered → write it   (a reader may have skipped)
     reader:  deliver replies → queue non-empty and lock free → write what fits, never blocking
 
-Death. A worker's exit is seen by the router's :class:`_Monitor` through a pidfd (the kernel says
+Death. A worker's exit is seen by the router's :class:`~poolbridge._monitor.Monitor` through a pidfd (the kernel says
 the process is gone; no timeout involved). The channel then drains replies the worker wrote before
 it died, fails every other pending request with :class:`WorkerCrashedError`, and the router
 restarts the slot. A reader that meets EOF kills the process, so the monitor sees it at once.
@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING, Any
 
 from ._cancel import CancelBoard
 from ._errors import CallTimeoutError, PoolBusyError, WorkerCrashedError
-from ._protocol import RETIRING, FrameReader, unpack_plain
-from ._spawn import ForkedProcess, spawn_worker
+from ._pending import Pending
+from ._protocol import RETIRING, FrameReader, OversizedFrame, unpack_plain
+from ._spawn import ForkedProcess, forget_process, spawn_worker
 
 if TYPE_CHECKING:
     from ._router import Router, Sink
@@ -68,66 +69,12 @@ class Retired(Exception):
     """Internal: the channel is being recycled; send to the slot's next channel instead."""
 
 
-class _Monitor:
-    """One thread per router that learns of worker exits from pidfds (polling where unavailable)."""
+class _WriteTimeout(Exception):
+    """Internal: a sender's deadline passed while the pipe was full; ``view`` is still unwritten."""
 
-    def __init__(self, on_exit: Callable[[ProcessChannel], None]) -> None:
-        self._on_exit = on_exit
-        self._lock = threading.Lock()
-        self._watched: dict[int, ProcessChannel] = {}  # pidfd (or pid) -> channel
-        self._wake_r, self._wake_w = os.pipe()
-        self._stopped = False
-        self._pidfd = hasattr(os, "pidfd_open")
-        self._thread = threading.Thread(target=self._run, name="poolbridge-monitor", daemon=True)
-        self._thread.start()
-
-    def watch(self, ch: ProcessChannel) -> None:
-        key = ch.pid
-        if isinstance(ch.process, ForkedProcess):
-            # Forked by the template, which reaps it: only the pidfd it sent names it for sure.
-            pidfd = ch.process.dup_pidfd() if self._pidfd else ch.pid
-            if pidfd is None:  # it has already exited
-                self._exited(ch)
-                return
-            key = pidfd
-        elif self._pidfd:
-            try:
-                key = os.pidfd_open(ch.pid)
-            except OSError:  # already reaped or unsupported kernel: fall back to polling
-                self._pidfd = False
-        with self._lock:
-            self._watched[key] = ch
-        os.write(self._wake_w, b"w")
-
-    def _run(self) -> None:
-        while not self._stopped:
-            with self._lock:
-                keys = list(self._watched)
-            if self._pidfd:
-                ready, _, _ = select.select([self._wake_r, *keys], [], [])
-            else:
-                ready, _, _ = select.select([self._wake_r], [], [], 0.05)
-                ready = ready + [k for k in keys if self._watched[k].process.poll() is not None]
-            if self._wake_r in ready:
-                os.read(self._wake_r, 4096)
-            for key in ready:
-                if key == self._wake_r:
-                    continue
-                with self._lock:
-                    ch = self._watched.pop(key, None)
-                if self._pidfd:
-                    os.close(key)
-                if ch is not None:
-                    self._exited(ch)
-
-    def _exited(self, ch: ProcessChannel) -> None:
-        # Handled on its own thread: draining and restarting must not delay noticing another
-        # worker's death.
-        threading.Thread(target=self._on_exit, args=(ch,), name="poolbridge-reaper", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stopped = True
-        os.write(self._wake_w, b"s")
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self.view = view
 
 
 def _replied(waiter: Any) -> bool:
@@ -140,7 +87,7 @@ class ProcessChannel:
     def __init__(self, router: Router, slot: int, generation: int) -> None:
         self.slot = slot
         self.generation = generation
-        self.pending: dict[int, Sink] = {}
+        self.pending: Pending = Pending()
         self.dead = False
         self.retiring = False  # asked to be recycled: no new requests; finishing what it has
         self.eof = False
@@ -151,7 +98,7 @@ class ProcessChannel:
         self._router = router
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._frames = FrameReader()
+        self._frames = FrameReader(router.max_frame)
         self._need_reader = threading.Event()
         self._probe: Any = None  # a poll object of the reply pipe alone (try_read)
         self._closers: list[Callable[[ProcessChannel], None]] | None = []  # None once the pipe is closed
@@ -171,6 +118,7 @@ class ProcessChannel:
         self._close_when_flushed = False
         self._broken = False  # a write failed: the worker is gone
         self._board = CancelBoard.create()
+        self._started_at_exit: int | None = None  # the board's last claimed frame, read at death
         options = dict(router.worker_options, n_slots=router.n_slots)
         self.process: subprocess.Popen[bytes] | ForkedProcess
         self._write_fd: int
@@ -205,7 +153,14 @@ class ProcessChannel:
         if len(pending) >= self.max_in_flight:
             self._wait_for_space(block, deadline)
         pending[req_id] = sink
-        with self._write_lock:
+        lock: threading.Lock | None = self._write_lock
+        assert lock is not None
+        if deadline is None:
+            lock.acquire()
+        elif not lock.acquire(True, max(0.0, deadline - time.monotonic())):
+            pending.pop(req_id, None)  # another sender's large write held the pipe past our timeout
+            raise CallTimeoutError(f"slot {self.slot}: the request could not be written within the call's timeout")
+        try:
             if not self.retiring and not self.dead and not self._broken and self._write_fd >= 0:
                 self._seq += 1
                 if sink.cancellable:
@@ -217,7 +172,7 @@ class ProcessChannel:
                     or self._queued_bytes >= _FLUSH_BYTES
                     or len(data) > _ATOMIC
                 ):
-                    gone = not self._flush()
+                    gone = not self._flush(deadline)
                 else:
                     gone = False
                 if not gone:
@@ -231,6 +186,14 @@ class ProcessChannel:
                     return  # written (or queued behind frames) into the pipe of a dying worker
             else:
                 queued = False
+        except _WriteTimeout as stop:
+            lock = self._write_timed_out(stop.view, data, req_id)
+            raise CallTimeoutError(
+                f"slot {self.slot}: writing the request ({len(data)} bytes) did not finish within the call's timeout"
+            ) from None
+        finally:
+            if lock is not None:
+                lock.release()
         if (self._queue and self._unanswered() < _WINDOW) or self._close_when_flushed:
             self._after_unlock()
         if queued:
@@ -261,25 +224,36 @@ class ProcessChannel:
             with self._write_lock:
                 self._flush()
 
-    def _flush(self) -> bool:
+    def _flush(self, deadline: float | None = None) -> bool:
         """Under the write lock: write the whole queue; may block on a full pipe. False: the worker
-        is gone (a write failed, now or before)."""
+        is gone (a write failed, now or before). ``deadline``: a sender's timeout, which ends the
+        wait for the pipe with :class:`_WriteTimeout` (nothing accounted: see _write_timed_out)."""
         queue = self._queue
         if not queue or self._broken:
             if self._close_when_flushed:
                 self._close_fd()  # all written, or nothing more can be
             return not self._broken
         data = queue[0] if len(queue) == 1 else b"".join(queue)
-        view = memoryview(data)
+        return self._write_queue(memoryview(data), len(data), deadline)
+
+    def _write_queue(self, view: memoryview, total: int, deadline: float | None = None) -> bool:
+        """Under the write lock: write ``view`` (the joined queue, ``total`` bytes, or what is left
+        of it), then account every queued frame as written."""
+        queue = self._queue
         try:
             while view:
                 try:
                     view = view[os.write(self._write_fd, view) :]
                 except BlockingIOError:
-                    select.select([], [self._write_fd], [], 1.0)
+                    wait = 1.0
+                    if deadline is not None:
+                        wait = min(wait, deadline - time.monotonic())
+                        if wait <= 0:
+                            raise _WriteTimeout(view) from None
+                    select.select([], [self._write_fd], [], wait)
         except OSError:  # EPIPE/EBADF: the worker is gone; the monitor fails what it was sent
             self._broken = True
-            if view.nbytes < len(data):  # frames went out: they fail with the worker
+            if view.nbytes < total:  # frames went out: they fail with the worker
                 self._written += len(queue)
                 queue.clear()
                 self._queued_bytes = 0
@@ -290,6 +264,32 @@ class ProcessChannel:
         if self._close_when_flushed:
             self._close_fd()
         return True
+
+    def _write_timed_out(self, view: memoryview, data: bytes, req_id: int) -> threading.Lock | None:
+        """A sender's timeout ran out while the pipe was full. If none of the queue went out, its
+        own frame is taken back (the call never reaches the worker) and the write lock returned
+        for release. Otherwise a frame is half in the pipe and must be finished — a torn frame
+        would desynchronise the worker — so a writer thread finishes it, taking over the lock
+        (None returned); the call then runs, like one that timed out later (its reply is dropped).
+        """
+        queue = self._queue
+        if view.nbytes == sum(map(len, queue)) and queue and queue[-1] is data:
+            queue.pop()
+            self._queued_bytes -= len(data)
+            self._seq -= 1
+            self.pending.pop(req_id, None)
+            return self._write_lock
+        total = sum(map(len, queue))
+
+        def finish() -> None:
+            try:
+                self._write_queue(view, total)
+            finally:
+                self._write_lock.release()
+            self._after_unlock()
+
+        threading.Thread(target=finish, name=f"poolbridge-writer-{self.slot}", daemon=True).start()
+        return None
 
     def _flush_some(self) -> None:
         """Reader side: write queued frames in all-or-nothing pieces while the pipe takes them.
@@ -365,20 +365,51 @@ class ProcessChannel:
     # -- reading ---------------------------------------------------------------------------
 
     def _deliver(self, data: bytes) -> None:
+        """Hand each reply in ``data`` to its sink. Never raises for one reply: a reader must not
+        die of a bad frame, so whatever cannot be delivered fails its one request."""
         pending = self.pending
         frames = self._frames.feed(data)
         self._answered += len(frames)
         for frame in frames:
-            req_id, status, body = unpack_plain(frame)  # type: ignore[arg-type]
+            try:
+                req_id, status, body = unpack_plain(frame)  # type: ignore[arg-type]
+            except Exception:
+                self._undeliverable(frame)
+                continue
             sink = pending.pop(req_id, None)
-            if sink is not None:
+            if sink is None:
+                if status == RETIRING:
+                    self._answered -= 1  # a notice, not a reply
+                    self.retire()
+                    continue
+                sink = pending.unmatched(req_id)  # given up meanwhile (a Late sink), or unknown
+                if sink is None:
+                    continue
+            try:
                 sink.deliver(status, body)
-            elif status == RETIRING:
-                self._answered -= 1  # a notice, not a reply
-                self.retire()
+            except Exception as exc:  # a sink's own failure is its request's, not the reader's
+                log.exception("slot %d: delivering the reply to request %s failed", self.slot, req_id)
+                sink.fail(exc)
         if self._space_waiters:
             with self._space:
                 self._space.notify_all()
+
+    def _undeliverable(self, frame: bytes | OversizedFrame) -> None:
+        """A reply that could not be read: fail its request if its id can be read, else the worker
+        (a frame that is not a reply means its pipe carries something else: a crash, not a hang)."""
+        if isinstance(frame, OversizedFrame):
+            req_id = frame.leading_id()
+            exc: Exception = frame.error(self._frames.max_frame)
+        else:
+            req_id, exc = None, ValueError(f"undecodable reply frame of {len(frame)} bytes")
+        sink = self.pending.pop(req_id, None) if req_id is not None else None
+        if sink is None and req_id is not None:
+            sink = self.pending.unmatched(req_id)
+        if sink is not None:
+            sink.fail(exc)
+            return
+        log.error("slot %d: %s from worker pid %d; killing it", self.slot, exc, self.pid)
+        self.kill()
 
     def _read_once(self, deadline: float | None) -> bool:
         """Read and deliver one chunk. False on EOF or when ``deadline`` passes first."""
@@ -469,6 +500,13 @@ class ProcessChannel:
         return True
 
     def _background_reader(self) -> None:
+        try:
+            self._read_replies()
+        except Exception:  # never silently: a dead reader would leave every later future hanging
+            log.exception("slot %d: the reply reader failed; killing worker pid %d", self.slot, self.pid)
+            self.kill()
+
+    def _read_replies(self) -> None:
         while True:
             self._need_reader.wait()
             self._need_reader.clear()
@@ -501,6 +539,8 @@ class ProcessChannel:
         self._need_reader.set()
         if self._read_lock.acquire(timeout=_ORPHAN_WAIT):
             try:
+                if self._read_fd < 0:
+                    return  # drained already
                 os.set_blocking(self._read_fd, False)
                 while True:
                     try:
@@ -512,7 +552,8 @@ class ProcessChannel:
                     if not data:
                         break
                     self._deliver(data)
-                os.close(self._read_fd)
+                fd, self._read_fd = self._read_fd, -1  # forgotten first (see Monitor.stop)
+                os.close(fd)
             finally:
                 self._read_lock.release()
             with self._closers_lock:
@@ -523,10 +564,17 @@ class ProcessChannel:
             log.warning("slot %d: could not take the read lock to drain; leaving the pipe", self.slot)
         self.exitcode = self.process.wait()
         if self._board is not None:
+            self._started_at_exit = self._board.started()
             self._board.unlink()  # normally already done by the worker; a no-op then
             self._board.close()
         with self._space:
             self._space.notify_all()
+
+    def reached(self, seq: int) -> bool:
+        """After the worker died: may it have started frame ``seq``? False means it surely did not
+        (the cancel board's last claimed frame, else the frames written), so it is safe to re-send."""
+        started = self._started_at_exit
+        return seq <= (started if started is not None else self._written)
 
     def retire(self) -> None:
         """Stop sending here; the worker answers what it has, sees EOF and exits; the slot restarts."""
@@ -546,8 +594,32 @@ class ProcessChannel:
 
     def _close_fd(self) -> None:
         if self._write_fd >= 0:
-            os.close(self._write_fd)
-            self._write_fd = -1
+            fd, self._write_fd = self._write_fd, -1  # forgotten first (see Monitor.stop)
+            os.close(fd)
+
+    def join(self, timeout: float) -> None:
+        """After :meth:`drain_and_close`: wait (bounded) for the background reader to end."""
+        if self._bg is not threading.current_thread():
+            self._bg.join(timeout)
+
+    def forget_after_fork(self, exc: BaseException) -> None:
+        """In a forked child (see ``Router._forked``): drop the parent's worker without touching it.
+
+        Closes the child's copies of the pipe ends (never reads or writes them), fails what a
+        child could wait on, and stops the child from ever signalling or reaping the process.
+        """
+        self.dead = True
+        self._broken = True
+        for fd in (self._write_fd, self._read_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._write_fd = self._read_fd = -1
+        forget_process(self.process)
+        for sink in list(self.pending.values()):
+            sink.orphaned(exc)
 
     def kill(self) -> None:
         if self.process.returncode is None:

@@ -12,7 +12,9 @@ import collections
 import concurrent.futures
 import logging
 import os
+import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -27,11 +29,13 @@ from ._errors import (
     SessionMismatchError,
     WorkerCrashedError,
 )
-from ._executor import ExecutorFace
+from ._executor import ExecutorFace, cancel_not_started
 from ._handles import Ref, Stream
 from ._hashing import slot_for
 from ._mapping import MappingMixin
+from ._pending import Late
 from ._protocol import (
+    MAX_FRAME_DEFAULT,
     OK,
     OP_CALL,
     OP_CLOSE_SESSION,
@@ -141,11 +145,13 @@ class _Api(MappingMixin):
     def _prepare(self, op: str, ref: WireRef | None, fields: list[Any]) -> tuple[int, int, bytes]:
         pool = self._pool
         router = pool._router
+        if router.closing:  # closed, or a forked child's copy of its parent's pool
+            raise router.closed_error()
         session_id = resolve_session(ref.session_id if ref is not None else None, self._opts.session)
         slot = slot_for(session_id, router.n_slots)
         if ref is not None:
             if isinstance(ref, Ref) and ref._api._pool is not pool:
-                raise ValueError(f"{ref!r} belongs to another pool")
+                raise SessionMismatchError(f"{ref!r} belongs to another pool; a ref is only usable in its own pool")
             if ref.slot != slot:  # only a forged ref can get here
                 raise SessionMismatchError(f"{ref!r} claims slot {ref.slot}; its session maps to {slot}")
             if ref.generation != pool._router.generation(slot):
@@ -166,14 +172,28 @@ class _Api(MappingMixin):
         waiter = Waiter()
         timeout = self._opts.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        channel = pool._router.send(slot, req_id, data, waiter, lead=True, block=self._opts.block, deadline=deadline)
-        if deadline is not None:
-            timeout = max(0.0, deadline - time.monotonic())  # the wait for the slot counted too
-        if not channel.await_reply(req_id, waiter, timeout):
-            if channel.pending.pop(req_id, None) is not None:
+        router = pool._router
+        try:
+            channel = router.send(slot, req_id, data, waiter, lead=True, block=self._opts.block, deadline=deadline)
+        except CallTimeoutError:
+            # Waiting for the slot or the pipe used up the timeout. If the frame is half written
+            # (finished off the caller's thread), the worker runs the call: its reply is late.
+            ch = router.channels()[slot]
+            if ch is not None:
+                ch.pending.abandon(req_id, Late(self._late(op, decode)))
+            raise CallTimeoutError(f"{op} did not finish within {timeout}s (slot {slot})") from None
+        try:
+            replied = channel.await_reply(
+                req_id, waiter, None if deadline is None else max(0.0, deadline - time.monotonic())
+            )
+        except BaseException:  # an interrupt (Ctrl-C) or a crash report: whatever comes is late
+            channel.pending.abandon(req_id, Late(self._late(op, decode)))
+            raise
+        if not replied:
+            if channel.pending.abandon(req_id, Late(self._late(op, decode))) is not None:
                 if self._opts.on_timeout == "restart":
                     log.warning("slot %d: call timed out after %ss; restarting the worker", slot, timeout)
-                    pool._router.kill_slot(slot)
+                    router.kill_slot(slot)
                 raise CallTimeoutError(f"{op} did not finish within {timeout}s (slot {slot})")
             waiter.wait(None)  # the reply raced the timeout and is being delivered
         status = waiter.status
@@ -193,8 +213,21 @@ class _Api(MappingMixin):
         future._target = (channel, req_id)
         if deadline is not None:
             pool._deadlines.add(deadline, channel, req_id, future, slot, f"{op} did not finish within {timeout}s",
-                                self._opts.on_timeout == "restart")
+                                self._opts.on_timeout == "restart", Late(self._late(op, decode)))
         return future
+
+    def _late(self, op: str, decode: Callable[[int, Any], Any]) -> Callable[[int, Any], Any]:
+        """What the reply of a call given up on is turned into, to be dropped (see ``Late``): its
+        decoded value, whose refs release themselves when dropped — except a stream's opening,
+        whose decoder would start pulling the stream: that one just closes it."""
+        return self._close_opened_stream if op == OP_STREAM_OPEN else decode
+
+    def _close_opened_stream(self, status: int, body: Any) -> None:
+        if status == OK:
+            key, items, done = unpack_plain(body)
+            self._pool._unpack(items)  # refs among the first items release themselves
+            if not done:
+                self._pool._discard(key, "stream_close")
 
     def _value(self, status: int, body: Any) -> Any:
         if status == OK:
@@ -404,6 +437,14 @@ def describe_pool(pool: Pool) -> str:
 
 # -- the pool ------------------------------------------------------------------------------------
 
+
+def _ref_maker(pool: weakref.ref[Pool]) -> Callable[[list[Any]], Ref]:
+    def make_ref(key: list[Any]) -> Ref:
+        session_id, ref_id, slot, generation = key
+        return Ref(pool(), session_id, ref_id, slot, generation)  # type: ignore[arg-type]
+
+    return make_ref
+
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
@@ -412,6 +453,26 @@ def _close_live_pools() -> None:
     # A pool nobody closed: its workers would exit on pipe EOF anyway; this makes it orderly.
     for pool in list(_live_pools):
         pool.close(cancel=True)
+
+
+def _collect(router: Router, deadlines: Deadlines, what: str) -> None:
+    """The finalizer of a pool dropped without ``close()`` (its last reference is gone): stop its
+    workers, and say so with a ``ResourceWarning``, as an unclosed file does."""
+    if router.closing:
+        return  # closed meanwhile, or a forked child's copy: its workers are the parent's
+    if threading.current_thread().name.startswith("poolbridge-"):
+        # Dropped from one of the router's own threads (a reader delivering a reply): closing
+        # waits for those threads, so it happens on a thread of its own.
+        threading.Thread(target=_stop, args=(router, deadlines), name="poolbridge-collect", daemon=True).start()
+    else:
+        _stop(router, deadlines)
+    warnings.warn(f"unclosed {what}: its workers were stopped when it was garbage-collected; "
+                  "call close() or use `with Pool(...)`", ResourceWarning, stacklevel=2)
+
+
+def _stop(router: Router, deadlines: Deadlines) -> None:
+    router.close()
+    deadlines.stop()
 
 
 class Pool(_Api, ExecutorFace):
@@ -432,10 +493,15 @@ class Pool(_Api, ExecutorFace):
 
     A ``concurrent.futures.Executor``: ``submit``, ``map`` and ``shutdown`` behave as there (see
     also ``imap``, ``starmap`` and ``broadcast``).
+
+    Close a pool with :meth:`close` or a ``with`` block. A pool dropped without it is closed when
+    its last reference goes (refs, streams and pending futures keep it alive), with a
+    ``ResourceWarning``; one still referenced at interpreter exit is closed then. A pool belongs to
+    the process that made it: in a forked child every use raises :class:`PoolClosedError`.
     """
 
-    # (__weakref__ and __dict__ come from concurrent.futures.Executor)
-    __slots__ = ("_deadlines", "_discards", "_router", "_unpack", "backend", "workers")
+    # (__dict__ and __weakref__ come from concurrent.futures.Executor)
+    __slots__ = ("_deadlines", "_discards", "_finalizer", "_router", "_unpack", "backend", "workers")
 
     def __init__(
         self,
@@ -453,8 +519,13 @@ class Pool(_Api, ExecutorFace):
         initargs: tuple[Any, ...] = (),
         session_init: Any = None,
         _wire: bool = False,
+        _max_frame: int = MAX_FRAME_DEFAULT,
+        _allow_modules: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(self, _Options())
+        # Not _Api.__init__: a pool is its own _pool (the property below), and an attribute
+        # pointing at itself would be a reference cycle that keeps an unclosed pool alive until
+        # the cyclic GC runs, instead of ending it with its last reference.
+        self._opts = _Options()
         self.workers = int(workers if workers is not None else (os.cpu_count() or 1))
         self.backend = backend
         factory: Callable[..., Any]
@@ -466,7 +537,7 @@ class Pool(_Api, ExecutorFace):
             factory = ray_channel_factory(ray_init or {})
         else:
             raise ValueError(f"backend must be 'process' or 'ray', got {backend!r}")
-        self._unpack = make_unpacker(self._make_ref)
+        self._unpack = make_unpacker(_ref_maker(weakref.ref(self)))  # weakly: no cycle either
         self._discards: collections.deque[tuple[list[Any], str]] = collections.deque()
         self._deadlines = Deadlines(self)
         self._router = Router(
@@ -476,20 +547,26 @@ class Pool(_Api, ExecutorFace):
                 "session_ttl": session_ttl,
                 "max_refs_per_session": max_refs_per_session,
                 "wire": _wire,
+                "allow_modules": list(_allow_modules),  # the Port server's --allow-module
                 "max_calls": max_calls_per_worker,
                 "max_rss": max_rss_per_worker,
                 "log_level": logging.getLogger("poolbridge").getEffectiveLevel(),
                 "initializer": encode_initializer(initializer, initargs),
                 "session_init": encode_session_init(session_init),
+                "max_frame": _max_frame,
             },
             max_in_flight=max_in_flight,
             channel_factory=factory,
+            max_frame=_max_frame,
         )
         _live_pools.add(self)
+        what = f"poolbridge.Pool(workers={self.workers}, backend={backend!r})"
+        self._finalizer = weakref.finalize(self, _collect, self._router, self._deadlines, what)
+        self._finalizer.atexit = False  # at exit, _close_live_pools closes it (without a warning)
 
-    def _make_ref(self, key: list[Any]) -> Ref:
-        session_id, ref_id, slot, generation = key
-        return Ref(self, session_id, ref_id, slot, generation)
+    @property  # a pool is its own _pool (see __init__)
+    def _pool(self) -> Pool:  # type: ignore[override]
+        return self
 
     def _discard(self, key: list[Any], op: str) -> None:
         # Called from __del__, possibly inside another send on this thread: only queue here.
@@ -513,28 +590,38 @@ class Pool(_Api, ExecutorFace):
             except (WorkerCrashedError, PoolClosedError):
                 pass
 
-    def stats(self) -> PoolStats:
+    def stats(self, *, _ask_busy: bool = True) -> PoolStats:
         """A frozen snapshot of every slot: pid, generation, sessions, refs, streams, in-flight.
 
         Worker-side counts come from the worker itself, queued behind the calls it already has; a
         worker busy for longer than the 2 s wait is reported ``alive`` (its process runs) but not
-        ``responsive``, with those counts as -1.
+        ``responsive``, with those counts as -1. Handles dropped before are released first. After
+        :meth:`close` every slot reports pid -1, not alive. ``_ask_busy=False`` (the Port server): a
+        worker with calls in flight is not asked at all, so the snapshot never waits behind one.
         """
         router = self._router
-        asked = []
+        if router.closing and os.getpid() != router.owner_pid:
+            raise router.closed_error()
+        if self._discards:
+            self._flush_discards()
+        asked: list[tuple[int, Any, int, Waiter, Any]] = []  # slot, asked channel, id, waiter, channel
         for slot in range(self.workers):
             waiter = Waiter()
             req_id = router.next_id()
+            ch = router.channels()[slot]
+            if not _ask_busy and (ch is None or ch.pending or ch.dead):
+                asked.append((slot, None, req_id, waiter, ch))
+                continue
             try:
                 ch = router.send(slot, req_id, pack_plain([req_id, OP_STATS, None, b""]), waiter)
             except (WorkerCrashedError, PoolClosedError):
                 ch = None
-            asked.append((slot, ch, req_id, waiter))
+            asked.append((slot, ch, req_id, waiter, ch))
         deadline = time.monotonic() + 2.0
         slots = []
-        for slot, ch, req_id, waiter in asked:
+        for slot, asked_ch, req_id, waiter, ch in asked:
             worker: dict[str, Any] = {}
-            if ch is not None:
+            if asked_ch is not None:
                 if waiter.wait(max(0.0, deadline - time.monotonic())):
                     if waiter.status == OK:
                         worker = unpack_plain(waiter.body)
@@ -567,11 +654,20 @@ class Pool(_Api, ExecutorFace):
         return AsyncPool(_api=self)
 
     def pids(self) -> list[int]:
-        """The current worker pid of every slot, by slot."""
-        return [ch.pid if ch is not None else -1 for ch in self._router.channels()]
+        """The current worker pid of every slot, by slot (-1 for every slot once closed)."""
+        router = self._router
+        if router.closing:
+            if os.getpid() != router.owner_pid:
+                raise router.closed_error()
+            return [-1] * self.workers
+        return [ch.pid if ch is not None else -1 for ch in router.channels()]
 
     def close(self, cancel: bool = False) -> None:
-        """Stop the workers. In-flight calls finish first unless ``cancel=True``. Idempotent."""
+        """Stop the workers. In-flight calls finish first unless ``cancel=True``. Idempotent.
+
+        Returns once the workers have exited and the pool's threads and pipes are gone.
+        """
+        self._finalizer.detach()
         if not self._router.closing:
             self._router.close(cancel=cancel)
             self._deadlines.stop()
@@ -582,10 +678,18 @@ class Pool(_Api, ExecutorFace):
         return self._router.closing
 
     def __enter__(self) -> Pool:
+        if self._router.closing:
+            raise self._router.closed_error()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        # A plain exit waits for the calls in flight. An exception leaving the block (Ctrl-C
+        # included) stops at once: nothing more of the block's work is wanted. What has not
+        # started is cancelled — the one mechanism of shutdown(cancel_futures=True) — and what
+        # runs is stopped (its worker killed, its call failed).
+        if exc_type is not None:
+            cancel_not_started(self)
+        self.close(cancel=exc_type is not None)
 
     def __repr__(self) -> str:
         return f"<Pool {describe_pool(self)}>"

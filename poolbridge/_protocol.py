@@ -67,6 +67,9 @@ OP_CLOSE_SESSION = "close_session"  # []
 OP_STATS = "stats"  # []                                     (session nil)
 OP_PING = "ping"  # []                                       (session nil)
 
+#: A Port value map ``{INT_TAG: "<decimal>"}`` is an integer beyond msgpack's 64 bits (docs/protocol.md).
+INT_TAG = "__poolbridge_int__"
+
 RET_AUTO = 0  # the value if it can be encoded, else a ref
 RET_REF = 1  # always a ref
 RET_VALUE = 2  # always the value; an encoding failure is an error
@@ -103,6 +106,32 @@ class OversizedFrame:
 
     def error(self, limit: int) -> FrameTooLargeError:
         return FrameTooLargeError(f"frame of {self.size} bytes exceeds the limit of {limit} bytes")
+
+    def leading_id(self) -> Any:
+        """The id of a private-channel frame (``[id, ...]``, a request or a reply), read from its
+        first bytes; None when they do not hold one."""
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(self.head)
+        try:
+            if unpacker.read_array_header() < 1:
+                return None
+            req_id = unpacker.unpack()
+        except Exception:
+            return None
+        return req_id if type(req_id) is int else None
+
+
+def frame_too_large(what: str, size: int, limit: int) -> FrameTooLargeError:
+    """The error of a value the pool will not carry: ``what`` encodes to ``size`` bytes, over ``limit``.
+
+    The one place that words it (the caller's check in ``Router.send``, the worker's check of a
+    result), so changing how the bound is configured changes one message.
+    """
+    return FrameTooLargeError(
+        f"{what} encodes to {size} bytes, over the pool's limit of {limit} bytes "
+        f"({limit / (1 << 20):g} MiB) for one message; nothing was sent for it. Pass data this large "
+        "another way (a file path, shared memory), or split it"
+    )
 
 
 class FrameReader:
@@ -239,7 +268,7 @@ def check_ref_session(ref: WireRef) -> None:
     owner = _encoding.owner
     if owner is not None and getattr(ref, "owner", owner) is not owner:
         # Ref ids are per worker process: another pool's (session, id) could name an object here.
-        raise ValueError(f"{ref!r} belongs to another pool; refs are only usable in their own pool")
+        raise SessionMismatchError(f"{ref!r} belongs to another pool; a ref is only usable in its own pool")
     session = encoding_session()
     if session is not None and ref.session_id != session:
         raise SessionMismatchError(

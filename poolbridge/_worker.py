@@ -26,6 +26,7 @@ from typing import Any
 import msgpack
 
 from . import _helpers
+from ._allow import AllowList
 from ._errors import (
     BadRequestError,
     HelperNotFoundError,
@@ -40,6 +41,8 @@ from ._hashing import slot_for
 from ._protocol import (
     ERROR,
     EXT_REF,
+    INT_TAG,
+    MAX_FRAME_DEFAULT,
     OK,
     OP_CALL,
     OP_CLOSE_SESSION,
@@ -58,6 +61,7 @@ from ._protocol import (
     RET_VALUE,
     WireRef,
     dumps_any,
+    frame_too_large,
     make_unpacker,
     pack_plain,
     pack_value,
@@ -75,6 +79,12 @@ def active_core() -> WorkerCore | None:
     return _active[0]
 
 _SESSIONLESS_OPS = frozenset({OP_STATS, OP_PING})
+# Ops that only act on what a session already holds (a ref or stream of it, or the session
+# itself): for a session this worker does not know they fail or do nothing, and never create it —
+# a release queued by a dropped handle must not bring back a session closed meanwhile.
+_EXISTING_SESSION_OPS = frozenset(
+    {OP_RELEASE, OP_STREAM_NEXT, OP_STREAM_CLOSE, OP_CLOSE_SESSION, OP_METHOD, OP_SETATTR}
+)
 
 
 class _Session:
@@ -119,7 +129,12 @@ def split_path(path: str) -> tuple[Any, tuple[str, ...]]:
                 raise  # the module exists but one of *its* imports is missing
             continue
         return module, tuple(parts[cut:])
-    return importlib.import_module("builtins"), tuple(parts)
+    builtins = importlib.import_module("builtins")
+    if not hasattr(builtins, parts[0]):
+        raise ModuleNotFoundError(
+            f"no module named {parts[0]!r} could be imported for {path!r} (nor is it a builtin)", name=parts[0]
+        )
+    return builtins, tuple(parts)
 
 
 def resolve_path(path: str) -> Any:
@@ -147,8 +162,13 @@ class WorkerCore:
         max_rss: int | None = None,
         initializer: bytes | None = None,
         session_init: str | bytes | None = None,
+        max_frame: int = MAX_FRAME_DEFAULT,
+        allow_modules: tuple[str, ...] = (),
     ) -> None:
         self.slot = slot
+        self.max_frame = max_frame  # no reply is larger: the router would not read it
+        #: The Port server's --allow-module list, enforced here while resolving (see _allow.py).
+        self.allow = AllowList(allow_modules) if allow_modules else None
         self.n_slots = n_slots
         self.generation = generation
         self.wire = wire
@@ -201,20 +221,25 @@ class WorkerCore:
                 raise BadRequestError(f"unknown op {op!r}")
             if op in _SESSIONLESS_OPS:
                 return pack_plain([req_id, OK, handler()])
-            session = self._enter(session_id)
+            session = self._enter(session_id, op not in _EXISTING_SESSION_OPS)
             try:
                 fields = self._unpack(body)
                 self.calls += 1
-                return pack_plain([req_id, OK, handler(session, *fields)])
+                reply = pack_plain([req_id, OK, handler(session, *fields)])
+                if len(reply) > self.max_frame:  # e.g. a stream batch: results are checked below
+                    raise frame_too_large("the reply", len(reply), self.max_frame)
+                return reply
             finally:
                 self._session = None
                 _helpers._current[0] = None
                 if self.session_ttl is not None:  # idle time counts from the end of a call
                     session.last_used = time.monotonic()
         except BaseException as exc:
-            return pack_plain([req_id, ERROR, pack_plain(error_fields(exc))])
+            return pack_plain([req_id, ERROR, pack_plain(error_fields(exc, port=self.wire))])
 
-    def _enter(self, session_id: Any) -> _Session:
+    def _enter(self, session_id: Any, create: bool = True) -> _Session:
+        """The session a request runs in. ``create=False``: a session not held here is not created
+        (the request gets a transient, empty one: its refs and streams are simply not found)."""
         if self._init_error is not None:
             raise self._init_error
         try:
@@ -230,11 +255,11 @@ class WorkerCore:
                     f"session {session_id!r} hashes to slot {slot_for(session_id, self.n_slots)}, "
                     f"not to this worker's slot {self.slot}"
                 )
-            session = self._sessions[session_id] = _Session(
-                _helpers.SessionContext(session_id, self.slot, self.generation)
-            )
-            if self._warmup.session_init is not None:
-                self._init_session(session)
+            session = _Session(_helpers.SessionContext(session_id, self.slot, self.generation))
+            if create:
+                self._sessions[session_id] = session
+                if self._warmup.session_init is not None:
+                    self._init_session(session)
         if self.session_ttl is not None:
             session.last_used = time.monotonic()
         self._session = session
@@ -303,11 +328,18 @@ class WorkerCore:
         if ret == RET_REF:
             return self._new_ref(session, value)
         try:
-            return self._encode(session, value) if self.wire else pack_value(value)
+            return self._sized(self._encode(session, value) if self.wire else pack_value(value))
         except Exception:
             if ret == RET_VALUE:
                 raise
             return self._new_ref(session, value)
+
+    def _sized(self, body: bytes) -> bytes:
+        """``body`` if a reply can carry it; else :class:`FrameTooLargeError` (which ``ret="auto"``
+        turns into a ref, as for a value that cannot be encoded)."""
+        if len(body) > self.max_frame - 64:  # room for the reply's [id, status, ...] around it
+            raise frame_too_large("the result", len(body), self.max_frame)
+        return body
 
     def _encode(self, session: _Session, value: Any) -> bytes:
         if not self.wire:
@@ -326,6 +358,8 @@ class WorkerCore:
     def _wire_default(self, obj: Any) -> Any:
         if isinstance(obj, tuple):
             return list(obj)
+        if isinstance(obj, int):  # beyond msgpack's 64 bits: a tagged decimal string (docs/protocol.md)
+            return {INT_TAG: str(int(obj))}
         session = self._wire_session
         assert session is not None
         return msgpack.ExtType(EXT_REF, pack_plain(self._store(session, session.refs, obj)))
@@ -333,21 +367,33 @@ class WorkerCore:
     # -- ops -------------------------------------------------------------------------------
 
     def _callable(self, fn: Any) -> Any:
+        allow = self.allow
         if isinstance(fn, str):
             # Cache the import, not the object: attributes are read on every use, so a rebound
-            # name or a module-level __getattr__ is seen as it is now.
+            # name or a module-level __getattr__ is seen as it is now (and checked as it is now).
             split = self._paths.get(fn)
             if split is None:
-                split = self._paths[fn] = split_path(fn)
+                split = self._paths[fn] = split_path(fn) if allow is None else allow.split(fn)
             obj, attrs = split
+            if allow is not None:
+                return allow.walk(obj, attrs)
             for attr in attrs:
                 obj = getattr(obj, attr)
             return obj
+        if allow is not None:
+            return allow.check_obj(fn, "the called ref")
         return fn
+
+    def _attr(self, target: Any, name: str) -> Any:
+        allow = self.allow
+        return getattr(target, name) if allow is None else allow.getattr(target, name)
 
     def _op_call(self, session: _Session, fn: Any, args: list[Any], kwargs: dict[str, Any], ret: int) -> bytes:
         # The hot path: a dotted path already imported, a value that encodes.
-        if type(fn) is str and (split := self._paths.get(fn)) is not None:
+        if self.allow is not None:
+            self.allow.check_kwargs(kwargs)
+            fn = self._callable(fn)
+        elif type(fn) is str and (split := self._paths.get(fn)) is not None:
             fn, attrs = split
             for attr in attrs:
                 fn = getattr(fn, attr)
@@ -355,28 +401,38 @@ class WorkerCore:
             fn = self._callable(fn)
         value = fn(*args, **kwargs)
         if ret == RET_AUTO:
-            if self.wire:
-                return self._encode(session, value)  # never fails: what msgpack cannot carry is a ref
             try:
-                return pack_value(value)
+                body = self._encode(session, value) if self.wire else pack_value(value)
             except Exception:  # noqa: S110 - not encodable: _result below hands it over as a ref
                 pass
+            else:
+                if len(body) <= self.max_frame - 64:
+                    return body
+                return self._new_ref(session, value)  # too large to carry: kept here, as a ref
         return self._result(session, value, ret)
 
     def _op_getattr(self, session: _Session, target: Any, name: str | None, ret: int) -> bytes:
-        value = self._callable(target) if name is None else getattr(target, name)
+        value = self._callable(target) if name is None else self._attr(target, name)
         return self._result(session, value, ret)
 
     def _op_setattr(self, session: _Session, target: Any, name: str, value: Any) -> bytes:
+        if self.allow is not None:
+            self.allow.check_name(name)
+            self.allow.check_obj(target, "the target ref")
         setattr(target, name, value)
         return pack_value(None)
 
     def _op_method(
         self, session: _Session, target: Any, name: str, args: list[Any], kwargs: dict[str, Any], ret: int
     ) -> bytes:
-        return self._result(session, getattr(target, name)(*args, **kwargs), ret)
+        if self.allow is not None:
+            self.allow.check_kwargs(kwargs)
+        return self._result(session, self._attr(target, name)(*args, **kwargs), ret)
 
     def _op_helper(self, session: _Session, name: str, args: list[Any], kwargs: dict[str, Any], ret: int) -> bytes:
+        if self.allow is not None:
+            self.allow.check_name(name, "helper")
+            self.allow.check_kwargs(kwargs)
         entry = _helpers.registry().get(name)
         if entry is None:
             raise HelperNotFoundError(f"no helper named {name!r} in this worker (is its module in helpers=?)")
@@ -389,6 +445,8 @@ class WorkerCore:
     def _op_stream_open(
         self, session: _Session, fn: Any, args: list[Any], kwargs: dict[str, Any], batch: int
     ) -> bytes:
+        if self.allow is not None:
+            self.allow.check_kwargs(kwargs)
         state = _StreamState(iter(self._callable(fn)(*args, **kwargs)))
         try:
             key = self._store(session, session.streams, state)
@@ -419,9 +477,17 @@ class WorkerCore:
         if done:
             session.streams.pop(stream_id, None)
         try:
-            return self._encode(session, items), done
+            body = self._encode(session, items)
         except Exception:  # noqa: S110 - some item is not encodable: handed over as refs below
             pass
+        else:
+            if len(body) > self.max_frame - 64:
+                # The batch is lost: end the stream rather than leave it suspended, its key unsent.
+                if session.streams.pop(stream_id, None) is not None:
+                    state.close()
+                what = f"a batch of {len(items)} stream items (use a smaller batch=)"
+                raise frame_too_large(what, len(body), self.max_frame)
+            return body, done
         # Like a call's result: an item that cannot be encoded is handed over as a ref. If that
         # fails too (the session's cap), the batch is lost: undo its refs and end the stream,
         # rather than leave objects and a suspended generator nobody holds a key to.
@@ -562,12 +628,28 @@ def _rss() -> int:
         return 0
 
 
-def error_fields(exc: BaseException) -> list[Any]:
-    """``[code, type, message, traceback, pickled exception or nil]`` for an error reply."""
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def error_fields(exc: BaseException, port: bool = False) -> list[Any]:
+    """``[code, type, message, traceback, pickled exception or nil]`` for an error reply.
+
+    ``port``: for a Port client, poolbridge's own errors are named as the server names them (the
+    class name) with an empty traceback, and a user error's traceback starts at the user's code:
+    no frame of poolbridge's internals is shown either way.
+    """
     code = exc.code if isinstance(exc, PoolbridgeError) else "remote_error"
     cls = type(exc)
     type_name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    tb = "".join(traceback.format_exception(exc))
+    if port and isinstance(exc, PoolbridgeError):
+        type_name, tb = cls.__name__, ""
+    elif port:
+        frames = exc.__traceback__
+        while frames is not None and frames.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            frames = frames.tb_next
+        tb = "".join(traceback.format_exception(cls, exc, frames))
+    else:
+        tb = "".join(traceback.format_exception(exc))
     try:
         pickled: bytes | None = dumps_any(exc)
     except Exception:

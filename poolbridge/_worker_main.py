@@ -17,10 +17,21 @@ import os
 import select
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-from ._protocol import RETIRING, FrameReader, encode_frame, pack_plain, unpack_plain, write_all
-from ._worker import WorkerCore
+from ._protocol import (
+    ERROR,
+    MAX_FRAME_DEFAULT,
+    RETIRING,
+    FrameReader,
+    OversizedFrame,
+    encode_frame,
+    pack_plain,
+    unpack_plain,
+    write_all,
+)
+from ._worker import WorkerCore, error_fields
 
 log = logging.getLogger("poolbridge.worker")
 
@@ -45,6 +56,16 @@ def _die_with_parent(parent_pid: int) -> None:
 # Replies produced from one read are written together, but never held back longer than this, so a
 # quick call queued behind a slow one is not delayed by more than the slow call itself.
 _FLUSH_AFTER = 0.0005
+
+
+def _answer(handle: Callable[[bytes], bytes], frame: bytes | OversizedFrame, limit: int) -> bytes:
+    """The reply to one request frame. The router never sends a frame over the limit (it fails
+    such a call in the caller), but if one came, its reply still carries its id: no request is
+    ever left without an answer."""
+    if type(frame) is bytes:
+        return handle(frame)
+    assert isinstance(frame, OversizedFrame)
+    return pack_plain([frame.leading_id(), ERROR, pack_plain(error_fields(frame.error(limit)))])
 
 
 def main() -> None:
@@ -75,9 +96,11 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
         max_rss=options.get("max_rss"),
         initializer=options.get("initializer"),
         session_init=options.get("session_init"),
+        max_frame=options.get("max_frame", MAX_FRAME_DEFAULT),
+        allow_modules=tuple(options.get("allow_modules") or ()),
     )
     seq = 0
-    reader = FrameReader()
+    reader = FrameReader(core.max_frame)
     check_retire = options.get("max_calls") is not None or options.get("max_rss") is not None
     perf = time.perf_counter
     handle = core.handle
@@ -95,7 +118,7 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
         if len(frames) == 1 and not check_retire:  # the common case: one request, one reply
             seq += 1
             if board is None or board.claim(seq):
-                write_all(write_fd, encode_frame(handle(frames[0])))  # type: ignore[arg-type]
+                write_all(write_fd, encode_frame(_answer(handle, frames[0], core.max_frame)))
             continue
         out: list[bytes] = []
         started = 0.0
@@ -105,11 +128,10 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
                 out.clear()
             if not out:
                 started = perf()
-            assert isinstance(frame, bytes)  # no size limit on the private channel
             seq += 1
             if board is not None and not board.claim(seq):
                 continue  # cancelled before it started: the router expects no reply
-            out.append(encode_frame(handle(frame)))
+            out.append(encode_frame(_answer(handle, frame, core.max_frame)))
         if check_retire and core.wants_retire():
             # Ask to be replaced; keep serving until the router closes our input (EOF below).
             out.append(encode_frame(pack_plain([None, RETIRING, b""])))

@@ -1,0 +1,43 @@
+"""Worker-side helpers of the reliability tests (imported by dotted path inside workers)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+from pb_faultmods import wait_fifo
+
+
+def gen_after_fifo(path: str, n: int) -> Iterator[int]:
+    """A generator whose first item waits until the test writes to the fifo ``path``."""
+    wait_fifo(path)
+    yield from range(n)
+
+
+def blocked_then(path: str, value: Any) -> Any:
+    """Wait on the fifo ``path``, then return ``value`` (e.g. an object to be kept as a ref)."""
+    wait_fifo(path)
+    return value
+
+
+def write_garbage_reply() -> str:
+    """Write a frame that is not a reply into this worker's reply pipe, then return normally."""
+    os.write(_reply_fd(), struct.pack(">I", 1) + b"\xc1")  # 0xc1: the one byte msgpack never uses
+    return "after the garbage"
+
+
+def _reply_fd() -> int:
+    """This worker's reply pipe: its one write-only pipe above stdio (the request pipe is read-only)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            pipe = fd > 2 and stat.S_ISFIFO(os.fstat(fd).st_mode)
+            if pipe and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+                return fd
+        except OSError:
+            continue
+    raise RuntimeError("no reply pipe found")

@@ -21,6 +21,7 @@ from ._errors import (
     SessionLimitError,
     SessionLostError,
     SessionMismatchError,
+    ValueTooLargeError,
     WorkerCrashedError,
 )
 from ._handles import Ref, Stream
@@ -55,6 +56,7 @@ __all__ = [
     "SessionMismatchError",
     "SlotStats",
     "Stream",
+    "ValueTooLargeError",
     "WorkerCrashedError",
     "__version__",
     "current_session",

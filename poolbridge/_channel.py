@@ -44,9 +44,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import _shm
 from ._cancel import CancelBoard
 from ._errors import CallTimeoutError, PoolBusyError, WorkerCrashedError
-from ._protocol import RETIRING, FrameReader, pack_plain, unpack_plain
+from ._protocol import OK, OK_SHM, RETIRING, FrameReader, pack_plain, unpack_plain
 
 if TYPE_CHECKING:
     from ._router import Router, Sink
@@ -56,7 +57,6 @@ log = logging.getLogger("poolbridge.router")
 __all__ = ["ProcessChannel"]
 
 _BOOTSTRAP = "from poolbridge._worker_main import main; main()"
-_READ_SIZE = 1 << 16
 # Coalescing (see the module docstring). While fewer than _WINDOW written requests are unanswered,
 # a request is written at once; with two, the worker always has the next one queued when it
 # finishes the current one, so sequential callers on several threads never wait on the queue.
@@ -167,6 +167,8 @@ def _spawn(
     if board is not None:
         opts["cancel_board"] = [board.fd, board.name]
         keep = (*keep, board.fd)
+    if options.get("shm"):
+        keep = (*keep, options["shm"]["tracker_fd"])  # the router's resource tracker (see _shm.py)
     env = dict(os.environ)
     # The worker imports what the parent can import (poolbridge, helper modules, dotted paths),
     # whatever the parent's working directory or sys.path edits.
@@ -186,6 +188,15 @@ def _spawn(
         os.close(req_r)
         os.close(rep_w)
     return process, req_w, rep_r
+
+
+_WITH_SEGMENTS = 0x95  # a request frame's first body byte when it is a 5-element array (pack_request)
+
+
+def segment_names(frame: bytes) -> list[str]:
+    """The segment names a request frame (header included) lists; see _protocol.pack_request."""
+    names: list[str] = unpack_plain(memoryview(frame)[4:])[4]
+    return names
 
 
 def _replied(waiter: Any) -> bool:
@@ -210,6 +221,11 @@ class ProcessChannel:
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._frames = FrameReader()
+        # Segments of requests sent here whose replies have not been read: the router unlinks them
+        # when the reply comes, the request is cancelled, or this worker is found dead (_shm.py).
+        self._outbound: dict[int, list[str]] = {}
+        shm = router.worker_options.get("shm")
+        self._shm_prefix = _shm.worker_prefix(shm["prefix"], slot, generation) if shm else None
         self._need_reader = threading.Event()
         self._probe: Any = None  # a poll object of the reply pipe alone (try_read)
         self._bg_active = False
@@ -268,6 +284,8 @@ class ProcessChannel:
                     sink.seq = self._seq  # type: ignore[attr-defined]
                 self._queue.append(data)
                 self._queued_bytes += len(data)
+                if data[4] == _WITH_SEGMENTS:
+                    self._outbound[req_id] = segment_names(data)
                 if (
                     self._unanswered() < _WINDOW
                     or self._queued_bytes >= _FLUSH_BYTES
@@ -282,6 +300,7 @@ class ProcessChannel:
                     # The write found the worker gone before our frame went out: it reached no one.
                     self._queue.pop()
                     self._seq -= 1
+                    self._outbound.pop(req_id, None)  # the frame goes elsewhere, or fails in Router.send
                     queued = False
                 else:
                     return  # written (or queued behind frames) into the pipe of a dying worker
@@ -405,6 +424,7 @@ class ProcessChannel:
         """Cancel a sent request the worker has not started. True: it will never run."""
         if self._board is None or self.dead or not self._board.cancel(seq):
             return False
+        self._release(req_id)
         with self._write_lock:
             self._cancelled += 1  # no reply will come for it
             # Replies drive the queue, and this one will not come: a pipe full of cancelled frames
@@ -420,12 +440,22 @@ class ProcessChannel:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _deliver(self, data: bytes) -> None:
+    def _release(self, req_id: int) -> None:
+        names = self._outbound.pop(req_id, None)
+        if names is not None:
+            for name in names:
+                _shm.unlink(name)
+
+    def _deliver(self, frames: list[Any]) -> None:
         pending = self.pending
-        frames = self._frames.feed(data)
         self._answered += len(frames)
+        outbound = self._outbound
         for frame in frames:
-            req_id, status, body = unpack_plain(frame)  # type: ignore[arg-type]
+            req_id, status, body = unpack_plain(frame)
+            if status == OK_SHM:
+                status, body = OK, _shm.adopt(body)  # opened, names unlinked: see _shm.py
+            if outbound:
+                self._release(req_id)
             sink = pending.pop(req_id, None)
             if sink is not None:
                 sink.deliver(status, body)
@@ -443,12 +473,13 @@ class ProcessChannel:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
                 return False
-        data = os.read(fd, _READ_SIZE)
-        if not data:
+        frames = self._frames.read_from(fd)
+        if frames is None:
             self.eof = True
             self.kill()  # EOF with the process still running (it closed its pipe): make it final
             return False
-        self._deliver(data)
+        if frames:
+            self._deliver(frames)
         if self._queue:
             self._flush_some()  # the worker is answering: give it what has queued meanwhile
         return True
@@ -551,20 +582,27 @@ class ProcessChannel:
                 os.set_blocking(self._read_fd, False)
                 while True:
                     try:
-                        data = os.read(self._read_fd, _READ_SIZE)
+                        frames = self._frames.read_from(self._read_fd)
                     except OSError as exc:
                         if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
                             log.debug("slot %d: draining failed: %s", self.slot, exc)
                         break  # EAGAIN: a grandchild holds the write end; nothing more will come
-                    if not data:
+                    if frames is None:
                         break
-                    self._deliver(data)
+                    if frames:
+                        self._deliver(frames)
                 os.close(self._read_fd)
             finally:
                 self._read_lock.release()
         else:  # pragma: no cover - a reader stuck on a pipe some grandchild keeps open
             log.warning("slot %d: could not take the read lock to drain; leaving the pipe", self.slot)
         self.exitcode = self.process.wait()
+        # Its replies are read: what it was sent and never answered, and what it made for replies
+        # it never wrote, can go (see _shm.py).
+        for req_id in list(self._outbound):
+            self._release(req_id)
+        if self._shm_prefix is not None:
+            _shm.sweep(self._shm_prefix)
         if self._board is not None:
             self._board.unlink()  # normally already done by the worker; a no-op then
             self._board.close()

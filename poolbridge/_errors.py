@@ -77,6 +77,13 @@ class FrameTooLargeError(BadRequestError):
     code = "frame_too_large"
 
 
+class ValueTooLargeError(PoolbridgeError, ValueError):
+    """A value (argument or result) is larger than the pool's ``max_value_bytes``; raised before
+    any of it is sent."""
+
+    code = "value_too_large"
+
+
 class NotAllowedError(PoolbridgeError, PermissionError):
     """The Port server's allow-list refuses this module or attribute."""
 
@@ -190,6 +197,7 @@ ERRORS_BY_CODE: dict[str, type[PoolbridgeError]] = {
         SessionLimitError,
         BadRequestError,
         FrameTooLargeError,
+        ValueTooLargeError,
         NotAllowedError,
         PoolClosedError,
         PoolBusyError,

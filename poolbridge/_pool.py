@@ -19,12 +19,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from . import _shm
 from ._channel import ProcessChannel
 from ._errors import (
     CallTimeoutError,
     PoolClosedError,
     SessionLostError,
     SessionMismatchError,
+    ValueTooLargeError,
     WorkerCrashedError,
 )
 from ._handles import Ref, Stream
@@ -48,6 +50,7 @@ from ._protocol import (
     WireRef,
     make_unpacker,
     pack_plain,
+    pack_request,
     pack_value,
     unpack_plain,
 )
@@ -150,9 +153,7 @@ class _Api:
                     f"{ref!r} outlived its worker: slot {slot} is now generation "
                     f"{pool._router.generation(slot)}; the session's objects are gone"
                 )
-        body = pack_value(fields, session_id, pool)
-        req_id = router.next_id()
-        return slot, req_id, pack_plain([req_id, op, session_id, body])
+        return slot, *pool._encode_request(op, session_id, fields, pool)
 
     def _run(self, op: str, ref: WireRef | None, fields: list[Any], decode: Callable[[int, Any], Any]) -> Any:
         """Send and block for the reply, reading it ourselves when nobody else is (no thread hop)."""
@@ -410,10 +411,16 @@ class Pool(_Api):
     block, or get :class:`PoolBusyError` with ``options(block=False)``. ``max_calls_per_worker`` /
     ``max_rss_per_worker`` (bytes): recycle a worker past these limits — only while it holds no
     session state (see docs/faults.md). ``backend``: ``"process"`` (default) or ``"ray"`` (each slot a
-    Ray actor; ``ray_init`` is passed to ``ray.init``).
+    Ray actor; ``ray_init`` is passed to ``ray.init``). ``max_value_bytes``: the largest argument or
+    result (encoded, buffers included) a call may carry; past it :class:`ValueTooLargeError`, before
+    anything is sent (default: no bound but memory). ``shm_threshold``: buffers (bytes, bytearray,
+    memoryview, str, pickle-5 buffers such as numpy arrays) of at least this many bytes travel
+    through shared memory instead of the pipe (``None``: never; see README, "Large values").
     """
 
-    __slots__ = ("__weakref__", "_deadlines", "_discards", "_router", "_unpack", "backend", "workers")
+    __slots__ = (
+        "__weakref__", "_deadlines", "_discards", "_router", "_shm", "_unpack", "backend", "max_value_bytes", "workers"
+    )
 
     def __init__(
         self,
@@ -427,6 +434,8 @@ class Pool(_Api):
         max_rss_per_worker: int | None = None,
         backend: str = "process",
         ray_init: dict[str, Any] | None = None,
+        max_value_bytes: int | None = None,
+        shm_threshold: int | None = _shm.DEFAULT_THRESHOLD,
         _wire: bool = False,
     ) -> None:
         super().__init__(self, _Options())
@@ -441,6 +450,15 @@ class Pool(_Api):
             factory = ray_channel_factory(ray_init or {})
         else:
             raise ValueError(f"backend must be 'process' or 'ray', got {backend!r}")
+        if max_value_bytes is not None and max_value_bytes < 1:
+            raise ValueError(f"max_value_bytes must be at least 1, got {max_value_bytes}")
+        self.max_value_bytes = max_value_bytes
+        self._shm: _shm.Lifter | None = None
+        shm_options = None
+        if backend == "process" and shm_threshold is not None and _shm.available():
+            _shm.sweep_stale()
+            self._shm = _shm.Lifter(_shm.router_prefix(), shm_threshold, max_value_bytes)
+            shm_options = {"prefix": self._shm.prefix, "threshold": shm_threshold, "tracker_fd": _shm.start_tracker()}
         self._unpack = make_unpacker(self._make_ref)
         self._discards: collections.deque[tuple[list[Any], str]] = collections.deque()
         self._deadlines = Deadlines(self)
@@ -453,12 +471,31 @@ class Pool(_Api):
                 "wire": _wire,
                 "max_calls": max_calls_per_worker,
                 "max_rss": max_rss_per_worker,
+                "max_value_bytes": max_value_bytes,
+                "shm": shm_options,
                 "log_level": logging.getLogger("poolbridge").getEffectiveLevel(),
             },
             max_in_flight=max_in_flight,
             channel_factory=factory,
         )
         _live_pools.add(self)
+
+    def _encode_request(self, op: str, session_id: str, fields: list[Any], owner: object = None) -> tuple[int, bytes]:
+        """``(req_id, frame body)`` of a request, its big buffers in segments; raises
+        :class:`ValueTooLargeError` past ``max_value_bytes`` before anything is sent."""
+        shm = self._shm
+        body = pack_value(fields, session_id, owner, shm)
+        names, size = shm.take() if shm is not None else ([], 0)
+        limit = self.max_value_bytes
+        if limit is not None and len(body) + size > limit:
+            for name in names:
+                _shm.unlink(name)
+            raise ValueTooLargeError(
+                f"the value is {len(body) + size} bytes, over this pool's max_value_bytes of {limit}; "
+                "raise Pool(max_value_bytes=...) to send it"
+            )
+        req_id = self._router.next_id()
+        return req_id, pack_request(req_id, op, session_id, body, names)
 
     def _make_ref(self, key: list[Any]) -> Ref:
         session_id, ref_id, slot, generation = key

@@ -12,8 +12,9 @@ from typing import Any
 
 import msgpack
 
+from . import _shm
 from ._errors import BadRequestError, NotAllowedError
-from ._protocol import EXT_REF, RET_AUTO, RET_REF, RET_VALUE, WireRef
+from ._protocol import EXT_REF, EXT_SHM, RET_AUTO, RET_REF, RET_VALUE, WireRef
 
 #: A ref on the wire: ``{"__poolbridge_ref__": [session, id, slot, generation]}``.
 REF_TAG = "__poolbridge_ref__"
@@ -104,6 +105,8 @@ def _check_value(value: Any, refs: list[WireRef]) -> None:
 def _reply_ext_hook(code: int, data: bytes) -> Any:
     if code == EXT_REF:
         return {REF_TAG: msgpack.unpackb(data, raw=False)}
+    if code == EXT_SHM:  # a big bytes or str result, in a segment the reader opened
+        return _shm.load(data)
     # Wire-mode workers never pickle; anything else is a bug, never something to unpickle.
     raise ValueError(f"unexpected extension type {code} in a worker reply")
 

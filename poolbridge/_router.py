@@ -36,7 +36,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._channel import ProcessChannel, Retired, Spawner, _Monitor
+from . import _shm
+from ._channel import _WITH_SEGMENTS, ProcessChannel, Retired, Spawner, _Monitor, segment_names
 from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError
 from ._hashing import slot_for
 from ._protocol import encode_frame
@@ -176,16 +177,22 @@ class Router:
         if self.closing:
             raise PoolClosedError("the pool is closed")
         data = encode_frame(body)
-        while True:
-            ch = self.channel(slot, deadline)
-            try:
-                if deadline is None:
-                    ch.send(req_id, data, sink, block)
-                else:
-                    ch.send(req_id, data, sink, block, deadline)
-                break
-            except Retired:
-                continue  # the slot is being recycled: channel() waits for its next generation
+        try:
+            while True:
+                ch = self.channel(slot, deadline)
+                try:
+                    if deadline is None:
+                        ch.send(req_id, data, sink, block)
+                    else:
+                        ch.send(req_id, data, sink, block, deadline)
+                    break
+                except Retired:
+                    continue  # the slot is being recycled: channel() waits for its next generation
+        except BaseException:
+            if data[4] == _WITH_SEGMENTS:  # never sent: nobody else will unlink its segments
+                for name in segment_names(data):
+                    _shm.unlink(name)
+            raise
         if not lead:
             ch.wake_reader()
         return ch

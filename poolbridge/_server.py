@@ -51,6 +51,7 @@ from ._errors import (
     SessionLostError,
     SessionMismatchError,
 )
+from ._frames import write_frame
 from ._hashing import slot_for
 from ._pool import Pool
 from ._portwire import (
@@ -82,12 +83,9 @@ from ._protocol import (
     FrameReader,
     OversizedFrame,
     WireRef,
-    encode_frame,
     pack_plain,
-    pack_value,
     reset_plain_packer,
     unpack_plain,
-    write_all,
 )
 from ._router import DEFAULT_MAX_IN_FLIGHT, Sink
 from ._session import resolve_session, validate_session_id
@@ -118,18 +116,16 @@ class _Output:
 
     def write(self, reply: dict[str, Any]) -> None:
         try:
-            data = encode_frame(pack_plain(reply))  # a reused per-thread Packer, not packb's new one
+            data = pack_plain(reply)  # a reused per-thread Packer, not packb's new one
         except Exception as exc:  # a value msgpack cannot carry after all: report, never drop
             log.exception("could not encode a reply")
             reset_plain_packer()
-            data = encode_frame(
-                pack_plain(_error_reply(reply.get("id"), "remote_error", type(exc).__name__, str(exc), ""))
-            )
+            data = pack_plain(_error_reply(reply.get("id"), "remote_error", type(exc).__name__, str(exc), ""))
         with self.lock:
             if self.broken:
                 return
             try:
-                write_all(self.fd, data)
+                write_frame(self.fd, data)
             except OSError:
                 # The client is gone; the read loop sees EOF and shuts down.
                 self.broken = True
@@ -311,11 +307,13 @@ class Server:
             while not self._stopping:
                 for fd, _events in poller.poll():
                     if fd == in_fd:
-                        data = os.read(in_fd, 1 << 16)
-                        if not data:
+                        # One read: a large frame arrives over many turns of this loop, and the
+                        # replies of other requests are read and written in between.
+                        frames = reader.read_from(in_fd)
+                        if frames is None:
                             log.info("EOF on the protocol input: shutting down")
                             return
-                        for frame in reader.feed(data):
+                        for frame in frames:
                             handle(frame)
                         if self.out.broken:
                             return
@@ -373,10 +371,9 @@ class Server:
 
     # -- dispatch --------------------------------------------------------------------------
 
-    def handle_frame(self, frame: bytes | OversizedFrame) -> None:
+    def handle_frame(self, frame: bytes | bytearray | OversizedFrame) -> None:
         req_id: Any = None
-        if type(frame) is not bytes:
-            assert isinstance(frame, OversizedFrame)
+        if isinstance(frame, OversizedFrame):
             exc: BaseException = frame.error(self.max_frame)
             req_id = _id_from_head(frame.head)
             self.out.write(_error_reply(req_id, FrameTooLargeError.code, "FrameTooLargeError", str(exc), ""))
@@ -475,10 +472,8 @@ class Server:
         if not self.allowed(fn):
             return False
         slot = slot_for(session, self._n_slots)
-        router = self.router
-        rid = router.next_id()
         # The general path's encoding (_send); checked plain values take pack_value's fast path.
-        data = pack_plain([rid, OP_CALL, session, pack_value([fn, args, kwargs, ret], session)])
+        rid, data = self.pool._encode_request(OP_CALL, session, [fn, args, kwargs, ret])
         self._dispatch(slot, rid, data, _Reply(self.out, req_id, _VALUE))
         return True
 
@@ -515,9 +510,7 @@ class Server:
                     "refs are only usable in their own session"
                 )
             self._check_ref(ref, slot)
-        body = pack_value(fields, session_id)
-        rid = router.next_id()
-        data = pack_plain([rid, op, session_id, body])
+        rid, data = self.pool._encode_request(op, session_id, fields)
         self._dispatch(slot, rid, data, _Reply(self.out, req_id, kind))
 
     def _dispatch(self, slot: int, rid: int, data: bytes, reply: Sink) -> None:

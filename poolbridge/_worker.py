@@ -26,7 +26,7 @@ from typing import Any
 import cloudpickle
 import msgpack
 
-from . import _helpers
+from . import _helpers, _shm
 from ._errors import (
     BadRequestError,
     HelperNotFoundError,
@@ -36,12 +36,14 @@ from ._errors import (
     SessionLimitError,
     SessionLostError,
     SessionMismatchError,
+    ValueTooLargeError,
 )
 from ._hashing import slot_for
 from ._protocol import (
     ERROR,
     EXT_REF,
     OK,
+    OK_SHM,
     OP_CALL,
     OP_CLOSE_SESSION,
     OP_GETATTR,
@@ -58,6 +60,7 @@ from ._protocol import (
     RET_REF,
     RET_VALUE,
     WireRef,
+    default_lifter,
     make_unpacker,
     pack_plain,
     pack_value,
@@ -144,6 +147,7 @@ class WorkerCore:
         session_ttl: float | None = None,
         max_calls: int | None = None,
         max_rss: int | None = None,
+        max_value_bytes: int | None = None,
     ) -> None:
         self.slot = slot
         self.n_slots = n_slots
@@ -154,6 +158,7 @@ class WorkerCore:
         self.calls = 0
         self.max_calls = max_calls
         self.max_rss = max_rss
+        self.max_value_bytes = max_value_bytes
         self.retiring = False
         self._over_limit_logged = False
         self._sessions: dict[str, _Session] = {}
@@ -186,9 +191,11 @@ class WorkerCore:
 
     def handle(self, frame: bytes) -> bytes:
         req_id: Any = None
+        lifter = default_lifter[0]
         try:
             try:
-                req_id, op, session_id, body = unpack_plain(frame)
+                # A fifth element lists the request's segments: the router unlinks them (_shm.py).
+                req_id, op, session_id, body, *_ = unpack_plain(frame)
             except Exception as exc:
                 raise BadRequestError(f"undecodable request: {exc}") from None
             handler = self._ops.get(op)
@@ -200,14 +207,35 @@ class WorkerCore:
             try:
                 fields = self._unpack(body)
                 self.calls += 1
-                return pack_plain([req_id, OK, handler(session, *fields)])
+                result = handler(session, *fields)
+                if lifter is not None:
+                    names, size = lifter.take()
+                    if names:
+                        self._check_size(len(result) + size, names)
+                        return pack_plain([req_id, OK_SHM, [result, names]])
+                if self.max_value_bytes is not None:
+                    self._check_size(len(result))
+                return pack_plain([req_id, OK, result])
             finally:
                 self._session = None
                 _helpers._current[0] = None
                 if self.session_ttl is not None:  # idle time counts from the end of a call
                     session.last_used = time.monotonic()
         except BaseException as exc:
+            if lifter is not None:
+                lifter.discard()  # segments made for a reply that is not sent
             return pack_plain([req_id, ERROR, pack_plain(error_fields(exc))])
+
+    def _check_size(self, size: int, names: list[str] | None = None) -> None:
+        limit = self.max_value_bytes
+        if limit is not None and size > limit:
+            if names:
+                for name in names:
+                    _shm.unlink(name)
+            raise ValueTooLargeError(
+                f"the result is {size} bytes, over this pool's max_value_bytes of {limit}; "
+                "raise Pool(max_value_bytes=...) to receive it"
+            )
 
     def _enter(self, session_id: Any) -> _Session:
         try:
@@ -295,6 +323,9 @@ class WorkerCore:
         # session being encoded for (one reused Packer: building one per reply costs more than
         # the rest of a tiny call).
         self._wire_session = session
+        lifter = default_lifter[0]
+        if lifter is not None:
+            value = lifter.lift(value)  # big bytes and str in segments: the server maps them
         try:
             packed: bytes = self._wire_packer.pack(value)
         except BaseException:

@@ -19,7 +19,8 @@ import sys
 import time
 from typing import Any
 
-from ._protocol import RETIRING, FrameReader, encode_frame, pack_plain, unpack_plain, write_all
+from ._frames import OversizedFrame, write_frame
+from ._protocol import RETIRING, FrameReader, default_lifter, encode_frame, pack_plain, unpack_plain, write_all
 from ._worker import WorkerCore
 
 log = logging.getLogger("poolbridge.worker")
@@ -63,6 +64,13 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
         board = CancelBoard.attach(*options["cancel_board"])  # first: it unlinks the board's name
     _die_with_parent(options["parent_pid"])
     logging.basicConfig(level=options.get("log_level", logging.WARNING))
+    shm = options.get("shm")
+    if shm:
+        from . import _shm
+
+        _shm.use_tracker(shm["tracker_fd"])
+        prefix = _shm.worker_prefix(shm["prefix"], options["slot"], options["generation"])
+        default_lifter[0] = _shm.Lifter(prefix, shm["threshold"], options.get("max_value_bytes"))
     core = WorkerCore(
         options["slot"],
         options["n_slots"],
@@ -73,6 +81,7 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
         session_ttl=options.get("session_ttl"),
         max_calls=options.get("max_calls"),
         max_rss=options.get("max_rss"),
+        max_value_bytes=options.get("max_value_bytes"),
     )
     seq = 0
     reader = FrameReader()
@@ -86,14 +95,13 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
             if wait == 0.0 or not select.select([read_fd], [], [], wait)[0]:
                 core.sweep()
                 continue
-        data = os.read(read_fd, 1 << 16)
-        if not data:
+        frames = reader.read_from(read_fd)
+        if frames is None:
             return
-        frames = reader.feed(data)
         if len(frames) == 1 and not check_retire:  # the common case: one request, one reply
             seq += 1
             if board is None or board.claim(seq):
-                write_all(write_fd, encode_frame(handle(frames[0])))  # type: ignore[arg-type]
+                write_frame(write_fd, handle(frames[0]))  # type: ignore[arg-type]
             continue
         out: list[bytes] = []
         started = 0.0
@@ -103,7 +111,7 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
                 out.clear()
             if not out:
                 started = perf()
-            assert isinstance(frame, bytes)  # no size limit on the private channel
+            assert not isinstance(frame, OversizedFrame)  # no size limit on the private channel
             seq += 1
             if board is not None and not board.claim(seq):
                 continue  # cancelled before it started: the router expects no reply

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from . import _shm
 from ._cancel import CancelBoard
 from ._errors import CallTimeoutError, PoolBusyError, WorkerCrashedError
-from ._protocol import OK, OK_SHM, RETIRING, FrameReader, pack_plain, unpack_plain
+from ._protocol import OK, OK_SHM, RETIRING, FrameReader, encode_frame, pack_plain, unpack_plain
 
 if TYPE_CHECKING:
     from ._router import Router, Sink
@@ -190,13 +190,24 @@ def _spawn(
     return process, req_w, rep_r
 
 
+_NONE_HELD: list[str] = []
 _WITH_SEGMENTS = 0x95  # a request frame's first body byte when it is a 5-element array (pack_request)
+_WITH_RETURNED = 0x96  # ... a 6-element one: segment names, then result segments handed back
 
 
 def segment_names(frame: bytes) -> list[str]:
     """The segment names a request frame (header included) lists; see _protocol.pack_request."""
     names: list[str] = unpack_plain(memoryview(frame)[4:])[4]
     return names
+
+
+def _with_returned(frame: bytes, returned: list[str]) -> bytes:
+    """``frame`` (a small request) re-encoded to also hand ``returned`` result segments back."""
+    request = unpack_plain(memoryview(frame)[4:])
+    if len(request) == 4:
+        request.append([])
+    request.append(returned)
+    return encode_frame(pack_plain(request))
 
 
 def _replied(waiter: Any) -> bool:
@@ -224,6 +235,9 @@ class ProcessChannel:
         # Segments of requests sent here whose replies have not been read: the router unlinks them
         # when the reply comes, the request is cancelled, or this worker is found dead (_shm.py).
         self._outbound: dict[int, list[str]] = {}
+        # Its result segments this process has finished reading: the worker may write them again.
+        # They ride on the next small request frame (its sixth element).
+        self._returned: list[str] = []
         shm = router.worker_options.get("shm")
         self._shm_prefix = _shm.worker_prefix(shm["prefix"], slot, generation) if shm else None
         self._need_reader = threading.Event()
@@ -282,9 +296,13 @@ class ProcessChannel:
                 self._seq += 1
                 if sink.cancellable:
                     sink.seq = self._seq  # type: ignore[attr-defined]
+                returned = self._returned
+                if returned and len(data) < _ATOMIC:
+                    self._returned = []
+                    data = _with_returned(data, returned)
                 self._queue.append(data)
                 self._queued_bytes += len(data)
-                if data[4] == _WITH_SEGMENTS:
+                if data[4] >= _WITH_SEGMENTS:
                     self._outbound[req_id] = segment_names(data)
                 if (
                     self._unanswered() < _WINDOW
@@ -301,6 +319,8 @@ class ProcessChannel:
                     self._queue.pop()
                     self._seq -= 1
                     self._outbound.pop(req_id, None)  # the frame goes elsewhere, or fails in Router.send
+                    if data[4] == _WITH_RETURNED:
+                        self._returned.extend(unpack_plain(memoryview(data)[4:])[5])
                     queued = False
                 else:
                     return  # written (or queued behind frames) into the pipe of a dying worker
@@ -424,7 +444,7 @@ class ProcessChannel:
         """Cancel a sent request the worker has not started. True: it will never run."""
         if self._board is None or self.dead or not self._board.cancel(seq):
             return False
-        self._release(req_id)
+        self._release(req_id, _NONE_HELD)  # never read by the worker
         with self._write_lock:
             self._cancelled += 1  # no reply will come for it
             # Replies drive the queue, and this one will not come: a pipe full of cancelled frames
@@ -440,11 +460,19 @@ class ProcessChannel:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _release(self, req_id: int) -> None:
+    def _release(self, req_id: int, held: list[str] | None = None) -> None:
+        """The request's segments: kept warm for reuse unless the worker may still map them
+        (``held``; None: any of them)."""
         names = self._outbound.pop(req_id, None)
         if names is not None:
+            lifter = self._router.lifter
             for name in names:
-                _shm.unlink(name)
+                if lifter is None:
+                    _shm.unlink(name)
+                elif held is None or name in held:
+                    lifter.drop(name)
+                else:
+                    lifter.recycle(name)
 
     def _deliver(self, frames: list[Any]) -> None:
         pending = self.pending
@@ -452,10 +480,13 @@ class ProcessChannel:
         outbound = self._outbound
         for frame in frames:
             req_id, status, body = unpack_plain(frame)
+            held: list[str] | None = _NONE_HELD
             if status == OK_SHM:
-                status, body = OK, _shm.adopt(body)  # opened, names unlinked: see _shm.py
+                body, names, held = body
+                status, body = OK, _shm.adopt(body, names, self._returned.append)  # see _shm.py
             if outbound:
-                self._release(req_id)
+                # After an error reply any argument segment may still be mapped: none is reused.
+                self._release(req_id, held if status == OK else None)
             sink = pending.pop(req_id, None)
             if sink is not None:
                 sink.deliver(status, body)
@@ -526,7 +557,7 @@ class ProcessChannel:
                         pass
                 finally:
                     self._read_lock.release()
-                    if self.pending:
+                    if self.pending or self._outbound:
                         self._need_reader.set()
                 if _replied(waiter):
                     break
@@ -555,14 +586,15 @@ class ProcessChannel:
                 # round trip). The flag is cleared *before* pending is re-checked, so a request
                 # added meanwhile is either seen here or wakes us.
                 self._bg_active = True
+                # Replies owed to requests given up (timed out) are read too: their segments go then.
                 with self._read_lock:
                     try:
-                        while self.pending and not self.dead and self._read_once(None):
+                        while (self.pending or self._outbound) and not self.dead and self._read_once(None):
                             pass
                     except OSError:
                         return
                 self._bg_active = False
-                if not self.pending:
+                if not self.pending and not self._outbound:
                     break
             if self.dead:
                 return
@@ -600,7 +632,7 @@ class ProcessChannel:
         # Its replies are read: what it was sent and never answered, and what it made for replies
         # it never wrote, can go (see _shm.py).
         for req_id in list(self._outbound):
-            self._release(req_id)
+            self._release(req_id, _NONE_HELD)  # nothing maps them now
         if self._shm_prefix is not None:
             _shm.sweep(self._shm_prefix)
         if self._board is not None:

@@ -1,8 +1,9 @@
 """Reading and writing ``{packet, 4}`` frames without copying a large frame more than once.
 
 A frame is a 4-byte big-endian length and that many bytes. The private router-worker channel also
-allows frames of 4 GiB and more: the length ``0xFFFFFFFF`` is then followed by an 8-byte length
-(the Port protocol never sends one; its frames are bounded by ``--max-frame``).
+allows frames of 4 GiB and more: the length ``0xFFFFFFFF`` is then followed by an 8-byte length.
+A reader with a ``max_frame`` (the Port server's) reads plain ``{packet, 4}``: there the length is
+only ever four bytes.
 
 :class:`FrameReader` reads straight from a file descriptor into its own buffers (``os.readv``):
 
@@ -176,7 +177,7 @@ class FrameReader:
         while end - pos >= 4:
             (size,) = HEADER.unpack_from(view, pos)
             head = 4
-            if size == _EXTENDED:
+            if size == _EXTENDED and limit is None:  # the Port (always limited) is plain {packet, 4}
                 if end - pos < 12:
                     break
                 (size,) = _LONG.unpack_from(view, pos + 4)

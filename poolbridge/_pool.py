@@ -57,6 +57,7 @@ from ._protocol import (
 from ._replies import DISCARD, FAILED, Deadlines, PoolFuture, Waiter, rebuild_error
 from ._router import DEFAULT_MAX_IN_FLIGHT, Router
 from ._session import resolve_session, session_scope, validate_session_id
+from ._shm_send import Lifter
 
 __all__ = ["Pool", "PoolStats", "SlotStats"]
 
@@ -70,7 +71,7 @@ _Req = tuple[str, "WireRef | None", list[Any], Callable[[int, Any], Any]]
 class _Options:
     """Per-call options. Plain slots, not a dataclass: ``options()`` sits on hot paths."""
 
-    __slots__ = ("batch", "block", "on_timeout", "ret", "session", "timeout")
+    __slots__ = ("batch", "block", "on_timeout", "ret", "session", "timeout", "zero_copy")
 
     def __init__(self) -> None:
         self.session: str | None = None
@@ -79,6 +80,7 @@ class _Options:
         self.batch = DEFAULT_BATCH
         self.block = True
         self.on_timeout = "keep"
+        self.zero_copy = False
 
     def copy(self) -> _Options:
         new = _Options()
@@ -153,7 +155,7 @@ class _Api:
                     f"{ref!r} outlived its worker: slot {slot} is now generation "
                     f"{pool._router.generation(slot)}; the session's objects are gone"
                 )
-        return slot, *pool._encode_request(op, session_id, fields, pool)
+        return slot, *pool._encode_request(op, session_id, fields, pool, self._opts.zero_copy)
 
     def _run(self, op: str, ref: WireRef | None, fields: list[Any], decode: Callable[[int, Any], Any]) -> Any:
         """Send and block for the reply, reading it ourselves when nobody else is (no thread hop)."""
@@ -196,6 +198,9 @@ class _Api:
 
     def _value(self, status: int, body: Any) -> Any:
         if status == OK:
+            if self._opts.zero_copy:
+                with _shm.zero_copy_views():
+                    return self._pool._unpack(body)
             return self._pool._unpack(body)
         raise rebuild_error(body)
 
@@ -218,6 +223,7 @@ class _Api:
         batch: int | None = None,
         block: bool | None = None,
         on_timeout: str | None = None,
+        zero_copy: bool | None = None,
     ) -> _Api:
         """A view of the pool whose calls use these options (unset ones are inherited).
 
@@ -227,7 +233,9 @@ class _Api:
         in-flight calls with :class:`WorkerCrashedError` and loses its sessions' state. ``ret``:
         ``"auto"`` (a value, or a Ref when the result cannot be encoded), ``"ref"``, ``"value"``.
         ``batch``: stream batch size. ``block=False``: raise :class:`PoolBusyError` instead of waiting
-        when the slot is at its in-flight bound.
+        when the slot is at its in-flight bound. ``zero_copy=True``: big bytes and bytearrays (at least
+        the pool's ``shm_threshold``) arrive as read-only memoryviews of shared memory, in the worker
+        (arguments) and here (results), instead of being copied out (README, "Large values").
         """
         opts = self._opts.copy()
         if session is not None:
@@ -246,6 +254,8 @@ class _Api:
             opts.batch = int(batch)
         if block is not None:
             opts.block = bool(block)
+        if zero_copy is not None:
+            opts.zero_copy = bool(zero_copy)
         if on_timeout is not None:
             if on_timeout not in ("keep", "restart"):
                 raise ValueError(f"on_timeout must be 'keep' or 'restart', got {on_timeout!r}")
@@ -453,11 +463,11 @@ class Pool(_Api):
         if max_value_bytes is not None and max_value_bytes < 1:
             raise ValueError(f"max_value_bytes must be at least 1, got {max_value_bytes}")
         self.max_value_bytes = max_value_bytes
-        self._shm: _shm.Lifter | None = None
+        self._shm: Lifter | None = None
         shm_options = None
         if backend == "process" and shm_threshold is not None and _shm.available():
             _shm.sweep_stale()
-            self._shm = _shm.Lifter(_shm.router_prefix(), shm_threshold, max_value_bytes)
+            self._shm = Lifter(_shm.router_prefix(), shm_threshold, max_value_bytes, cache=_shm.CACHE_BYTES)
             shm_options = {"prefix": self._shm.prefix, "threshold": shm_threshold, "tracker_fd": _shm.start_tracker()}
         self._unpack = make_unpacker(self._make_ref)
         self._discards: collections.deque[tuple[list[Any], str]] = collections.deque()
@@ -478,18 +488,30 @@ class Pool(_Api):
             max_in_flight=max_in_flight,
             channel_factory=factory,
         )
+        self._router.lifter = self._shm
         _live_pools.add(self)
 
-    def _encode_request(self, op: str, session_id: str, fields: list[Any], owner: object = None) -> tuple[int, bytes]:
+    def _encode_request(
+        self, op: str, session_id: str, fields: list[Any], owner: object = None, zero_copy: bool = False
+    ) -> tuple[int, bytes]:
         """``(req_id, frame body)`` of a request, its big buffers in segments; raises
         :class:`ValueTooLargeError` past ``max_value_bytes`` before anything is sent."""
         shm = self._shm
-        body = pack_value(fields, session_id, owner, shm)
-        names, size = shm.take() if shm is not None else ([], 0)
+        if shm is None:
+            body = pack_value(fields, session_id, owner)
+            names: list[str] = []
+            size = 0
+        else:
+            shm.zero_copy(zero_copy)
+            try:
+                body = pack_value(fields, session_id, owner, shm)
+            finally:
+                shm.zero_copy(False)
+            names, size = shm.take()
         limit = self.max_value_bytes
         if limit is not None and len(body) + size > limit:
             for name in names:
-                _shm.unlink(name)
+                shm.recycle(name)  # type: ignore[union-attr]
             raise ValueTooLargeError(
                 f"the value is {len(body) + size} bytes, over this pool's max_value_bytes of {limit}; "
                 "raise Pool(max_value_bytes=...) to send it"
@@ -585,6 +607,8 @@ class Pool(_Api):
         if not self._router.closing:
             self._router.close(cancel=cancel)
             self._deadlines.stop()
+            if self._shm is not None:
+                self._shm.close()
         _live_pools.discard(self)
 
     @property

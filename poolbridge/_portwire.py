@@ -60,7 +60,7 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise BadRequestError(f"msgpack extension type {code} is not accepted; refs travel as {{{REF_TAG!r}: [...]}}")
 
 
-def _decode_request(frame: bytes) -> Any:
+def _decode_request(frame: bytes | bytearray) -> Any:
     return msgpack.unpackb(
         frame, raw=False, strict_map_key=False, object_hook=_object_hook, ext_hook=_reject_ext, use_list=True
     )

@@ -39,7 +39,8 @@ import msgpack
 from . import _shm
 from ._errors import SessionMismatchError
 from ._frames import FrameReader, OversizedFrame, frame_header
-from ._shm import EXT_PICKLE5, EXT_SHM, Lifter
+from ._shm import EXT_PICKLE5, EXT_SHM
+from ._shm_send import Lifter
 
 __all__ = [
     "EXT_PICKLE",
@@ -271,5 +272,5 @@ def reset_plain_packer() -> None:
     _encoding.plain = msgpack.Packer(use_bin_type=True)
 
 
-def unpack_plain(data: bytes) -> Any:
+def unpack_plain(data: bytes | bytearray | memoryview) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)

@@ -98,6 +98,7 @@ class Router:
         self.closing = False
         self._closed = threading.Event()  # set by close(): interrupts restart back-off pauses
         self._factory = channel_factory
+        self.lifter: Any = None  # the pool's _shm.Lifter: where segments of finished requests go
         self._on_crash = on_crash
         self._ids = itertools.count(1)
         self._slots = [_Slot(i) for i in range(n_slots)]
@@ -191,7 +192,7 @@ class Router:
         except BaseException:
             if data[4] == _WITH_SEGMENTS:  # never sent: nobody else will unlink its segments
                 for name in segment_names(data):
-                    _shm.unlink(name)
+                    self.lifter.recycle(name) if self.lifter is not None else _shm.unlink(name)
             raise
         if not lead:
             ch.wake_reader()

@@ -673,7 +673,7 @@ class _PingReply(Sink):
         self.out.write(_exc_reply(self.req_id, exc))
 
 
-def _salvage_id(frame: bytes) -> Any:
+def _salvage_id(frame: bytes | bytearray) -> Any:
     """The ``id`` of a frame that failed to decode as a request, if a lenient decode can read it."""
     try:
         obj = msgpack.unpackb(frame, raw=True, strict_map_key=False, ext_hook=lambda c, d: None)

@@ -189,13 +189,17 @@ class WorkerCore:
 
     # -- the request cycle -----------------------------------------------------------------
 
-    def handle(self, frame: bytes) -> bytes:
+    def handle(self, frame: bytes | bytearray) -> bytes:
         req_id: Any = None
         lifter = default_lifter[0]
         try:
             try:
-                # A fifth element lists the request's segments: the router unlinks them (_shm.py).
-                req_id, op, session_id, body, *_ = unpack_plain(frame)
+                # A fifth element lists the request's segments (the router unlinks them); a sixth,
+                # segments of earlier results the router has finished reading (see _shm.py).
+                req_id, op, session_id, body, *more = unpack_plain(frame)
+                if len(more) > 1 and lifter is not None:
+                    for name in more[1]:
+                        lifter.recycle(name)
             except Exception as exc:
                 raise BadRequestError(f"undecodable request: {exc}") from None
             handler = self._ops.get(op)
@@ -205,14 +209,18 @@ class WorkerCore:
                 return pack_plain([req_id, OK, handler()])
             session = self._enter(session_id)
             try:
+                if lifter is not None:
+                    _shm.track_mappings()
                 fields = self._unpack(body)
                 self.calls += 1
                 result = handler(session, *fields)
                 if lifter is not None:
+                    fields = None  # the arguments' mappings may go now
                     names, size = lifter.take()
-                    if names:
+                    held = _shm.held()
+                    if names or held:
                         self._check_size(len(result) + size, names)
-                        return pack_plain([req_id, OK_SHM, [result, names]])
+                        return pack_plain([req_id, OK_SHM, [result, names, held]])
                 if self.max_value_bytes is not None:
                     self._check_size(len(result))
                 return pack_plain([req_id, OK, result])
@@ -224,6 +232,7 @@ class WorkerCore:
         except BaseException as exc:
             if lifter is not None:
                 lifter.discard()  # segments made for a reply that is not sent
+                _shm.held()
             return pack_plain([req_id, ERROR, pack_plain(error_fields(exc))])
 
     def _check_size(self, size: int, names: list[str] | None = None) -> None:

@@ -67,10 +67,13 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
     shm = options.get("shm")
     if shm:
         from . import _shm
+        from ._shm_send import Lifter
 
         _shm.use_tracker(shm["tracker_fd"])
         prefix = _shm.worker_prefix(shm["prefix"], options["slot"], options["generation"])
-        default_lifter[0] = _shm.Lifter(prefix, shm["threshold"], options.get("max_value_bytes"))
+        default_lifter[0] = Lifter(
+            prefix, shm["threshold"], options.get("max_value_bytes"), cache=_shm.CACHE_BYTES
+        )
     core = WorkerCore(
         options["slot"],
         options["n_slots"],

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 from hypothesis import settings
-from pb_faultmods import Fifo
+from pb_faultmods import Fifo, resource_tracker_pid
 
 import poolbridge
 
@@ -36,6 +37,7 @@ def _children() -> list[psutil.Process]:
 
 def _leftovers(ignore: set[int]) -> list[str]:
     gc.collect()  # a pool nobody closed but nobody references either
+    ignore = ignore | {resource_tracker_pid()}  # the stdlib's, shared by every pool (see _shm.py)
     procs = [p for p in _children() if p.pid not in ignore]
     _, alive = psutil.wait_procs(procs, timeout=EXIT_WAIT)
     out = []
@@ -83,6 +85,11 @@ def pool_maker() -> Iterator[Callable[..., poolbridge.Pool]]:
     yield make
     for p in pools:
         p.close(cancel=True)
+    for p in pools:  # and their shared memory, all of it (see poolbridge/_shm.py)
+        if p._shm is not None:
+            prefix = p._shm.prefix.lstrip("/")
+            left = [e for e in os.listdir("/dev/shm") if e.startswith(prefix)]
+            assert not left, f"shared memory left after close(): {left}"
 
 
 @pytest.fixture

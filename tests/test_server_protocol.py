@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 import psutil
 import pytest
+from pb_faultmods import is_resource_tracker
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -111,7 +112,7 @@ class Server:
         return reply["error"]  # type: ignore[no-any-return]
 
     def worker_pids(self) -> list[int]:
-        return [c.pid for c in psutil.Process(self.proc.pid).children()]
+        return [c.pid for c in psutil.Process(self.proc.pid).children() if not is_resource_tracker(c)]
 
     def close(self) -> None:
         if self.proc.poll() is None:

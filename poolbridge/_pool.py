@@ -198,11 +198,15 @@ class _Api:
 
     def _value(self, status: int, body: Any) -> Any:
         if status == OK:
-            if self._opts.zero_copy:
-                with _shm.zero_copy_views():
-                    return self._pool._unpack(body)
-            return self._pool._unpack(body)
+            return self._decode_body(body)
         raise rebuild_error(body)
+
+    def _decode_body(self, body: bytes) -> Any:
+        """A value from a reply body (read-only views of big buffers with ``zero_copy``)."""
+        if self._opts.zero_copy:
+            with _shm.zero_copy_views():
+                return self._pool._unpack(body)
+        return self._pool._unpack(body)
 
     @staticmethod
     def _fn(fn: Any) -> Any:
@@ -306,7 +310,7 @@ class _Api:
             key_fields, items, done = unpack_plain(body)
             key = WireRef(*key_fields)
             try:
-                decoded = self._pool._unpack(items)
+                decoded = self._decode_body(items)
             except BaseException:
                 if not done:  # the first batch is lost: close the generator rather than leak it
                     self._pool._discard(key.key(), "stream_close")
@@ -373,7 +377,7 @@ class _Api:
         if status != OK:
             raise rebuild_error(body)
         items, done = unpack_plain(body)
-        return self._pool._unpack(items), done
+        return self._decode_body(items), done
 
     @staticmethod
     def _stream_result(pending: concurrent.futures.Future[Any]) -> tuple[list[Any], bool]:

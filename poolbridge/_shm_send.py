@@ -90,6 +90,10 @@ class Lifter:
             batch.size = 0
         return names, size
 
+    def batch_bytes(self) -> int:
+        """Bytes in the segments of the message being encoded on this thread."""
+        return self._batch.size
+
     def discard(self, mark: int = 0) -> None:
         """Unlink the names made on this thread since ``mark`` (their message is not sent)."""
         batch = self._batch

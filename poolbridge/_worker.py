@@ -319,11 +319,28 @@ class WorkerCore:
         if ret == RET_REF:
             return self._new_ref(session, value)
         try:
-            return self._encode(session, value) if self.wire else pack_value(value)
+            if self.wire:
+                return self._encode(session, value)
+            return pack_value(value) if self.max_value_bytes is None else self._bounded(value)
         except Exception:
             if ret == RET_VALUE:
                 raise
             return self._new_ref(session, value)
+
+    def _bounded(self, value: Any) -> bytes:
+        """``pack_value(value)``, refused past ``max_value_bytes`` (so ``ret="auto"`` makes a ref)."""
+        lifter = default_lifter[0]
+        mark = lifter.mark() if lifter is not None else 0
+        packed = pack_value(value)
+        size = len(packed) + (lifter.batch_bytes() if lifter is not None else 0)
+        if self.max_value_bytes is not None and size > self.max_value_bytes:
+            if lifter is not None:
+                lifter.discard(mark)
+            raise ValueTooLargeError(
+                f"the result is {size} bytes, over this pool's max_value_bytes of {self.max_value_bytes}; "
+                "raise Pool(max_value_bytes=...) to receive it"
+            )
+        return packed
 
     def _encode(self, session: _Session, value: Any) -> bytes:
         if not self.wire:
@@ -377,7 +394,7 @@ class WorkerCore:
             if self.wire:
                 return self._encode(session, value)  # never fails: what msgpack cannot carry is a ref
             try:
-                return pack_value(value)
+                return pack_value(value) if self.max_value_bytes is None else self._bounded(value)
             except Exception:  # noqa: S110 - not encodable: _result below hands it over as a ref
                 pass
         return self._result(session, value, ret)

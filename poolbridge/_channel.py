@@ -31,6 +31,7 @@ restarts the slot. A reader that meets EOF kills the process, so the monitor see
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures
 import errno
 import logging
@@ -201,6 +202,16 @@ def segment_names(frame: bytes) -> list[str]:
     return names
 
 
+def _take_all(names: collections.deque[str]) -> list[str]:
+    """Everything in ``names``, each name taken exactly once even while others append."""
+    out = []
+    while True:
+        try:
+            out.append(names.popleft())
+        except IndexError:
+            return out
+
+
 def _with_returned(frame: bytes, returned: list[str]) -> bytes:
     """``frame`` (a small request) re-encoded to also hand ``returned`` result segments back."""
     request = unpack_plain(memoryview(frame)[4:])
@@ -237,7 +248,7 @@ class ProcessChannel:
         self._outbound: dict[int, list[str]] = {}
         # Its result segments this process has finished reading: the worker may write them again.
         # They ride on the next small request frame (its sixth element).
-        self._returned: list[str] = []
+        self._returned: collections.deque[str] = collections.deque()  # appended by any thread
         shm = router.worker_options.get("shm")
         self._shm_prefix = _shm.worker_prefix(shm["prefix"], slot, generation) if shm else None
         self._need_reader = threading.Event()
@@ -296,10 +307,8 @@ class ProcessChannel:
                 self._seq += 1
                 if sink.cancellable:
                     sink.seq = self._seq  # type: ignore[attr-defined]
-                returned = self._returned
-                if returned and len(data) < _ATOMIC:
-                    self._returned = []
-                    data = _with_returned(data, returned)
+                if self._returned and len(data) < _ATOMIC:
+                    data = _with_returned(data, _take_all(self._returned))
                 self._queue.append(data)
                 self._queued_bytes += len(data)
                 if data[4] >= _WITH_SEGMENTS:

@@ -158,6 +158,36 @@ def test_ref_methods_and_stream_items(small: poolbridge.Pool) -> None:
     no_segments_left(small)
 
 
+def test_segments_are_reused_not_accumulated(small: poolbridge.Pool) -> None:
+    data = os.urandom(2 * T)
+    for _ in range(40):
+        assert small.call("pb_testmods.identity", data) == data
+    assert len(segments(small._shm.prefix)) <= 2 * (small.workers + 2)  # type: ignore[union-attr]
+    no_segments_left(small)
+
+
+def test_a_segment_still_viewed_is_never_written_again(small: poolbridge.Pool) -> None:
+    """Warm reuse must skip segments someone still maps: the worker (a view kept in a ref) and
+    the caller (a zero-copy result it holds)."""
+    first, second = b"a" * (2 * T), b"b" * (2 * T)
+    zero_copy = small.options(zero_copy=True, session="viewed")
+    store = zero_copy.create("pb_largemods.Store")
+    zero_copy.method(store, "put", first)  # the worker keeps a read-only view of the segment
+    zero_copy.method(store, "put", np.full(T // 8, 1.0))  # and an array over another one
+    for _ in range(3):
+        zero_copy.call("builtins.len", second)
+        zero_copy.call("pb_largemods.digest", np.full(T // 8, 2.0))
+    assert zero_copy.method(store, "get", 0) == first
+    assert float(zero_copy.method(store, "get", 1).sum()) == T // 8
+    held = zero_copy.call("pb_testmods.identity", first)
+    for _ in range(3):
+        assert zero_copy.call("pb_testmods.identity", second) == second
+    assert held == first
+    del held
+    store.release()
+    no_segments_left(small)
+
+
 def test_mutation_after_send_is_not_seen(small: poolbridge.Pool, fifo: Fifo, tmp_path: Any) -> None:
     """The argument is copied into its segment when the call is sent: later writes stay ours."""
     marker = str(tmp_path / "running")

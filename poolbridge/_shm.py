@@ -293,6 +293,35 @@ def load_pickle(data: bytes) -> Any:
     return pickle.loads(head, buffers=[_read(ref) for ref in refs])
 
 
+def unlink_orphans(owner: Callable[[str], int | None], remove: Callable[[str], None]) -> None:
+    """Remove the /dev/shm entries whose owner process is gone. ``owner(entry)``: the pid in its
+    name (None: not one of ours); ``remove(entry)`` unlinks it."""
+    try:
+        entries = os.listdir(_DIR)
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            pid = owner(entry)
+        except ValueError:
+            continue
+        if pid is None or pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                remove(entry)
+            except OSError:
+                pass
+        except PermissionError:  # alive, another user's
+            continue
+
+
+def _router_pid(entry: str) -> int | None:
+    return int(entry[2 : entry.index("_")]) if entry.startswith("pb") and "_" in entry else None
+
+
 _swept = False
 
 
@@ -300,26 +329,6 @@ def sweep_stale() -> None:
     """Unlink segments of routers that no longer exist (once per process): a second line behind
     the resource tracker, for a router killed together with its tracker."""
     global _swept
-    if _swept:
-        return
-    _swept = True
-    try:
-        entries = [e for e in os.listdir(_DIR) if e.startswith("pb") and "_" in e]
-    except OSError:
-        return
-    for entry in entries:
-        try:
-            pid = int(entry[2 : entry.index("_")])
-        except ValueError:
-            continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            try:
-                _posixshmem.shm_unlink("/" + entry)
-            except OSError:
-                pass
-        except PermissionError:  # alive, another user's
-            continue
+    if not _swept:
+        _swept = True
+        unlink_orphans(_router_pid, lambda entry: _posixshmem.shm_unlink("/" + entry))

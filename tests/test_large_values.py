@@ -158,12 +158,15 @@ def test_ref_methods_and_stream_items(small: poolbridge.Pool) -> None:
     no_segments_left(small)
 
 
-def test_segments_are_reused_not_accumulated(small: poolbridge.Pool) -> None:
+def test_segments_are_reused_not_accumulated(pool_maker: Callable[..., poolbridge.Pool]) -> None:
+    p = pool_maker(shm_threshold=T)
     data = os.urandom(2 * T)
     for _ in range(40):
-        assert small.call("pb_testmods.identity", data) == data
-    assert len(segments(small._shm.prefix)) <= 2 * (small.workers + 2)  # type: ignore[union-attr]
-    no_segments_left(small)
+        assert p.call("pb_testmods.identity", data) == data
+    # One argument segment and one result segment, written again and again (a second of each
+    # may be in flight back to its owner).
+    assert len(segments(p._shm.prefix)) <= 4  # type: ignore[union-attr]
+    no_segments_left(p)
 
 
 def test_a_segment_still_viewed_is_never_written_again(small: poolbridge.Pool) -> None:

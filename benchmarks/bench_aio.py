@@ -2,7 +2,8 @@
 
 Latency: 100 sequential ``await pool.call("operator.add", 1, 2)`` per round (one event-loop entry
 per round, so the loop's own start-up is not what is measured); compare per call with
-``raw_pingpong``. Throughput: ``asyncio.gather`` of N calls over 64 sessions per round; compare
+``aio_raw_pingpong`` (the same raw pipe driven by the loop) and ``raw_pingpong``.
+Throughput: ``asyncio.gather`` of N calls over 64 sessions per round; compare
 with ``raw_pipelined`` and with the thread-based ``pool_submit_many_sessions``.
 """
 
@@ -42,6 +43,22 @@ async def _gather(views: list[poolbridge.AsyncPool]) -> None:
     k = len(views)
     results = await asyncio.gather(*(views[i % k].call("operator.add", 1, 2) for i in range(N_CALLS)))
     assert results == [3] * N_CALLS
+
+
+async def _raw_sequential(raw_echo: Any) -> None:
+    for _ in range(SEQ):
+        assert await raw_echo.aio_ping() == [0, 3]
+
+
+@pytest.mark.benchmark(group="latency")
+def test_aio_raw_pingpong(benchmark: Any, loop: asyncio.AbstractEventLoop, raw_echo: Any) -> None:
+    """Baseline: 100 sequential raw round trips per round, driven by the event loop (add_reader)."""
+    loop.run_until_complete(_raw_sequential(raw_echo))
+    benchmark.extra_info.update(case="aio_raw_pingpong", n=SEQ, unit="calls")
+    try:
+        benchmark.pedantic(loop.run_until_complete, setup=lambda: ((_raw_sequential(raw_echo),), {}), rounds=ROUNDS)
+    finally:
+        raw_echo.aio_stop()  # the sync baselines read the same pipe
 
 
 @pytest.mark.benchmark(group="latency")

@@ -74,15 +74,15 @@ def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[Row], list[tuple[str, s
             out.append((f"{case} peak RSS / value", f"{rss:.2f}", "", "<= 1.3", rss <= 1.3))
     if "pool_call" not in cases and "raw_pingpong" not in cases:  # bench_large.py alone
         return out, _absolute(cases)
-    ratio("pool_call / raw_pingpong (latency)", "pool_call", "raw_pingpong", round_us, "<= 1.5", lambda v: v <= 1.5)
+    ratio("pool_call / raw_pingpong (latency)", "pool_call", "raw_pingpong", round_us, "<= 1.6", lambda v: v <= 1.6)
     ratio("mp_pool_apply / pool_call (latency, x faster)", "mp_pool_apply", "pool_call", round_us, "info", None)
     ratio(
         "pool_submit / raw_pipelined (calls/s)",
         "pool_submit_many_sessions",
         "raw_pipelined",
         per_second,
-        ">= 0.5",
-        lambda v: v >= 0.5,
+        ">= 0.3",
+        lambda v: v >= 0.3,
     )
     ratio(
         "pool_submit / mp_pool_apply_async (calls/s)",
@@ -94,16 +94,26 @@ def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[Row], list[tuple[str, s
     )
     # Optional suites (bench_aio.py): informational, listed only when they ran.
     if "aio_call_seq" in cases:
-        ratio("aio_call_seq / raw_pingpong (latency)", "aio_call_seq", "raw_pingpong", round_us, "info", None)
+        ratio("aio_call_seq / aio_raw_pingpong (latency)", "aio_call_seq", "aio_raw_pingpong", round_us, "<= 1.5",
+              lambda v: v <= 1.5)
+        ratio("aio_call_seq / raw_pingpong (latency)", "aio_call_seq", "raw_pingpong", round_us, "<= 2.5",
+              lambda v: v <= 2.5)
     if "aio_gather_many_sessions" in cases:
         ratio(
             "aio_gather / raw_pipelined (calls/s)",
             "aio_gather_many_sessions",
             "raw_pipelined",
             per_second,
-            "info",
-            None,
+            ">= 0.3",
+            lambda v: v >= 0.3,
         )
+    # Optional suite (bench_startup.py).
+    if "pool_ready" in cases:
+        ratio("pool_ready / mp_pool_ready_forkserver", "pool_ready", "mp_pool_ready_forkserver", round_us, "<= 1.5",
+              lambda v: v <= 1.5)
+    if "slot_restart" in cases:
+        best, median = round_us(cases["slot_restart"]) / 1e3, round_us(cases["slot_restart"], "median") / 1e3
+        out.append(("slot_restart ms", f"{best:.1f}", f"{median:.1f}", "<= 100", best <= 100))
     streams = sorted(c for c in cases if c.startswith("pool_stream_ints"))
     if not streams:
         out.append(("pool_stream_ints items/s", "missing", "", ">= 500k", False))

@@ -1,10 +1,10 @@
 """The asyncio face of a pool: the same operations, awaitable, on the same workers.
 
 No thread per call and nothing blocks the loop: a request is written by the task itself (a pipe
-write of a few dozen bytes), and its reply — read by the channel's reader thread — resolves an
-``asyncio.Future`` through ``loop.call_soon_threadsafe``. Session resolution runs inside the task,
-so each task gets its own auto-session, and ``with pool.session(...)`` / ``options(session=...)``
-behave exactly as in threads.
+write of a few dozen bytes), and its reply is read on the event loop (``add_reader`` on the worker's
+reply pipe) and resolves an ``asyncio.Future`` there — no thread hop (see :class:`_LoopState`).
+Session resolution runs inside the task, so each task gets its own auto-session, and
+``with pool.session(...)`` / ``options(session=...)`` behave exactly as in threads.
 
     async with AsyncPool(workers=4) as pool:
         await pool.call("math.sqrt", 2.0)
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -36,54 +37,118 @@ __all__ = ["AsyncPool", "AsyncStream"]
 
 
 class _LoopSink(Sink):
-    """Resolves an asyncio future from whichever thread reads the reply."""
+    """Resolves an asyncio future: directly when the reply is read on the loop's own thread, else
+    through the loop's inbox."""
 
-    __slots__ = ("decode", "future", "loop", "seq")
+    __slots__ = ("decode", "future", "inbox", "seq")
     cancellable = True
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, decode: Callable[[int, Any], Any]) -> None:
-        self.loop = loop
+    def __init__(self, inbox: _LoopState, loop: asyncio.AbstractEventLoop, decode: Callable[[int, Any], Any]) -> None:
+        self.inbox = inbox
         self.future: asyncio.Future[Any] = loop.create_future()
         self.decode = decode
         self.seq = 0
 
     def deliver(self, status: int, body: Any) -> None:
         try:
-            value = self.decode(status, body)  # decoded here: the loop thread only sets the result
+            value = self.decode(status, body)
         except BaseException as exc:
-            self._post(None, exc)
+            self.inbox.post(self.future, None, exc)
         else:
-            self._post(value, None)
+            self.inbox.post(self.future, value, None)
 
     def fail(self, exc: BaseException) -> None:
-        self._post(None, exc)
-
-    def _post(self, value: Any, exc: BaseException | None) -> None:
-        _inbox(self.loop).post(self.future, value, exc)
+        self.inbox.post(self.future, None, exc)
 
 
-class _Inbox:
-    """Results for one event loop, handed over in batches.
+class _LoopState:
+    """What one event loop keeps: its reply readers and its inbox.
 
-    ``call_soon_threadsafe`` writes to the loop's self-pipe on every call; a reader delivering a
-    batch of 50 replies would pay 50 syscalls and 50 loop wake-ups. Instead replies queue here and
-    one scheduled ``drain`` settles all that have arrived. ``scheduled`` is cleared before draining,
-    so an item appended during a drain is either drained now or schedules the next one.
+    *Readers.* A request sent from the loop is answered on the loop: the channel's reply pipe is
+    watched with ``loop.add_reader`` (on a private ``dup`` of the fd, so the channel can close its
+    own fd from any thread without leaving a stale registration in the loop's selector) and read
+    with the channel's non-blocking ``try_read``. A reply thus settles its future on the loop thread
+    with no thread hop and no self-pipe write. If another reader holds the pipe (a thread leading a
+    sync call, the channel's background reader), the loop steps aside for that channel and wakes
+    the background reader, which delivers the rest through the inbox; the next send watches again.
+
+    *Inbox.* Replies read on another thread queue here and one scheduled ``drain`` settles all that
+    have arrived (``call_soon_threadsafe`` writes the loop's self-pipe: once per batch, not per
+    reply). ``scheduled`` is cleared before draining, so an item appended during a drain is either
+    drained now or schedules the next one.
     """
 
-    __slots__ = ("__weakref__", "items", "loop", "scheduled")
+    __slots__ = ("__weakref__", "_loop", "items", "readers", "scheduled", "thread")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # Weakly: the state is the value of a WeakKeyDictionary keyed by the loop.
+        self._loop = weakref.ref(loop)
+        self.thread = threading.get_ident()  # made from inside the running loop
         self.items: collections.deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = collections.deque()
         self.scheduled = False
+        self.readers: dict[Any, int] = {}  # channel -> the loop's dup of its reply fd
+        weakref.finalize(self, _close_fds, self.readers)
+
+    # -- readers (loop thread only) ------------------------------------------------------
+
+    def watch(self, loop: asyncio.AbstractEventLoop, ch: Any) -> None:
+        """Read ``ch``'s replies on ``loop`` (a request was just sent there with ``lead=True``)."""
+        if ch in self.readers:
+            return
+        read_fd = getattr(ch, "read_fd", None)
+        if read_fd is None:  # a channel without a pipe (Ray): its own reader delivers
+            ch.wake_reader()
+            return
+        try:
+            fd = os.dup(read_fd)
+        except OSError:  # closed meanwhile: the worker died, and the monitor fails what was pending
+            return
+        self.readers[ch] = fd
+        loop.add_reader(fd, self._readable, ch)
+        ch.on_close(self._closed_elsewhere)
+
+    def _readable(self, ch: Any) -> None:
+        if not ch.try_read():
+            self.forget(ch)
+            ch.wake_reader()  # someone else reads, or the channel is finished: not the loop
+
+    def forget(self, ch: Any) -> None:
+        fd = self.readers.pop(ch, None)
+        if fd is not None:
+            loop = self._loop()
+            if loop is not None:
+                loop.remove_reader(fd)
+            os.close(fd)
+
+    def _closed_elsewhere(self, ch: Any) -> None:
+        """From the thread that closed ``ch``: stop watching it, on the loop's thread."""
+        loop = self._loop()
+        try:
+            if loop is None:
+                raise RuntimeError("the loop is gone")
+            loop.call_soon_threadsafe(self.forget, ch)
+        except RuntimeError:  # the loop is closed: its selector is gone, only the fd is left
+            fd = self.readers.pop(ch, None)
+            if fd is not None:
+                os.close(fd)
+
+    # -- inbox ---------------------------------------------------------------------------
 
     def post(self, future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+        if threading.get_ident() == self.thread:
+            try:
+                _settle(future, value, exc)
+            except RuntimeError:  # the loop is closed; nobody is waiting any more
+                pass
+            return
         self.items.append((future, value, exc))
         if not self.scheduled:
             self.scheduled = True
+            loop = self._loop()
             try:
-                self.loop.call_soon_threadsafe(self.drain)
+                if loop is None:
+                    raise RuntimeError("the loop is gone")
+                loop.call_soon_threadsafe(self.drain)
             except RuntimeError:  # the loop is closed; nobody is waiting any more
                 self.items.clear()
 
@@ -94,18 +159,24 @@ class _Inbox:
             _settle(*items.popleft())
 
 
-_inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()
-_inboxes_lock = threading.Lock()
+def _close_fds(readers: dict[Any, int]) -> None:
+    for fd in readers.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    readers.clear()
 
 
-def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
-    inbox = _inboxes.get(loop)
-    if inbox is None:
-        with _inboxes_lock:
-            inbox = _inboxes.get(loop)
-            if inbox is None:
-                inbox = _inboxes[loop] = _Inbox(loop)
-    return inbox
+_states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
+
+
+def _loop_state(loop: asyncio.AbstractEventLoop) -> _LoopState:
+    """This loop's state (called on the loop's thread, so no lock is needed to create it)."""
+    state = _states.get(loop)
+    if state is None:
+        state = _states[loop] = _LoopState(loop)
+    return state
 
 
 def _settle(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
@@ -140,9 +211,12 @@ class AsyncPool:
         slot, req_id, data = api._prepare(op, ref, fields)
         pool._flush_discards()
         loop = asyncio.get_running_loop()
-        sink = _LoopSink(loop, decode)
+        state = _loop_state(loop)
+        sink = _LoopSink(state, loop, decode)
         if router.ready(slot):
-            self._sent(sink, router.send(slot, req_id, data, sink, block=api._opts.block), req_id, slot, op)
+            channel = router.send(slot, req_id, data, sink, lead=True, block=api._opts.block)
+            state.watch(loop, channel)  # before the loop runs again: the reply cannot be missed
+            self._sent(sink, channel, req_id, slot, op)
         else:
             # The slot is restarting or at its in-flight bound: waiting for it must not block the
             # loop, so that (rare) wait happens on a thread.
@@ -168,7 +242,7 @@ class AsyncPool:
         sink.future.add_done_callback(on_done)
         timeout = self._api._opts.timeout
         if timeout is not None and not sink.future.done():
-            handle = sink.loop.call_later(timeout, self._expire, sink, channel, req_id, slot, op)
+            handle = sink.future.get_loop().call_later(timeout, self._expire, sink, channel, req_id, slot, op)
             sink.future.add_done_callback(lambda _: handle.cancel())
 
     def _expire(self, sink: _LoopSink, channel: Any, req_id: int, slot: int, op: str) -> None:

@@ -30,16 +30,12 @@ restarts the slot. A reader that meets EOF kills the process, so the monitor see
 
 from __future__ import annotations
 
-import base64
 import collections
-import concurrent.futures
 import errno
 import logging
 import os
-import queue
 import select
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +45,7 @@ from . import _shm
 from ._cancel import CancelBoard
 from ._errors import CallTimeoutError, PoolBusyError, WorkerCrashedError
 from ._protocol import OK, OK_SHM, RETIRING, FrameReader, encode_frame, pack_plain, unpack_plain
+from ._spawn import ForkedProcess, spawn_worker
 
 if TYPE_CHECKING:
     from ._router import Router, Sink
@@ -57,7 +54,6 @@ log = logging.getLogger("poolbridge.router")
 
 __all__ = ["ProcessChannel"]
 
-_BOOTSTRAP = "from poolbridge._worker_main import main; main()"
 # Coalescing (see the module docstring). While fewer than _WINDOW written requests are unanswered,
 # a request is written at once; with two, the worker always has the next one queued when it
 # finishes the current one, so sequential callers on several threads never wait on the queue.
@@ -71,38 +67,6 @@ _ORPHAN_WAIT = 10.0
 
 class Retired(Exception):
     """Internal: the channel is being recycled; send to the slot's next channel instead."""
-
-
-class Spawner:
-    """Starts worker processes, always from this one long-lived thread.
-
-    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, not the process; if
-    a restart were forked from a short-lived thread, the restarted worker would be SIGKILLed as
-    soon as that thread ended. So every fork happens here.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._thread = threading.Thread(target=self._run, name="poolbridge-spawner", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, future = job
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-    def run(self, fn: Callable[[], Any]) -> Any:
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._jobs.put((fn, future))
-        return future.result()
-
-    def stop(self) -> None:
-        self._jobs.put(None)
 
 
 class _Monitor:
@@ -120,7 +84,14 @@ class _Monitor:
 
     def watch(self, ch: ProcessChannel) -> None:
         key = ch.pid
-        if self._pidfd:
+        if isinstance(ch.process, ForkedProcess):
+            # Forked by the template, which reaps it: only the pidfd it sent names it for sure.
+            pidfd = ch.process.dup_pidfd() if self._pidfd else ch.pid
+            if pidfd is None:  # it has already exited
+                self._exited(ch)
+                return
+            key = pidfd
+        elif self._pidfd:
             try:
                 key = os.pidfd_open(ch.pid)
             except OSError:  # already reaped or unsupported kernel: fall back to polling
@@ -148,47 +119,16 @@ class _Monitor:
                 if self._pidfd:
                     os.close(key)
                 if ch is not None:
-                    # Handled on its own thread: draining and restarting must not delay noticing
-                    # another worker's death.
-                    threading.Thread(target=self._on_exit, args=(ch,), name="poolbridge-reaper", daemon=True).start()
+                    self._exited(ch)
+
+    def _exited(self, ch: ProcessChannel) -> None:
+        # Handled on its own thread: draining and restarting must not delay noticing another
+        # worker's death.
+        threading.Thread(target=self._on_exit, args=(ch,), name="poolbridge-reaper", daemon=True).start()
 
     def stop(self) -> None:
         self._stopped = True
         os.write(self._wake_w, b"s")
-
-
-def _spawn(
-    slot: int, generation: int, options: dict[str, Any], board: CancelBoard | None
-) -> tuple[subprocess.Popen[bytes], int, int]:
-    """Start one worker: a fresh interpreter that inherits exactly its pipe ends and cancel board."""
-    req_r, req_w = os.pipe()
-    rep_r, rep_w = os.pipe()
-    opts = dict(options, slot=slot, generation=generation, parent_pid=os.getpid(), fds=[req_r, rep_w])
-    keep: tuple[int, ...] = (req_r, rep_w)
-    if board is not None:
-        opts["cancel_board"] = [board.fd, board.name]
-        keep = (*keep, board.fd)
-    if options.get("shm"):
-        keep = (*keep, options["shm"]["tracker_fd"])  # the router's resource tracker (see _shm.py)
-    env = dict(os.environ)
-    # The worker imports what the parent can import (poolbridge, helper modules, dotted paths),
-    # whatever the parent's working directory or sys.path edits.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    try:
-        process = subprocess.Popen(
-            [sys.executable, "-c", _BOOTSTRAP, base64.b64encode(pack_plain(opts)).decode()],
-            pass_fds=keep,
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
-    except BaseException:
-        os.close(req_w)
-        os.close(rep_r)
-        raise
-    finally:
-        os.close(req_r)
-        os.close(rep_w)
-    return process, req_w, rep_r
 
 
 _NONE_HELD: list[str] = []
@@ -253,6 +193,8 @@ class ProcessChannel:
         self._shm_prefix = _shm.worker_prefix(shm["prefix"], slot, generation) if shm else None
         self._need_reader = threading.Event()
         self._probe: Any = None  # a poll object of the reply pipe alone (try_read)
+        self._closers: list[Callable[[ProcessChannel], None]] | None = []  # None once the pipe is closed
+        self._closers_lock = threading.Lock()
         self._bg_active = False
         self._space = threading.Condition()
         self._space_waiters = 0
@@ -269,12 +211,12 @@ class ProcessChannel:
         self._broken = False  # a write failed: the worker is gone
         self._board = CancelBoard.create()
         options = dict(router.worker_options, n_slots=router.n_slots)
-        self.process: subprocess.Popen[bytes]
+        self.process: subprocess.Popen[bytes] | ForkedProcess
         self._write_fd: int
         self._read_fd: int
         try:
             self.process, self._write_fd, self._read_fd = router.spawner.run(
-                lambda: _spawn(slot, generation, options, self._board)
+                lambda: spawn_worker(router.spawner, slot, generation, options, self._board)
             )
         except BaseException:
             if self._board is not None:
@@ -529,6 +471,15 @@ class ProcessChannel:
         """The reply pipe, for an owner that polls it and calls :meth:`try_read` (the Port server)."""
         return self._read_fd
 
+    def on_close(self, callback: Callable[[ProcessChannel], None]) -> None:
+        """Call ``callback(self)`` once the reply pipe is closed (at once if it already is): an
+        event loop watching :attr:`read_fd` through a ``dup`` stops watching then."""
+        with self._closers_lock:
+            if self._closers is not None:
+                self._closers.append(callback)
+                return
+        callback(self)
+
     def try_read(self) -> bool:
         """Read and deliver what the reply pipe holds now, never blocking (for a poll loop).
 
@@ -635,6 +586,10 @@ class ProcessChannel:
                 os.close(self._read_fd)
             finally:
                 self._read_lock.release()
+            with self._closers_lock:
+                closers, self._closers = self._closers, None
+            for callback in closers or ():
+                callback(self)
         else:  # pragma: no cover - a reader stuck on a pipe some grandchild keeps open
             log.warning("slot %d: could not take the read lock to drain; leaving the pipe", self.slot)
         self.exitcode = self.process.wait()

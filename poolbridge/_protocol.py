@@ -29,11 +29,11 @@ Frames of 4 GiB and more use an extended header (_frames.py).
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
 import msgpack
 
 from . import _shm
@@ -178,7 +178,15 @@ def _default(obj: Any) -> msgpack.ExtType:
     shm = _encoding.shm
     if shm is not None:
         return shm.pickle_ext(obj, EXT_PICKLE)
-    return msgpack.ExtType(EXT_PICKLE, cloudpickle.dumps(obj, protocol=5))
+    return msgpack.ExtType(EXT_PICKLE, dumps_any(obj))
+
+
+def dumps_any(obj: Any) -> bytes:
+    """cloudpickle bytes of ``obj`` (protocol 5). cloudpickle is imported on first use, so a worker
+    that never pickles does not pay for it at every start."""
+    import cloudpickle
+
+    return cloudpickle.dumps(obj, protocol=5)  # type: ignore[no-any-return]
 
 
 def check_ref_session(ref: WireRef) -> None:
@@ -247,7 +255,7 @@ def make_unpacker(on_ref: Callable[[list[Any]], Any]) -> Callable[[bytes], Any]:
         if code == EXT_TUPLE:
             return tuple(unpack(data))
         if code == EXT_PICKLE:
-            return cloudpickle.loads(data)
+            return pickle.loads(data)  # cloudpickle's output is plain pickle; it imports what it needs
         if code == EXT_REF:
             return on_ref(msgpack.unpackb(data))
         if code == EXT_SHM:

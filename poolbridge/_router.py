@@ -37,10 +37,11 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _shm
-from ._channel import _WITH_SEGMENTS, ProcessChannel, Retired, Spawner, _Monitor, segment_names
+from ._channel import _WITH_SEGMENTS, ProcessChannel, Retired, _Monitor, segment_names
 from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError
 from ._hashing import slot_for
 from ._protocol import encode_frame
+from ._spawn import Spawner
 
 log = logging.getLogger("poolbridge.router")
 

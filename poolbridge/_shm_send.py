@@ -11,7 +11,6 @@ import pickle
 import threading
 from typing import Any
 
-import cloudpickle
 import msgpack
 
 from ._errors import ValueTooLargeError
@@ -270,6 +269,8 @@ class Lifter:
                 return True
             refs.append(ref)
             return False
+
+        import cloudpickle  # on first use, as _protocol.dumps_any does
 
         data = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
         head: Any = data

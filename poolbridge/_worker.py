@@ -23,7 +23,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import cloudpickle
 import msgpack
 
 from . import _helpers, _shm
@@ -61,6 +60,7 @@ from ._protocol import (
     RET_VALUE,
     WireRef,
     default_lifter,
+    dumps_any,
     make_unpacker,
     pack_plain,
     pack_value,
@@ -605,7 +605,7 @@ def error_fields(exc: BaseException) -> list[Any]:
     type_name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     tb = "".join(traceback.format_exception(exc))
     try:
-        pickled: bytes | None = cloudpickle.dumps(exc, protocol=5)
+        pickled: bytes | None = dumps_any(exc)
     except Exception:
         pickled = None
     return [code, type_name, str(exc), tb, pickled]

@@ -395,3 +395,21 @@ class Factory:
 @poolbridge.helper("pbf_make", context=False)
 def _pbf_make(kind: str) -> Any:
     return RefusesPickling(7) if kind == "unpicklable" else ParentCannotUnpickle(7)
+
+
+def worker_pids_of(router_pid: int) -> list[int]:
+    """The worker processes of the pool whose router is process ``router_pid``: the children of
+    its template process (``_worker_template``), or its own children where workers are spawned
+    directly."""
+    import psutil
+
+    workers = []
+    for child in psutil.Process(router_pid).children():
+        try:
+            if "poolbridge._worker_template" in " ".join(child.cmdline()) and child.ppid() == router_pid:
+                workers += [g.pid for g in child.children()]
+            elif not is_resource_tracker(child):
+                workers.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return workers

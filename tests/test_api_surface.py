@@ -259,3 +259,18 @@ def test_hash_functions_are_exported_and_agree_with_slot_routing() -> None:
 
     for sid in ("a", "user-42", "é", "x" * 256):
         assert _hashing.slot_for(sid, 7) == poolbridge.jump_hash(poolbridge.stable_hash64(sid), 7)
+
+
+def test_a_worker_process_imports_only_the_child_side() -> None:
+    # Public names load on first use (PEP 562): a worker, which imports this package at every
+    # start and restart, must not pay for asyncio, the router or the Port server.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, poolbridge._worker_template\n"
+        "print(sorted(m for m in ('asyncio', 'cloudpickle', 'poolbridge._pool', 'poolbridge._aio',"
+        " 'poolbridge._server', 'poolbridge._router') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

@@ -567,12 +567,12 @@ def test_close_during_a_slot_restart_leaves_no_worker_behind(pool_maker):
     me = psutil.Process()
     try:
         wait_until(
-            lambda: all(gone(c.pid) for c in me.children() if not is_resource_tracker(c)),
+            lambda: all(gone(c.pid) for c in me.children(recursive=True) if not is_resource_tracker(c)),
             5.0,
             what="every worker gone after close() (one was restarted while closing)",
         )
     finally:
-        for c in me.children():
+        for c in me.children(recursive=True):
             if not gone(c.pid) and not is_resource_tracker(c):
                 c.kill()
                 c.wait(5.0)

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 import psutil
 import pytest
-from pb_faultmods import is_resource_tracker
+from pb_faultmods import worker_pids_of
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -112,7 +112,7 @@ class Server:
         return reply["error"]  # type: ignore[no-any-return]
 
     def worker_pids(self) -> list[int]:
-        return [c.pid for c in psutil.Process(self.proc.pid).children() if not is_resource_tracker(c)]
+        return worker_pids_of(self.proc.pid)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -581,7 +581,7 @@ def test_fds_mode() -> None:
         assert hello["slots"] == 1
         os.write(req_w, frame({"id": 1, "op": "call", "session": "f", "fn": "builtins.print", "args": ["to stdout"]}))
         assert recv() == {"id": 1, "status": "ok", "value": None}
-        workers = [c.pid for c in psutil.Process(proc.pid).children()]
+        workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]  # and the template
         protocol = {f"pipe:[{os.fstat(fd).st_ino}]" for fd in (req_w, rep_r)}
         for pid in workers:
             links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")

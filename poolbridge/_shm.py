@@ -121,12 +121,13 @@ def _tell_tracker(command: str, name: str) -> None:
         resource_tracker.unregister(name, _RTYPE)
 
 
-def _create(name: str, data: memoryview) -> None:
+def _create(name: str, data: memoryview, keep_open: bool = False) -> int:
+    """Make segment ``name`` holding ``data``; its descriptor when ``keep_open`` (else -1)."""
     # Registered before it exists: a crash in between leaves a registration without a file (the
     # tracker's cleanup then fails quietly), never a file nobody will remove.
     _tell_tracker("REGISTER", name)
     try:
-        fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+        fd: int = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
     except BaseException:
         _tell_tracker("UNREGISTER", name)
         raise
@@ -137,10 +138,13 @@ def _create(name: str, data: memoryview) -> None:
         while view:
             view = view[os.write(fd, view) :]
     except BaseException:
+        os.close(fd)
         unlink(name)
         raise
-    finally:
-        os.close(fd)
+    if keep_open:
+        return fd
+    os.close(fd)
+    return -1
 
 
 def unlink(name: str) -> None:

@@ -25,11 +25,6 @@ from ._shm import (
     unlink,
 )
 
-try:
-    import _posixshmem
-except ImportError:  # pragma: no cover - no POSIX shared memory (Lifter is never made then)
-    _posixshmem = None
-
 log = logging.getLogger("poolbridge")
 
 __all__ = ["Lifter"]
@@ -73,6 +68,7 @@ class Lifter:
         self.cache = cache  # bytes of idle segments kept at most
         self._lock = threading.Lock()
         self._sizes: dict[str, int] = {}  # capacity of each segment this lifter may reuse
+        self._fds: dict[str, int] = {}  # ... and its descriptor, kept open (no open() per reuse)
         self._idle: dict[str, int] = {}  # name -> capacity, least recently used first
         self._idle_bytes = 0
 
@@ -182,14 +178,16 @@ class Lifter:
         if name is None:
             name = f"{self.prefix}{next(self._ids)}"
             try:
-                _create(name, view)
+                fd = _create(name, view, keep_open=self.cache > 0)
             except OSError as exc:
                 if not self._broken:
                     log.warning("shared memory unavailable (%s); big values travel through the pipe", exc)
                 self._broken = True
                 return None
-            if self.cache:
-                self._sizes[name] = size
+            if fd >= 0:
+                with self._lock:
+                    self._sizes[name] = size
+                    self._fds[name] = fd
         batch.names.append(name)
         batch.size += size
         return [name, size, kind]
@@ -205,14 +203,11 @@ class Lifter:
                 return None
             name = min(fits, key=self._idle.__getitem__)
             self._idle_bytes -= self._idle.pop(name)
+            fd = self._fds[name]
         try:
-            fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0)
-            try:
-                done = 0
-                while done < size:
-                    done += os.pwrite(fd, view[done:], done)
-            finally:
-                os.close(fd)
+            done = 0
+            while done < size:
+                done += os.pwrite(fd, view[done:], done)
         except OSError:
             self.drop(name)
             return None
@@ -242,6 +237,9 @@ class Lifter:
         """Unlink ``name`` for good (some receiver may still map it)."""
         with self._lock:
             self._sizes.pop(name, None)
+            fd = self._fds.pop(name, -1)
+        if fd >= 0:
+            os.close(fd)
         unlink(name)
 
     def close(self) -> None:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 _blobs: dict[int, bytes] = {}
 
 
 def blob(n: int) -> bytes:
-    """``n`` random bytes made once per worker: a result the worker already holds."""
+    """``n`` bytes made once per worker: a result the worker already holds."""
     data = _blobs.get(n)
     if data is None:
-        data = _blobs[n] = os.urandom(n)
+        data = _blobs[n] = b"\x5a" * n
     return data
 
 

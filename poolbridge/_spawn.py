@@ -218,8 +218,12 @@ class Spawner:
                 self._use_template = False
         return self._template
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread and the template (whose workers have exited by now); wait for both, so
+        the pool's close leaves no process behind, not even for a moment."""
         self._jobs.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
 
 def spawn_worker(

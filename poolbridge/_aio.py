@@ -29,6 +29,7 @@ from typing import Any
 
 from ._errors import CallTimeoutError, RefNotFoundError, SessionLostError
 from ._handles import Ref
+from ._pending import Late
 from ._pool import Pool, PoolStats, _Api, _Req
 from ._protocol import WireRef
 from ._router import Sink
@@ -235,9 +236,9 @@ class AsyncPool:
     def _sent(self, sink: _LoopSink, channel: Any, req_id: int, slot: int, op: str) -> None:
         def on_done(future: asyncio.Future[Any]) -> None:
             # A cancelled await (task cancelled, wait_for expired) also cancels the call in the
-            # worker when it has not started there yet.
-            if future.cancelled():
-                channel.try_cancel(req_id, sink.seq)
+            # worker when it has not started there yet; if it has, its reply is late.
+            if future.cancelled() and not channel.try_cancel(req_id, sink.seq):
+                channel.pending.abandon(req_id, Late(self._api._late(op, sink.decode)))
 
         sink.future.add_done_callback(on_done)
         timeout = self._api._opts.timeout
@@ -246,7 +247,7 @@ class AsyncPool:
             sink.future.add_done_callback(lambda _: handle.cancel())
 
     def _expire(self, sink: _LoopSink, channel: Any, req_id: int, slot: int, op: str) -> None:
-        if channel.pending.pop(req_id, None) is None:
+        if channel.pending.abandon(req_id, Late(self._api._late(op, sink.decode))) is None:
             return  # the reply is already on its way to the loop
         if self._api._opts.on_timeout == "restart":
             self._api._pool._router.kill_slot(slot)
@@ -309,10 +310,13 @@ class AsyncPool:
             await asyncio.get_running_loop().run_in_executor(None, lambda: self.pool.close(cancel=cancel))
 
     async def __aenter__(self) -> AsyncPool:
+        router = self.pool._router
+        if router.closing:
+            raise router.closed_error()
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+    async def __aexit__(self, exc_type: object, *exc_info: object) -> None:
+        await self.aclose(cancel=exc_type is not None)  # as Pool.__exit__
 
     def __repr__(self) -> str:
         return f"<AsyncPool of {self.pool!r}>"
@@ -402,3 +406,12 @@ class AsyncStream(AsyncIterator[Any]):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    def __del__(self) -> None:
+        # Abandoned (``async for ... : break``, an exception): close the generator in the worker,
+        # as a dropped sync Stream does. Only queued here; sent with the pool's next request.
+        if not self._closed and not self._done and self._key is not None:
+            try:
+                self._apool._api._pool._discard(self._key.key(), "stream_close")
+            except Exception:  # noqa: S110 - interpreter shutdown
+                pass

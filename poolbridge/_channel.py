@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any
 from . import _shm
 from ._cancel import CancelBoard
 from ._errors import CallTimeoutError, PoolBusyError, WorkerCrashedError
-from ._protocol import OK, OK_SHM, RETIRING, FrameReader, encode_frame, pack_plain, unpack_plain
+from ._pending import Pending
+from ._protocol import OK, OK_SHM, RETIRING, FrameReader, OversizedFrame, encode_frame, pack_plain, unpack_plain
 from ._spawn import ForkedProcess, spawn_worker
 
 if TYPE_CHECKING:
@@ -69,6 +70,14 @@ class Retired(Exception):
     """Internal: the channel is being recycled; send to the slot's next channel instead."""
 
 
+class _WriteTimeout(Exception):
+    """Internal: a sender's deadline passed while the pipe was full; ``view`` is still unwritten."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self.view = view
+
+
 class _Monitor:
     """One thread per router that learns of worker exits from pidfds (polling where unavailable)."""
 
@@ -76,6 +85,7 @@ class _Monitor:
         self._on_exit = on_exit
         self._lock = threading.Lock()
         self._watched: dict[int, ProcessChannel] = {}  # pidfd (or pid) -> channel
+        self._reapers: list[threading.Thread] = []
         self._wake_r, self._wake_w = os.pipe()
         self._stopped = False
         self._pidfd = hasattr(os, "pidfd_open")
@@ -124,11 +134,48 @@ class _Monitor:
     def _exited(self, ch: ProcessChannel) -> None:
         # Handled on its own thread: draining and restarting must not delay noticing another
         # worker's death.
-        threading.Thread(target=self._on_exit, args=(ch,), name="poolbridge-reaper", daemon=True).start()
+        reaper = threading.Thread(target=self._on_exit, args=(ch,), name="poolbridge-reaper", daemon=True)
+        with self._lock:
+            self._reapers = [t for t in self._reapers if t.is_alive()]
+            self._reapers.append(reaper)
+        reaper.start()
 
     def stop(self) -> None:
+        """Stop watching; returns once the monitor and its reapers are gone and its fds closed."""
         self._stopped = True
         os.write(self._wake_w, b"s")
+        me = threading.current_thread()
+        if self._thread is not me:
+            self._thread.join(5.0)
+        with self._lock:
+            reapers = list(self._reapers)
+        for reaper in reapers:
+            if reaper is not me:
+                reaper.join(5.0)
+        if self._thread.is_alive():  # pragma: no cover - it only ever waits in select
+            log.warning("the exit monitor did not stop; leaving its pipe open")
+            return
+        with self._lock:
+            leftover = list(self._watched) if self._pidfd else []
+            self._watched.clear()
+        # Each number is forgotten before it is closed: a fork in between leaves the child a copy
+        # it never closes, rather than a number the child might later close under someone else.
+        wake, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in (*wake, *leftover):
+            os.close(fd)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child (see ``Router._forked``): close the child's copies of our fds."""
+        self._stopped = True
+        watched, self._watched = self._watched, {}
+        fds = (self._wake_r, self._wake_w, *(watched if self._pidfd else ()))
+        self._wake_r = self._wake_w = -1
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 _NONE_HELD: list[str] = []
@@ -171,7 +218,7 @@ class ProcessChannel:
     def __init__(self, router: Router, slot: int, generation: int) -> None:
         self.slot = slot
         self.generation = generation
-        self.pending: dict[int, Sink] = {}
+        self.pending: Pending = Pending()
         self.dead = False
         self.retiring = False  # asked to be recycled: no new requests; finishing what it has
         self.eof = False
@@ -182,7 +229,7 @@ class ProcessChannel:
         self._router = router
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._frames = FrameReader()
+        self._frames = FrameReader(router.max_frame, extended=True)
         # Segments of requests sent here whose replies have not been read: the router unlinks them
         # when the reply comes, the request is cancelled, or this worker is found dead (_shm.py).
         self._outbound: dict[int, list[str]] = {}
@@ -244,7 +291,14 @@ class ProcessChannel:
         if len(pending) >= self.max_in_flight:
             self._wait_for_space(block, deadline)
         pending[req_id] = sink
-        with self._write_lock:
+        lock: threading.Lock | None = self._write_lock
+        assert lock is not None
+        if deadline is None:
+            lock.acquire()
+        elif not lock.acquire(True, max(0.0, deadline - time.monotonic())):
+            pending.pop(req_id, None)  # another sender's large write held the pipe past our timeout
+            raise CallTimeoutError(f"slot {self.slot}: the request could not be written within the call's timeout")
+        try:
             if not self.retiring and not self.dead and not self._broken and self._write_fd >= 0:
                 self._seq += 1
                 if sink.cancellable:
@@ -260,7 +314,7 @@ class ProcessChannel:
                     or self._queued_bytes >= _FLUSH_BYTES
                     or len(data) > _ATOMIC
                 ):
-                    gone = not self._flush()
+                    gone = not self._flush(deadline)
                 else:
                     gone = False
                 if not gone:
@@ -277,6 +331,14 @@ class ProcessChannel:
                     return  # written (or queued behind frames) into the pipe of a dying worker
             else:
                 queued = False
+        except _WriteTimeout as stop:
+            lock = self._write_timed_out(stop.view, data, req_id)
+            raise CallTimeoutError(
+                f"slot {self.slot}: writing the request ({len(data)} bytes) did not finish within the call's timeout"
+            ) from None
+        finally:
+            if lock is not None:
+                lock.release()
         if (self._queue and self._unanswered() < _WINDOW) or self._close_when_flushed:
             self._after_unlock()
         if queued:
@@ -307,25 +369,36 @@ class ProcessChannel:
             with self._write_lock:
                 self._flush()
 
-    def _flush(self) -> bool:
+    def _flush(self, deadline: float | None = None) -> bool:
         """Under the write lock: write the whole queue; may block on a full pipe. False: the worker
-        is gone (a write failed, now or before)."""
+        is gone (a write failed, now or before). ``deadline``: a sender's timeout, which ends the
+        wait for the pipe with :class:`_WriteTimeout` (nothing accounted: see _write_timed_out)."""
         queue = self._queue
         if not queue or self._broken:
             if self._close_when_flushed:
                 self._close_fd()  # all written, or nothing more can be
             return not self._broken
         data = queue[0] if len(queue) == 1 else b"".join(queue)
-        view = memoryview(data)
+        return self._write_queue(memoryview(data), len(data), deadline)
+
+    def _write_queue(self, view: memoryview, total: int, deadline: float | None = None) -> bool:
+        """Under the write lock: write ``view`` (the joined queue, ``total`` bytes, or what is left
+        of it), then account every queued frame as written."""
+        queue = self._queue
         try:
             while view:
                 try:
                     view = view[os.write(self._write_fd, view) :]
                 except BlockingIOError:
-                    select.select([], [self._write_fd], [], 1.0)
+                    wait = 1.0
+                    if deadline is not None:
+                        wait = min(wait, deadline - time.monotonic())
+                        if wait <= 0:
+                            raise _WriteTimeout(view) from None
+                    select.select([], [self._write_fd], [], wait)
         except OSError:  # EPIPE/EBADF: the worker is gone; the monitor fails what it was sent
             self._broken = True
-            if view.nbytes < len(data):  # frames went out: they fail with the worker
+            if view.nbytes < total:  # frames went out: they fail with the worker
                 self._written += len(queue)
                 queue.clear()
                 self._queued_bytes = 0
@@ -336,6 +409,32 @@ class ProcessChannel:
         if self._close_when_flushed:
             self._close_fd()
         return True
+
+    def _write_timed_out(self, view: memoryview, data: bytes, req_id: int) -> threading.Lock | None:
+        """A sender's timeout ran out while the pipe was full. If none of the queue went out, its
+        own frame is taken back (the call never reaches the worker) and the write lock returned
+        for release. Otherwise a frame is half in the pipe and must be finished — a torn frame
+        would desynchronise the worker — so a writer thread finishes it, taking over the lock
+        (None returned); the call then runs, like one that timed out later (its reply is dropped).
+        """
+        queue = self._queue
+        if view.nbytes == sum(map(len, queue)) and queue and queue[-1] is data:
+            queue.pop()
+            self._queued_bytes -= len(data)
+            self._seq -= 1
+            self.pending.pop(req_id, None)
+            return self._write_lock
+        total = sum(map(len, queue))
+
+        def finish() -> None:
+            try:
+                self._write_queue(view, total)
+            finally:
+                self._write_lock.release()
+            self._after_unlock()
+
+        threading.Thread(target=finish, name=f"poolbridge-writer-{self.slot}", daemon=True).start()
+        return None
 
     def _flush_some(self) -> None:
         """Reader side: write queued frames in all-or-nothing pieces while the pipe takes them.
@@ -426,27 +525,58 @@ class ProcessChannel:
                     lifter.recycle(name)
 
     def _deliver(self, frames: list[Any]) -> None:
+        """Hand each reply frame to its sink. Never raises for one reply: a reader must not die of
+        a bad frame, so whatever cannot be delivered fails its one request."""
         pending = self.pending
         self._answered += len(frames)
         outbound = self._outbound
         for frame in frames:
-            req_id, status, body = unpack_plain(frame)
             held: list[str] | None = _NONE_HELD
-            if status == OK_SHM:
-                body, names, held = body
-                status, body = OK, _shm.adopt(body, names, self._returned.append)  # see _shm.py
+            try:
+                req_id, status, body = unpack_plain(frame)
+                if status == OK_SHM:
+                    body, names, held = body
+                    status, body = OK, _shm.adopt(body, names, self._returned.append)  # see _shm.py
+            except Exception:
+                self._undeliverable(frame)
+                continue
             if outbound:
                 # After an error reply any argument segment may still be mapped: none is reused.
                 self._release(req_id, held if status == OK else None)
             sink = pending.pop(req_id, None)
-            if sink is not None:
+            if sink is None:
+                if status == RETIRING:
+                    self._answered -= 1  # a notice, not a reply
+                    self.retire()
+                    continue
+                sink = pending.unmatched(req_id)  # given up meanwhile (a Late sink), or unknown
+                if sink is None:
+                    continue
+            try:
                 sink.deliver(status, body)
-            elif status == RETIRING:
-                self._answered -= 1  # a notice, not a reply
-                self.retire()
+            except Exception as exc:  # a sink's own failure is its request's, not the reader's
+                log.exception("slot %d: delivering the reply to request %s failed", self.slot, req_id)
+                sink.fail(exc)
         if self._space_waiters:
             with self._space:
                 self._space.notify_all()
+
+    def _undeliverable(self, frame: bytes | OversizedFrame) -> None:
+        """A reply that could not be read: fail its request if its id can be read, else the worker
+        (a frame that is not a reply means its pipe carries something else: a crash, not a hang)."""
+        if isinstance(frame, OversizedFrame):
+            req_id = frame.leading_id()
+            exc: Exception = frame.error(self._frames.max_frame or 0)
+        else:
+            req_id, exc = None, ValueError(f"undecodable reply frame of {len(frame)} bytes")
+        sink = self.pending.pop(req_id, None) if req_id is not None else None
+        if sink is None and req_id is not None:
+            sink = self.pending.unmatched(req_id)
+        if sink is not None:
+            sink.fail(exc)
+            return
+        log.error("slot %d: %s from worker pid %d; killing it", self.slot, exc, self.pid)
+        self.kill()
 
     def _read_once(self, deadline: float | None) -> bool:
         """Read and deliver one chunk. False on EOF or when ``deadline`` passes first."""
@@ -538,6 +668,13 @@ class ProcessChannel:
         return True
 
     def _background_reader(self) -> None:
+        try:
+            self._read_replies()
+        except Exception:  # never silently: a dead reader would leave every later future hanging
+            log.exception("slot %d: the reply reader failed; killing worker pid %d", self.slot, self.pid)
+            self.kill()
+
+    def _read_replies(self) -> None:
         while True:
             self._need_reader.wait()
             self._need_reader.clear()
@@ -571,6 +708,8 @@ class ProcessChannel:
         self._need_reader.set()
         if self._read_lock.acquire(timeout=_ORPHAN_WAIT):
             try:
+                if self._read_fd < 0:
+                    return  # drained already
                 os.set_blocking(self._read_fd, False)
                 while True:
                     try:
@@ -583,7 +722,8 @@ class ProcessChannel:
                         break
                     if frames:
                         self._deliver(frames)
-                os.close(self._read_fd)
+                fd, self._read_fd = self._read_fd, -1  # forgotten first (see _Monitor.stop)
+                os.close(fd)
             finally:
                 self._read_lock.release()
             with self._closers_lock:
@@ -623,8 +763,37 @@ class ProcessChannel:
 
     def _close_fd(self) -> None:
         if self._write_fd >= 0:
-            os.close(self._write_fd)
-            self._write_fd = -1
+            fd, self._write_fd = self._write_fd, -1  # forgotten first (see _Monitor.stop)
+            os.close(fd)
+
+    def join(self, timeout: float) -> None:
+        """After :meth:`drain_and_close`: wait (bounded) for the background reader to end."""
+        if self._bg is not threading.current_thread():
+            self._bg.join(timeout)
+
+    def forget_after_fork(self, exc: BaseException) -> None:
+        """In a forked child (see ``Router._forked``): drop the parent's worker without touching it.
+
+        Closes the child's copies of the pipe ends (never reads or writes them), fails what a
+        child could wait on, and stops the child from ever signalling or reaping the process.
+        """
+        self.dead = True
+        self._broken = True
+        for fd in (self._write_fd, self._read_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._write_fd = self._read_fd = -1
+        if isinstance(self.process, ForkedProcess):
+            self.process._set_exit(self.process.returncode or 0)  # closes our copy of its pidfd: kill() no-ops
+        else:
+            self.process.returncode = self.process.returncode or 0  # kill() and wait() are no-ops now
+            # Not our child: Popen's finaliser must not warn about it or try to reap it.
+            self.process._child_created = False  # type: ignore[attr-defined]
+        for sink in list(self.pending.values()):
+            sink.orphaned(exc)
 
     def kill(self) -> None:
         if self.process.returncode is None:

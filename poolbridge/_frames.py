@@ -2,8 +2,8 @@
 
 A frame is a 4-byte big-endian length and that many bytes. The private router-worker channel also
 allows frames of 4 GiB and more: the length ``0xFFFFFFFF`` is then followed by an 8-byte length.
-A reader with a ``max_frame`` (the Port server's) reads plain ``{packet, 4}``: there the length is
-only ever four bytes.
+Only a reader made with ``extended=True`` (the private channel's) reads those; the Port server's
+reads plain ``{packet, 4}``.
 
 :class:`FrameReader` reads straight from a file descriptor into its own buffers (``os.readv``):
 
@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Union  # the alias below is evaluated at run time, on Python 3.10 too
+from typing import Any, Union  # the alias below is evaluated at run time, on Python 3.10 too
+
+import msgpack
 
 from ._errors import FrameTooLargeError
 
@@ -52,6 +54,19 @@ class OversizedFrame:
 
     def error(self, limit: int) -> FrameTooLargeError:
         return FrameTooLargeError(f"frame of {self.size} bytes exceeds the limit of {limit} bytes")
+
+    def leading_id(self) -> Any:
+        """The id of a private-channel frame (``[id, ...]``, a request or a reply), read from its
+        first bytes; None when they do not hold one."""
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(self.head)
+        try:
+            if unpacker.read_array_header() < 1:
+                return None
+            req_id = unpacker.unpack()
+        except Exception:
+            return None
+        return req_id if type(req_id) is int else None
 
 
 Frame = Union[bytes, bytearray, OversizedFrame]  # noqa: UP007
@@ -90,9 +105,9 @@ class FrameReader:
     returns the frames completed so far, in order.
     """
 
-    __slots__ = ("_big", "_big_fill", "_buf", "_end", "_skip", "_start", "_view", "max_frame")
+    __slots__ = ("_big", "_big_fill", "_buf", "_end", "_extended", "_skip", "_start", "_view", "max_frame")
 
-    def __init__(self, max_frame: int | None = None, chunk: int = CHUNK) -> None:
+    def __init__(self, max_frame: int | None = None, chunk: int = CHUNK, extended: bool = False) -> None:
         self._buf = bytearray(chunk)
         self._view = memoryview(self._buf)
         self._start = 0
@@ -101,6 +116,7 @@ class FrameReader:
         self._big_fill = 0
         self._skip = 0  # bytes of an oversized frame still to throw away
         self.max_frame = max_frame
+        self._extended = extended  # the private channel's 8-byte lengths (the Port has none)
 
     @property
     def buffered(self) -> int:
@@ -177,7 +193,7 @@ class FrameReader:
         while end - pos >= 4:
             (size,) = HEADER.unpack_from(view, pos)
             head = 4
-            if size == _EXTENDED and limit is None:  # the Port (always limited) is plain {packet, 4}
+            if size == _EXTENDED and self._extended:
                 if end - pos < 12:
                     break
                 (size,) = _LONG.unpack_from(view, pos + 4)

@@ -12,7 +12,9 @@ import collections
 import concurrent.futures
 import logging
 import os
+import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -26,11 +28,12 @@ from ._errors import (
     PoolClosedError,
     SessionLostError,
     SessionMismatchError,
-    ValueTooLargeError,
     WorkerCrashedError,
+    value_too_large,
 )
 from ._handles import Ref, Stream
 from ._hashing import slot_for
+from ._pending import Late
 from ._protocol import (
     OK,
     OP_CALL,
@@ -143,11 +146,13 @@ class _Api:
     def _prepare(self, op: str, ref: WireRef | None, fields: list[Any]) -> tuple[int, int, bytes]:
         pool = self._pool
         router = pool._router
+        if router.closing:  # closed, or a forked child's copy of its parent's pool
+            raise router.closed_error()
         session_id = resolve_session(ref.session_id if ref is not None else None, self._opts.session)
         slot = slot_for(session_id, router.n_slots)
         if ref is not None:
             if isinstance(ref, Ref) and ref._api._pool is not pool:
-                raise ValueError(f"{ref!r} belongs to another pool")
+                raise SessionMismatchError(f"{ref!r} belongs to another pool; a ref is only usable in its own pool")
             if ref.slot != slot:  # only a forged ref can get here
                 raise SessionMismatchError(f"{ref!r} claims slot {ref.slot}; its session maps to {slot}")
             if ref.generation != pool._router.generation(slot):
@@ -166,14 +171,28 @@ class _Api:
         waiter = Waiter()
         timeout = self._opts.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        channel = pool._router.send(slot, req_id, data, waiter, lead=True, block=self._opts.block, deadline=deadline)
-        if deadline is not None:
-            timeout = max(0.0, deadline - time.monotonic())  # the wait for the slot counted too
-        if not channel.await_reply(req_id, waiter, timeout):
-            if channel.pending.pop(req_id, None) is not None:
+        router = pool._router
+        try:
+            channel = router.send(slot, req_id, data, waiter, lead=True, block=self._opts.block, deadline=deadline)
+        except CallTimeoutError:
+            # Waiting for the slot or the pipe used up the timeout. If the frame is half written
+            # (finished off the caller's thread), the worker runs the call: its reply is late.
+            ch = router.channels()[slot]
+            if ch is not None:
+                ch.pending.abandon(req_id, Late(self._late(op, decode)))
+            raise CallTimeoutError(f"{op} did not finish within {timeout}s (slot {slot})") from None
+        try:
+            replied = channel.await_reply(
+                req_id, waiter, None if deadline is None else max(0.0, deadline - time.monotonic())
+            )
+        except BaseException:  # an interrupt (Ctrl-C) or a crash report: whatever comes is late
+            channel.pending.abandon(req_id, Late(self._late(op, decode)))
+            raise
+        if not replied:
+            if channel.pending.abandon(req_id, Late(self._late(op, decode))) is not None:
                 if self._opts.on_timeout == "restart":
                     log.warning("slot %d: call timed out after %ss; restarting the worker", slot, timeout)
-                    pool._router.kill_slot(slot)
+                    router.kill_slot(slot)
                 raise CallTimeoutError(f"{op} did not finish within {timeout}s (slot {slot})")
             waiter.wait(None)  # the reply raced the timeout and is being delivered
         status = waiter.status
@@ -193,8 +212,21 @@ class _Api:
         future._target = (channel, req_id)
         if deadline is not None:
             pool._deadlines.add(deadline, channel, req_id, future, slot, f"{op} did not finish within {timeout}s",
-                                self._opts.on_timeout == "restart")
+                                self._opts.on_timeout == "restart", Late(self._late(op, decode)))
         return future
+
+    def _late(self, op: str, decode: Callable[[int, Any], Any]) -> Callable[[int, Any], Any]:
+        """What the reply of a call given up on is turned into, to be dropped (see ``Late``): its
+        decoded value, whose refs release themselves when dropped — except a stream's opening,
+        whose decoder would start pulling the stream: that one just closes it."""
+        return self._close_opened_stream if op == OP_STREAM_OPEN else decode
+
+    def _close_opened_stream(self, status: int, body: Any) -> None:
+        if status == OK:
+            key, items, done = unpack_plain(body)
+            self._pool._unpack(items)  # refs among the first items release themselves
+            if not done:
+                self._pool._discard(key, "stream_close")
 
     def _value(self, status: int, body: Any) -> Any:
         if status == OK:
@@ -405,6 +437,14 @@ class _Api:
 
 # -- the pool ------------------------------------------------------------------------------------
 
+
+def _ref_maker(pool: weakref.ref[Pool]) -> Callable[[list[Any]], Ref]:
+    def make_ref(key: list[Any]) -> Ref:
+        session_id, ref_id, slot, generation = key
+        return Ref(pool(), session_id, ref_id, slot, generation)  # type: ignore[arg-type]
+
+    return make_ref
+
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
@@ -413,6 +453,26 @@ def _close_live_pools() -> None:
     # A pool nobody closed: its workers would exit on pipe EOF anyway; this makes it orderly.
     for pool in list(_live_pools):
         pool.close(cancel=True)
+
+
+def _collect(router: Router, deadlines: Deadlines, what: str) -> None:
+    """The finalizer of a pool dropped without ``close()`` (its last reference is gone): stop its
+    workers, and say so with a ``ResourceWarning``, as an unclosed file does."""
+    if router.closing:
+        return  # closed meanwhile, or a forked child's copy: its workers are the parent's
+    if threading.current_thread().name.startswith("poolbridge-"):
+        # Dropped from one of the router's own threads (a reader delivering a reply): closing
+        # waits for those threads, so it happens on a thread of its own.
+        threading.Thread(target=_stop, args=(router, deadlines), name="poolbridge-collect", daemon=True).start()
+    else:
+        _stop(router, deadlines)
+    warnings.warn(f"unclosed {what}: its workers were stopped when it was garbage-collected; "
+                  "call close() or use `with Pool(...)`", ResourceWarning, stacklevel=2)
+
+
+def _stop(router: Router, deadlines: Deadlines) -> None:
+    router.close()
+    deadlines.stop()
 
 
 class Pool(_Api):
@@ -430,10 +490,16 @@ class Pool(_Api):
     anything is sent (default: no bound but memory). ``shm_threshold``: buffers (bytes, bytearray,
     memoryview, str, pickle-5 buffers such as numpy arrays) of at least this many bytes travel
     through shared memory instead of the pipe (``None``: never; see README, "Large values").
+
+    Close a pool with :meth:`close` or a ``with`` block. A pool dropped without it is closed when
+    its last reference goes (refs, streams and pending futures keep it alive), with a
+    ``ResourceWarning``; one still referenced at interpreter exit is closed then. A pool belongs to
+    the process that made it: in a forked child every use raises :class:`PoolClosedError`.
     """
 
     __slots__ = (
-        "__weakref__", "_deadlines", "_discards", "_router", "_shm", "_unpack", "backend", "max_value_bytes", "workers"
+        "__weakref__", "_deadlines", "_discards", "_finalizer", "_router", "_shm", "_unpack", "backend",
+        "max_value_bytes", "workers",
     )
 
     def __init__(
@@ -452,7 +518,10 @@ class Pool(_Api):
         shm_threshold: int | None = _shm.DEFAULT_THRESHOLD,
         _wire: bool = False,
     ) -> None:
-        super().__init__(self, _Options())
+        # Not _Api.__init__: a pool is its own _pool (the property below), and an attribute
+        # pointing at itself would be a reference cycle that keeps an unclosed pool alive until
+        # the cyclic GC runs, instead of ending it with its last reference.
+        self._opts = _Options()
         self.workers = int(workers if workers is not None else (os.cpu_count() or 1))
         self.backend = backend
         factory: Callable[..., Any]
@@ -473,7 +542,7 @@ class Pool(_Api):
             _shm.sweep_stale()
             self._shm = Lifter(_shm.router_prefix(), shm_threshold, max_value_bytes, cache=_shm.CACHE_BYTES)
             shm_options = {"prefix": self._shm.prefix, "threshold": shm_threshold, "tracker_fd": _shm.start_tracker()}
-        self._unpack = make_unpacker(self._make_ref)
+        self._unpack = make_unpacker(_ref_maker(weakref.ref(self)))  # weakly: no cycle either
         self._discards: collections.deque[tuple[list[Any], str]] = collections.deque()
         self._deadlines = Deadlines(self)
         self._router = Router(
@@ -491,9 +560,13 @@ class Pool(_Api):
             },
             max_in_flight=max_in_flight,
             channel_factory=factory,
+            max_frame=max_value_bytes,
         )
         self._router.lifter = self._shm
         _live_pools.add(self)
+        what = f"poolbridge.Pool(workers={self.workers}, backend={backend!r})"
+        self._finalizer = weakref.finalize(self, _collect, self._router, self._deadlines, what)
+        self._finalizer.atexit = False  # at exit, _close_live_pools closes it (without a warning)
 
     def _encode_request(
         self, op: str, session_id: str, fields: list[Any], owner: object = None, zero_copy: bool = False
@@ -516,16 +589,13 @@ class Pool(_Api):
         if limit is not None and len(body) + size > limit:
             for name in names:
                 shm.recycle(name)  # type: ignore[union-attr]
-            raise ValueTooLargeError(
-                f"the value is {len(body) + size} bytes, over this pool's max_value_bytes of {limit}; "
-                "raise Pool(max_value_bytes=...) to send it"
-            )
+            raise value_too_large("this request (its arguments)", len(body) + size, limit)
         req_id = self._router.next_id()
         return req_id, pack_request(req_id, op, session_id, body, names)
 
-    def _make_ref(self, key: list[Any]) -> Ref:
-        session_id, ref_id, slot, generation = key
-        return Ref(self, session_id, ref_id, slot, generation)
+    @property  # a pool is its own _pool (see __init__)
+    def _pool(self) -> Pool:  # type: ignore[override]
+        return self
 
     def _discard(self, key: list[Any], op: str) -> None:
         # Called from __del__, possibly inside another send on this thread: only queue here.
@@ -554,9 +624,14 @@ class Pool(_Api):
 
         Worker-side counts come from the worker itself, queued behind the calls it already has; a
         worker busy for longer than the 2 s wait is reported ``alive`` (its process runs) but not
-        ``responsive``, with those counts as -1.
+        ``responsive``, with those counts as -1. Handles dropped before are released first. After
+        :meth:`close` every slot reports pid -1, not alive.
         """
         router = self._router
+        if router.closing and os.getpid() != router.owner_pid:
+            raise router.closed_error()
+        if self._discards:
+            self._flush_discards()
         asked = []
         for slot in range(self.workers):
             waiter = Waiter()
@@ -603,11 +678,20 @@ class Pool(_Api):
         return AsyncPool(_api=self)
 
     def pids(self) -> list[int]:
-        """The current worker pid of every slot, by slot."""
-        return [ch.pid if ch is not None else -1 for ch in self._router.channels()]
+        """The current worker pid of every slot, by slot (-1 for every slot once closed)."""
+        router = self._router
+        if router.closing:
+            if os.getpid() != router.owner_pid:
+                raise router.closed_error()
+            return [-1] * self.workers
+        return [ch.pid if ch is not None else -1 for ch in router.channels()]
 
     def close(self, cancel: bool = False) -> None:
-        """Stop the workers. In-flight calls finish first unless ``cancel=True``. Idempotent."""
+        """Stop the workers. In-flight calls finish first unless ``cancel=True``. Idempotent.
+
+        Returns once the workers have exited and the pool's threads and pipes are gone.
+        """
+        self._finalizer.detach()
         if not self._router.closing:
             self._router.close(cancel=cancel)
             self._deadlines.stop()
@@ -620,10 +704,15 @@ class Pool(_Api):
         return self._router.closing
 
     def __enter__(self) -> Pool:
+        if self._router.closing:
+            raise self._router.closed_error()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        # A plain exit waits for the calls in flight. An exception leaving the block (Ctrl-C
+        # included) stops at once, failing what has not finished: nothing more of the block's
+        # work is wanted (as with ProcessPoolExecutor.shutdown(cancel_futures=True)).
+        self.close(cancel=exc_type is not None)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "running"

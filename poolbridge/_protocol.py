@@ -193,7 +193,7 @@ def check_ref_session(ref: WireRef) -> None:
     owner = _encoding.owner
     if owner is not None and getattr(ref, "owner", owner) is not owner:
         # Ref ids are per worker process: another pool's (session, id) could name an object here.
-        raise ValueError(f"{ref!r} belongs to another pool; refs are only usable in their own pool")
+        raise SessionMismatchError(f"{ref!r} belongs to another pool; a ref is only usable in its own pool")
     session = encoding_session()
     if session is not None and ref.session_id != session:
         raise SessionMismatchError(

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from ._errors import ERRORS_BY_CODE, CallTimeoutError, RemoteError, RemoteTraceback
+from ._pending import Late, Sink
 from ._protocol import unpack_plain
-from ._router import Sink
 
 if TYPE_CHECKING:
     from ._pool import Pool
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("poolbridge")
 
 FAILED = -1  # a Waiter's status when it holds an exception instead of a reply
-
-
 
 
 class Waiter(Sink):
@@ -77,6 +75,7 @@ class PoolFuture(concurrent.futures.Future[Any], Sink):
     """
 
     cancellable = True
+    _orphaned: BaseException | None = None  # set in a forked child: the reply goes to the parent
 
     def __init__(self, decode: Callable[[int, Any], Any]) -> None:
         super().__init__()
@@ -97,6 +96,11 @@ class PoolFuture(concurrent.futures.Future[Any], Sink):
     def fail(self, exc: BaseException) -> None:
         self._settle(None, exc)
 
+    def orphaned(self, exc: BaseException) -> None:
+        # In a forked child, at fork: no lock may be taken (its holder may not exist here) and no
+        # callback run; waiting on the future raises this instead (result, exception).
+        self._orphaned = exc
+
     def _settle(self, value: Any, exc: BaseException | None) -> None:
         try:
             if exc is not None:
@@ -114,7 +118,14 @@ class PoolFuture(concurrent.futures.Future[Any], Sink):
     def result(self, timeout: float | None = None) -> Any:
         if self._state == _FINISHED and self._exception is None:  # final once FINISHED
             return self._result
+        if self._orphaned is not None and self._state == _PENDING:
+            raise self._orphaned
         return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._orphaned is not None and self._state == _PENDING:
+            raise self._orphaned
+        return super().exception(timeout)
 
     def cancel(self) -> bool:
         if self._state != _PENDING:
@@ -176,9 +187,10 @@ class Deadlines:
         self._stopped = False
 
     def add(self, deadline: float, channel: Any, req_id: int, sink: Sink, slot: int, message: str,
-            restart: bool) -> None:
+            restart: bool, late: Late) -> None:
+        """Fail ``sink`` at ``deadline`` unless answered; ``late`` takes its reply then (see Late)."""
         with self._cond:
-            heapq.heappush(self._heap, (deadline, req_id, (channel, sink, slot, message, restart)))
+            heapq.heappush(self._heap, (deadline, req_id, (channel, sink, slot, message, restart, late)))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="poolbridge-deadlines", daemon=True)
                 self._thread.start()
@@ -192,8 +204,8 @@ class Deadlines:
                     self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
                 if self._stopped:
                     return
-                _, req_id, (channel, sink, slot, message, restart) = heapq.heappop(self._heap)
-            if channel.pending.pop(req_id, None) is None:
+                _, req_id, (channel, sink, slot, message, restart, late) = heapq.heappop(self._heap)
+            if channel.pending.abandon(req_id, late) is None:
                 continue  # answered (or failed) in time
             if restart:
                 pool = self._pool()
@@ -206,3 +218,6 @@ class Deadlines:
         with self._cond:
             self._stopped = True
             self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5.0)

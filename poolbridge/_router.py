@@ -31,15 +31,18 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from . import _shm
 from ._channel import _WITH_SEGMENTS, ProcessChannel, Retired, _Monitor, segment_names
-from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError
+from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError, value_too_large
 from ._hashing import slot_for
+from ._pending import Sink
 from ._protocol import encode_frame
 from ._spawn import Spawner
 
@@ -51,20 +54,6 @@ __all__ = ["Router", "Sink"]
 # its slot gives up after this long rather than hang on a slot that cannot come back.
 RESTART_WAIT = 30.0
 DEFAULT_MAX_IN_FLIGHT = 4096
-
-
-class Sink:
-    """Where one request's reply goes. Called by whichever thread reads it, or on crash/close."""
-
-    __slots__ = ()
-    #: Sinks that can be cancelled get ``seq`` (the request's frame number on its channel) set.
-    cancellable = False
-
-    def deliver(self, status: int, body: Any) -> None:
-        raise NotImplementedError
-
-    def fail(self, exc: BaseException) -> None:
-        raise NotImplementedError
 
 
 class _Slot:
@@ -88,6 +77,7 @@ class Router:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         channel_factory: Callable[[Router, int, int], Any] = ProcessChannel,
         on_crash: Callable[[int, int, int | None], None] | None = None,
+        max_frame: int | None = None,
     ) -> None:
         if n_slots < 1:
             raise ValueError(f"workers must be at least 1, got {n_slots}")
@@ -96,6 +86,11 @@ class Router:
         self.n_slots = n_slots
         self.worker_options = worker_options
         self.max_in_flight = max_in_flight
+        #: The largest message either way (``Pool(max_value_bytes=...)``; None: no bound): checked
+        #: before a request is written; the workers check their replies against the same bound.
+        self.max_frame = max_frame
+        #: A pool belongs to the process that made it (see _forked).
+        self.owner_pid = os.getpid()
         self.closing = False
         self._closed = threading.Event()  # set by close(): interrupts restart back-off pauses
         self._factory = channel_factory
@@ -105,6 +100,7 @@ class Router:
         self._slots = [_Slot(i) for i in range(n_slots)]
         self.spawner = Spawner()
         self.monitor = _Monitor(self._channel_exited)
+        _routers.add(self)
         try:
             for slot in self._slots:
                 slot.channel = channel_factory(self, slot.index, 0)
@@ -137,7 +133,7 @@ class Router:
         with s.cond:
             while True:
                 if self.closing:
-                    raise PoolClosedError("the pool is closed")
+                    raise self.closed_error()
                 ch = s.channel
                 if ch is not None and not ch.dead and not ch.retiring:
                     return ch
@@ -177,7 +173,9 @@ class Router:
         """Send one request. ``lead=True``: the caller will read its own reply (``await_reply``).
         ``deadline`` (monotonic) bounds any wait for the slot (restart, in-flight bound)."""
         if self.closing:
-            raise PoolClosedError("the pool is closed")
+            raise self.closed_error()
+        if self.max_frame is not None and len(body) > self.max_frame:  # before writing (the worker would skip it)
+            raise value_too_large("this request (its arguments)", len(body), self.max_frame)
         data = encode_frame(body)
         try:
             while True:
@@ -276,8 +274,40 @@ class Router:
             ch.retiring = True
             ch.kill()
 
+    def closed_error(self) -> PoolClosedError:
+        """Why this router takes no more work: closed, or inherited by a forked child."""
+        if os.getpid() != self.owner_pid:
+            return PoolClosedError(
+                f"this pool belongs to process {self.owner_pid}, not to this forked child "
+                f"(pid {os.getpid()}); make a new Pool in the child"
+            )
+        return PoolClosedError("the pool is closed")
+
+    def _forked(self) -> None:
+        """In a forked child, right after ``fork()``: the workers and pipes are the parent's.
+
+        The child must never write a request into them, read a reply meant for the parent, or
+        stop the parent's workers (close, atexit, finalizers): the router is marked closing, which
+        every path checks, and the child's copies of the pipe ends are closed — a child that lives
+        on must not hold a worker's request pipe open, or the parent's ``close()`` would wait for
+        an EOF that never comes. Only the forking thread exists here and any lock may have been
+        held by a thread that does not: nothing below takes a lock.
+        """
+        self.closing = True
+        exc = self.closed_error()
+        for ch in self.channels():
+            forget = getattr(ch, "forget_after_fork", None)
+            if forget is not None:
+                forget(exc)
+        self.monitor.forget_after_fork()
+
     def close(self, cancel: bool = False, timeout: float = 10.0) -> None:
-        """Stop every worker. ``cancel=False`` lets each finish the requests it already has."""
+        """Stop every worker. ``cancel=False`` lets each finish the requests it already has.
+
+        Returns once the workers have exited and the router's threads and pipes are gone.
+        """
+        if os.getpid() != self.owner_pid:
+            return  # a forked child's copy: the workers are the parent's (see _forked)
         self.closing = True
         self._closed.set()
         channels = [ch for ch in self.channels() if ch is not None]
@@ -300,8 +330,33 @@ class Router:
         for s in self._slots:
             with s.cond:
                 s.cond.notify_all()
-        self.monitor.stop()
+        self.monitor.stop()  # joins its reapers: a restart racing close() has installed its channel
+        for ch in self.channels():
+            if ch is not None and ch not in channels and not ch.finished.is_set():
+                # Started by a restart that raced close() (which killed it already): the monitor
+                # is gone, so do a reaper's work here — or its reader thread and pipes would stay.
+                ch.kill()
+                ch.wait_exit(5.0)
+                ch.drain_and_close()
+                ch.finished.set()
+                channels.append(ch)
         self.spawner.stop()
+        for ch in channels:
+            join = getattr(ch, "join", None)
+            if join is not None:
+                join(1.0)
+
+
+_routers: weakref.WeakSet[Router] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for router in list(_routers):
+        router._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _describe(exitcode: int | None) -> str:

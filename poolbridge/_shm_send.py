@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 
-from ._errors import ValueTooLargeError
+from ._errors import value_too_large
 from ._shm import (
     BUFFER,
     BYTES,
@@ -168,10 +168,7 @@ class Lifter:
         batch = self._batch
         size = view.nbytes
         if self.limit is not None and batch.size + size > self.limit:
-            raise ValueTooLargeError(
-                f"the value holds more than {self.limit} bytes of buffers (max_value_bytes); "
-                "raise Pool(max_value_bytes=...) to send it"
-            )
+            raise value_too_large("the value (its big buffers)", batch.size + size, self.limit)
         if batch.views and kind == BYTES:
             kind = MEMORYVIEW
         name = self._warm(view) if self.cache else None

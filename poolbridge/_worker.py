@@ -35,7 +35,7 @@ from ._errors import (
     SessionLimitError,
     SessionLostError,
     SessionMismatchError,
-    ValueTooLargeError,
+    value_too_large,
 )
 from ._hashing import slot_for
 from ._protocol import (
@@ -77,6 +77,12 @@ def active_core() -> WorkerCore | None:
     return _active[0]
 
 _SESSIONLESS_OPS = frozenset({OP_STATS, OP_PING})
+# Ops that only act on what a session already holds (a ref or stream of it, or the session
+# itself): for a session this worker does not know they fail or do nothing, and never create it —
+# a release queued by a dropped handle must not bring back a session closed meanwhile.
+_EXISTING_SESSION_OPS = frozenset(
+    {OP_RELEASE, OP_STREAM_NEXT, OP_STREAM_CLOSE, OP_CLOSE_SESSION, OP_METHOD, OP_SETATTR}
+)
 
 
 class _Session:
@@ -121,7 +127,12 @@ def split_path(path: str) -> tuple[Any, tuple[str, ...]]:
                 raise  # the module exists but one of *its* imports is missing
             continue
         return module, tuple(parts[cut:])
-    return importlib.import_module("builtins"), tuple(parts)
+    builtins = importlib.import_module("builtins")
+    if not hasattr(builtins, parts[0]):
+        raise ModuleNotFoundError(
+            f"no module named {parts[0]!r} could be imported for {path!r} (nor is it a builtin)", name=parts[0]
+        )
+    return builtins, tuple(parts)
 
 
 def resolve_path(path: str) -> Any:
@@ -207,22 +218,27 @@ class WorkerCore:
                 raise BadRequestError(f"unknown op {op!r}")
             if op in _SESSIONLESS_OPS:
                 return pack_plain([req_id, OK, handler()])
-            session = self._enter(session_id)
+            session = self._enter(session_id, op not in _EXISTING_SESSION_OPS)
             try:
                 if lifter is not None:
                     _shm.track_mappings()
                 fields = self._unpack(body)
                 self.calls += 1
                 result = handler(session, *fields)
+                names: list[str] = []
+                held: list[str] = []
+                size = len(result)
                 if lifter is not None:
                     fields = None  # the arguments' mappings may go now
-                    names, size = lifter.take()
+                    names, segments_size = lifter.take()
                     held = _shm.held()
-                    if names or held:
-                        self._check_size(len(result) + size, names)
-                        return pack_plain([req_id, OK_SHM, [result, names, held]])
-                if self.max_value_bytes is not None:
-                    self._check_size(len(result))
+                    size += segments_size
+                if self.max_value_bytes is not None and size > self.max_value_bytes:
+                    for name in names:  # e.g. a stream batch: results are checked below
+                        lifter.drop(name)  # type: ignore[union-attr]
+                    raise value_too_large("the reply", size, self.max_value_bytes)
+                if names or held:
+                    return pack_plain([req_id, OK_SHM, [result, names, held]])
                 return pack_plain([req_id, OK, result])
             finally:
                 self._session = None
@@ -235,18 +251,9 @@ class WorkerCore:
                 _shm.held()
             return pack_plain([req_id, ERROR, pack_plain(error_fields(exc))])
 
-    def _check_size(self, size: int, names: list[str] | None = None) -> None:
-        limit = self.max_value_bytes
-        if limit is not None and size > limit:
-            if names:
-                for name in names:
-                    _shm.unlink(name)
-            raise ValueTooLargeError(
-                f"the result is {size} bytes, over this pool's max_value_bytes of {limit}; "
-                "raise Pool(max_value_bytes=...) to receive it"
-            )
-
-    def _enter(self, session_id: Any) -> _Session:
+    def _enter(self, session_id: Any, create: bool = True) -> _Session:
+        """The session a request runs in. ``create=False``: a session not held here is not created
+        (the request gets a transient, empty one: its refs and streams are simply not found)."""
         try:
             session = self._sessions.get(session_id)
         except TypeError:  # unhashable: a list or map where the session id belongs
@@ -260,9 +267,9 @@ class WorkerCore:
                     f"session {session_id!r} hashes to slot {slot_for(session_id, self.n_slots)}, "
                     f"not to this worker's slot {self.slot}"
                 )
-            session = self._sessions[session_id] = _Session(
-                _helpers.SessionContext(session_id, self.slot, self.generation)
-            )
+            session = _Session(_helpers.SessionContext(session_id, self.slot, self.generation))
+            if create:
+                self._sessions[session_id] = session
         if self.session_ttl is not None:
             session.last_used = time.monotonic()
         self._session = session
@@ -319,28 +326,33 @@ class WorkerCore:
         if ret == RET_REF:
             return self._new_ref(session, value)
         try:
-            if self.wire:
-                return self._encode(session, value)
-            return pack_value(value) if self.max_value_bytes is None else self._bounded(value)
+            return self._sized(self._encode(session, value) if self.wire else pack_value(value))
         except Exception:
             if ret == RET_VALUE:
                 raise
             return self._new_ref(session, value)
 
-    def _bounded(self, value: Any) -> bytes:
-        """``pack_value(value)``, refused past ``max_value_bytes`` (so ``ret="auto"`` makes a ref)."""
+    def _oversize(self, body: bytes) -> int:
+        """0 when a reply can carry ``body`` and the segments made for it; else their size (and
+        those segments are unlinked: the value is not sent)."""
+        limit = self.max_value_bytes
+        if limit is None:
+            return 0
         lifter = default_lifter[0]
-        mark = lifter.mark() if lifter is not None else 0
-        packed = pack_value(value)
-        size = len(packed) + (lifter.batch_bytes() if lifter is not None else 0)
-        if self.max_value_bytes is not None and size > self.max_value_bytes:
-            if lifter is not None:
-                lifter.discard(mark)
-            raise ValueTooLargeError(
-                f"the result is {size} bytes, over this pool's max_value_bytes of {self.max_value_bytes}; "
-                "raise Pool(max_value_bytes=...) to receive it"
-            )
-        return packed
+        size = len(body) + (lifter.batch_bytes() if lifter is not None else 0)
+        if size <= limit - 64:  # room for the reply's [id, status, ...] around it
+            return 0
+        if lifter is not None:
+            lifter.discard()
+        return size
+
+    def _sized(self, body: bytes) -> bytes:
+        """``body`` if a reply can carry it; else :class:`ValueTooLargeError` (which ``ret="auto"``
+        turns into a ref, as for a value that cannot be encoded)."""
+        size = self._oversize(body)
+        if size:
+            raise value_too_large("the result", size, self.max_value_bytes or 0)
+        return body
 
     def _encode(self, session: _Session, value: Any) -> bytes:
         if not self.wire:
@@ -391,12 +403,14 @@ class WorkerCore:
             fn = self._callable(fn)
         value = fn(*args, **kwargs)
         if ret == RET_AUTO:
-            if self.wire:
-                return self._encode(session, value)  # never fails: what msgpack cannot carry is a ref
             try:
-                return pack_value(value) if self.max_value_bytes is None else self._bounded(value)
+                body = self._encode(session, value) if self.wire else pack_value(value)
             except Exception:  # noqa: S110 - not encodable: _result below hands it over as a ref
                 pass
+            else:
+                if not self._oversize(body):
+                    return body
+                return self._new_ref(session, value)  # too large to carry: kept here, as a ref
         return self._result(session, value, ret)
 
     def _op_getattr(self, session: _Session, target: Any, name: str | None, ret: int) -> bytes:
@@ -455,9 +469,18 @@ class WorkerCore:
         if done:
             session.streams.pop(stream_id, None)
         try:
-            return self._encode(session, items), done
+            body = self._encode(session, items)
         except Exception:  # noqa: S110 - some item is not encodable: handed over as refs below
             pass
+        else:
+            size = self._oversize(body)
+            if size:
+                # The batch is lost: end the stream rather than leave it suspended, its key unsent.
+                if session.streams.pop(stream_id, None) is not None:
+                    state.close()
+                what = f"a batch of {len(items)} stream items (use a smaller batch=)"
+                raise value_too_large(what, size, self.max_value_bytes or 0)
+            return body, done
         # Like a call's result: an item that cannot be encoded is handed over as a ref. If that
         # fails too (the session's cap), the batch is lost: undo its refs and end the stream,
         # rather than leave objects and a suspended generator nobody holds a key to.

@@ -17,11 +17,22 @@ import os
 import select
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-from ._frames import OversizedFrame, write_frame
-from ._protocol import RETIRING, FrameReader, default_lifter, encode_frame, pack_plain, unpack_plain, write_all
-from ._worker import WorkerCore
+from ._frames import write_frame
+from ._protocol import (
+    ERROR,
+    RETIRING,
+    FrameReader,
+    OversizedFrame,
+    default_lifter,
+    encode_frame,
+    pack_plain,
+    unpack_plain,
+    write_all,
+)
+from ._worker import WorkerCore, error_fields
 
 log = logging.getLogger("poolbridge.worker")
 
@@ -48,6 +59,15 @@ def _die_with_parent(parent_pid: int) -> None:
 _FLUSH_AFTER = 0.0005
 
 
+def _answer(handle: Callable[[bytes], bytes], frame: bytes | bytearray | OversizedFrame, limit: int | None) -> bytes:
+    """The reply to one request frame. The router never sends a frame over the limit (it fails
+    such a call in the caller), but if one came, its reply still carries its id: no request is
+    ever left without an answer."""
+    if not isinstance(frame, OversizedFrame):
+        return handle(frame)  # type: ignore[arg-type]
+    return pack_plain([frame.leading_id(), ERROR, pack_plain(error_fields(frame.error(limit or 0)))])
+
+
 def main() -> None:
     """Entry point of a worker process: ``python -c ... <base64 msgpack options>``."""
     options = unpack_plain(base64.b64decode(sys.argv[1]))
@@ -55,8 +75,13 @@ def main() -> None:
     worker_main(read_fd, write_fd, options)
 
 
+#: This worker's options (its pipes, slot, ...), for tests that need to reach the plumbing.
+options_in_use: dict[str, Any] = {}
+
+
 def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
     """Run a worker until its request pipe reaches EOF (the router closed it or died)."""
+    options_in_use.update(options, fds=[read_fd, write_fd])
     board = None
     if options.get("cancel_board"):
         from ._cancel import CancelBoard
@@ -87,7 +112,7 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
         max_value_bytes=options.get("max_value_bytes"),
     )
     seq = 0
-    reader = FrameReader()
+    reader = FrameReader(core.max_value_bytes, extended=True)
     check_retire = options.get("max_calls") is not None or options.get("max_rss") is not None
     perf = time.perf_counter
     handle = core.handle
@@ -104,7 +129,7 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
         if len(frames) == 1 and not check_retire:  # the common case: one request, one reply
             seq += 1
             if board is None or board.claim(seq):
-                write_frame(write_fd, handle(frames[0]))  # type: ignore[arg-type]
+                write_frame(write_fd, _answer(handle, frames[0], core.max_value_bytes))
             continue
         out: list[bytes] = []
         started = 0.0
@@ -114,11 +139,10 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
                 out.clear()
             if not out:
                 started = perf()
-            assert not isinstance(frame, OversizedFrame)  # no size limit on the private channel
             seq += 1
             if board is not None and not board.claim(seq):
                 continue  # cancelled before it started: the router expects no reply
-            out.append(encode_frame(handle(frame)))
+            out.append(encode_frame(_answer(handle, frame, core.max_value_bytes)))
         if check_retire and core.wants_retire():
             # Ask to be replaced; keep serving until the router closes our input (EOF below).
             out.append(encode_frame(pack_plain([None, RETIRING, b""])))

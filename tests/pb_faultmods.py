@@ -250,6 +250,13 @@ def resource_tracker_pid() -> int | None:
     return resource_tracker._resource_tracker._pid  # type: ignore[attr-defined,no-any-return]
 
 
+def resource_tracker_fd() -> int | None:
+    """This process's end of the resource tracker's pipe, if started (see resource_tracker_pid)."""
+    from multiprocessing import resource_tracker
+
+    return resource_tracker._resource_tracker._fd  # type: ignore[attr-defined,no-any-return]
+
+
 def is_resource_tracker(p: Any) -> bool:
     """A resource tracker (this process's or a server's): not a worker, outlives pools by design."""
     try:

@@ -7,39 +7,54 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
 from poolbridge import _cancel
 from poolbridge._cancel import SIZE, CancelBoard
 
-pytestmark = pytest.mark.skipif(CancelBoard.create() is None, reason="no shared semaphores here")
+
+def _supported() -> bool:
+    board = CancelBoard.create()
+    if board is None:
+        return False
+    board.unlink()
+    board.close()
+    return True
 
 
-def pair() -> tuple[CancelBoard, CancelBoard]:
+pytestmark = pytest.mark.skipif(not _supported(), reason="no shared semaphores here")
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[CancelBoard, CancelBoard]]:
     router = CancelBoard.create()
     assert router is not None
-    worker = CancelBoard.attach(router.fd, router.name)  # unlinks the name, as a worker does
-    return router, worker
+    # The worker's own fd, as a worker inherits one; attach unlinks the name, as a worker does.
+    worker = CancelBoard.attach(os.dup(router.fd), router.name)
+    yield router, worker
+    worker.close()
+    router.close()
 
 
-def test_cancel_before_start_wins_and_the_frame_is_skipped() -> None:
-    router, worker = pair()
+def test_cancel_before_start_wins_and_the_frame_is_skipped(pair: tuple[CancelBoard, CancelBoard]) -> None:
+    router, worker = pair
     assert worker.claim(1)
     assert router.cancel(2)  # not started yet
     assert not worker.claim(2)  # skipped: it never runs
     assert worker.claim(3)
 
 
-def test_a_started_frame_cannot_be_cancelled() -> None:
-    router, worker = pair()
+def test_a_started_frame_cannot_be_cancelled(pair: tuple[CancelBoard, CancelBoard]) -> None:
+    router, worker = pair
     assert worker.claim(1) and worker.claim(2)
     assert not router.cancel(2)
     assert not router.cancel(1)
 
 
-def test_a_slot_holding_an_unconsumed_cancel_refuses_a_second_one() -> None:
-    router, worker = pair()
+def test_a_slot_holding_an_unconsumed_cancel_refuses_a_second_one(pair: tuple[CancelBoard, CancelBoard]) -> None:
+    router, worker = pair
     assert router.cancel(5)
     assert not router.cancel(5 + SIZE)  # same slot, the first cancel not reached yet
     for seq in range(1, 5):

@@ -313,7 +313,8 @@ def test_remote_error_shape(server: Server) -> None:
     assert err["message"] == "math domain error"
     assert "Traceback" in err["traceback"]
     err = server.error("call", session="e", fn="no_such_module_xyz.f")
-    assert err["code"] == "remote_error" and err["type"] in ("AttributeError", "ModuleNotFoundError")
+    assert err["code"] == "remote_error" and err["type"] == "ModuleNotFoundError"
+    assert "no module named 'no_such_module_xyz' could be imported" in err["message"]
 
 
 @pytest.mark.parametrize(

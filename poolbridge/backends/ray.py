@@ -51,6 +51,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("backend='ray' needs Ray: pip install 'poolbridge[ray]'") from exc
 
 from .._errors import PoolBusyError, PoolClosedError, RemoteError, WorkerCrashedError
+from .._pending import Pending
 from .._protocol import unpack_plain
 
 if TYPE_CHECKING:
@@ -287,7 +288,7 @@ class RayChannel:
     def __init__(self, router: Router, slot: int, generation: int, *, hold_exit: bool = False) -> None:
         self.slot = slot
         self.generation = generation
-        self.pending: dict[int, Sink] = {}
+        self.pending: Pending = Pending()
         self.dead = False
         self.eof = False
         self.exitcode: int | None = None
@@ -457,6 +458,8 @@ class RayChannel:
         for reply in [result] if isinstance(result, bytes) else result:
             rid, status, body = unpack_plain(reply)
             sink = pending.pop(rid, None)
+            if sink is None:
+                sink = pending.unmatched(rid)  # given up meanwhile: its Late sink, or unknown
             if sink is not None:
                 sink.deliver(status, body)
 

@@ -1,0 +1,82 @@
+"""Parent side: where the reply to one request goes — the sink contract and a channel's table of
+unanswered requests. Shared by every channel (process, Ray) and by the faces that make sinks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Late", "Pending", "Sink"]
+
+
+class Sink:
+    """Where one request's reply goes. Called by whichever thread reads it, or on crash/close."""
+
+    __slots__ = ()
+    #: Sinks that can be cancelled get ``seq`` (the request's frame number on its channel) set.
+    cancellable = False
+
+    def deliver(self, status: int, body: Any) -> None:
+        raise NotImplementedError
+
+    def fail(self, exc: BaseException) -> None:
+        raise NotImplementedError
+
+    def orphaned(self, exc: BaseException) -> None:
+        """In a forked child: this request's reply goes to the parent. A sink that someone in the
+        child could still wait on (a future) fails with ``exc``; must not block (see _forked)."""
+
+
+class Late(Sink):
+    """The sink of a request its caller gave up on (timeout, cancelled await, interrupt).
+
+    Its reply still comes; ``release(status, body)`` turns it into whatever it created (a ref, a
+    stream) and drops that, so each handle releases itself in the worker as a dropped one does.
+    """
+
+    __slots__ = ("release",)
+
+    def __init__(self, release: Callable[[int, Any], Any]) -> None:
+        self.release = release
+
+    def deliver(self, status: int, body: Any) -> None:
+        try:
+            self.release(status, body)
+        except Exception:  # noqa: S110 - an error reply, or nothing to release: nobody is waiting
+            pass
+
+    def fail(self, exc: BaseException) -> None:
+        pass
+
+
+class Pending(dict[int, Sink]):
+    """A channel's unanswered requests: req id -> sink.
+
+    Whoever ``pop``s a request's entry first owns it: the reader delivering its reply, a crash
+    failing it, a caller timing out. A caller that gives up on a request the worker may still run
+    calls :meth:`abandon` instead, which swaps its sink for a :class:`Late` one. The swap and a
+    reader's second look for a reply it found no sink for (:meth:`unmatched`) hold one lock, so a
+    reply that arrives mid-swap reaches the late sink instead of being dropped. Hits never lock.
+    """
+
+    __slots__ = ("_swap",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._swap = threading.Lock()
+
+    def abandon(self, req_id: int, late: Late) -> Sink | None:
+        """Give up on ``req_id``: its sink if it was still unanswered (None: the reply or a failure
+        got there first)."""
+        with self._swap:
+            sink = self.pop(req_id, None)
+            if sink is not None:
+                self[req_id] = late
+            return sink
+
+    def unmatched(self, req_id: Any) -> Sink | None:
+        """A reader found no sink for ``req_id``: look again, after any swap in progress."""
+        with self._swap:
+            return self.pop(req_id, None)

@@ -579,11 +579,14 @@ class Pool(_Api):
             names: list[str] = []
             size = 0
         else:
-            shm.zero_copy(zero_copy)
-            try:
+            if zero_copy:
+                shm.zero_copy(True)
+                try:
+                    body = pack_value(fields, session_id, owner, shm)
+                finally:
+                    shm.zero_copy(False)
+            else:
                 body = pack_value(fields, session_id, owner, shm)
-            finally:
-                shm.zero_copy(False)
             names, size = shm.take()
         limit = self.max_value_bytes
         if limit is not None and len(body) + size > limit:

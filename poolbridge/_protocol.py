@@ -218,7 +218,16 @@ def pack_value(obj: Any, session: str | None = None, owner: object = None, shm: 
             return _pack_value(obj, session, owner, None)
     mark = shm.mark()
     try:
-        return _pack_value(shm.lift(obj), session, owner, shm)
+        if shm.near_top(obj):  # the usual way to pass or return a big buffer: lift it at once
+            return _pack_value(shm.lift(obj), session, owner, shm)
+        packed = _pack_value(obj, session, owner, shm)  # pickle-5 buffers are lifted meanwhile
+        if len(packed) < shm.threshold:
+            return packed  # no buffer of the threshold's size can hide in fewer bytes
+        lifted = shm.lift(obj)  # a big value: is there a big buffer deeper inside?
+        if lifted is obj:
+            return packed
+        shm.discard(mark)  # packed again below, its pickle buffers too
+        return _pack_value(lifted, session, owner, shm)
     except BaseException:
         shm.discard(mark)  # this value is not sent: neither are its segments
         raise

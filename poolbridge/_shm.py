@@ -205,9 +205,8 @@ class _Segment:
             return mapped[:]
         if kind == STR:
             return str(mapped, "utf-8")
-        held = _receiving.held
-        if held is not None:
-            held.append((self.name, weakref.ref(mapped)))
+        if self.done is None:  # a worker mapping an argument: the router must know if it stays mapped
+            _mapped_arguments.append((self.name, weakref.ref(mapped)))
         view = memoryview(mapped)
         return view.toreadonly() if kind == MEMORYVIEW else view
 
@@ -215,7 +214,6 @@ class _Segment:
 class _Receiving(threading.local):
     def __init__(self) -> None:
         self.views = False  # decode big bytes as read-only views (zero_copy)
-        self.held: list[tuple[str, weakref.ref[mmap.mmap]]] | None = None  # a worker's mapped arguments
 
 
 _receiving = _Receiving()
@@ -232,18 +230,19 @@ class zero_copy_views:
         _receiving.views = False
 
 
-def track_mappings() -> None:
-    """Worker: note the argument segments mapped while decoding this request (see :func:`held`)."""
-    _receiving.held = []
+#: Worker: argument segments mapped (not copied) since the last :func:`held` (one request).
+_mapped_arguments: list[tuple[str, weakref.ref[mmap.mmap]]] = []
+_NONE: list[str] = []
 
 
 def held() -> list[str]:
-    """Worker, after a request: names of argument segments some object still maps. The router
-    unlinks those; it may write the others again (a warm segment needs no new memory)."""
-    mapped, _receiving.held = _receiving.held, None
-    if not mapped:
-        return []
-    return [name for name, ref in mapped if ref() is not None]
+    """Worker, after a request: names of its argument segments some object still maps. The
+    router unlinks those; it may write the others again (a warm segment needs no new memory)."""
+    if not _mapped_arguments:
+        return _NONE
+    names = [name for name, ref in _mapped_arguments if ref() is not None]
+    _mapped_arguments.clear()
+    return names
 
 
 #: Segments of replies adopted by this process's readers, by name, while their body is alive.

@@ -104,6 +104,35 @@ class Lifter:
 
     # -- encoding --
 
+    def near_top(self, obj: Any) -> bool:
+        """A cheap look for a big buffer in ``obj`` or in the containers right inside it (a call's
+        arguments sit two levels down: ``[fn, [args], {kwargs}, ret]``)."""
+        threshold = self.threshold
+        t = type(obj)
+        if t in _KINDS:
+            return (obj.nbytes if t is memoryview else len(obj)) >= threshold
+        if t is dict:
+            obj = obj.values()
+        elif t is not list and t is not tuple:
+            return False
+        for item in obj:
+            t = type(item)
+            if t in _SCALARS:
+                continue
+            if t in _KINDS:
+                if (item.nbytes if t is memoryview else len(item)) >= threshold:
+                    return True
+                continue
+            if t is dict:
+                item = item.values()
+            elif t is not list and t is not tuple:
+                continue
+            for inner in item:
+                t = type(inner)
+                if t in _KINDS and (inner.nbytes if t is memoryview else len(inner)) >= threshold:
+                    return True
+        return False
+
     def lift(self, obj: Any) -> Any:
         """``obj`` with its big buffers replaced by segment references (``obj`` itself when none)."""
         return self._walk(obj, [_SCAN_BUDGET])

@@ -220,8 +220,6 @@ class WorkerCore:
                 return pack_plain([req_id, OK, handler()])
             session = self._enter(session_id, op not in _EXISTING_SESSION_OPS)
             try:
-                if lifter is not None:
-                    _shm.track_mappings()
                 fields = self._unpack(body)
                 self.calls += 1
                 result = handler(session, *fields)

@@ -124,6 +124,10 @@ def test_every_kind_of_buffer_as_argument(small: poolbridge.Pool) -> None:
     # Nested, in a tuple, as a keyword argument.
     assert small.call("pb_testmods.identity", {"a": [1, (raw, 2)], "b": raw}) == {"a": [1, (raw, 2)], "b": raw}
     assert small.call("pb_largemods.digest", value=raw)[2] == sha(raw)
+    deep = {"a": {"b": [{"c": raw}]}}  # below the quick look at the top: found after packing
+    assert small.call("pb_testmods.identity", deep) == deep
+    numbers = list(range(T))  # big, but no buffer in it: travels in the frame
+    assert small.call("builtins.sum", numbers) == sum(numbers)
     no_segments_left(small)
 
 

@@ -32,7 +32,8 @@ Who owns a name (also stated in setup.cfg, next to install_requires):
   replies (``sweep``); what the router still maps stays readable.
 * A router that dies (even SIGKILL) cannot clean up, so every name is registered, before it is
   created, with the stdlib's ``multiprocessing.resource_tracker``: one tracker process, started by
-  the router, whose pipe the workers inherit (``pass_fds``, as the stdlib's own spawn passes it).
+  the router, whose pipe every worker inherits (``pass_fds``, or ``SCM_RIGHTS`` through the
+  template that forks it — as the stdlib's own spawn passes that pipe to its children).
   The workers die with the router (PDEATHSIG), the tracker's pipe reaches EOF, and it unlinks
   whatever is still registered. Every unlink unregisters the name.
 """

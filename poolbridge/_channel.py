@@ -22,7 +22,7 @@ wait for the write lock, so a reader cannot deadlock with a worker blocked on it
              → re-check: queue left and few unanswered → write it   (a reader may have skipped)
     reader:  deliver replies → queue non-empty and lock free → write what fits, never blocking
 
-Death. A worker's exit is seen by the router's :class:`_Monitor` through a pidfd (the kernel says
+Death. A worker's exit is seen by the router's :class:`~poolbridge._monitor.Monitor` through a pidfd (the kernel says
 the process is gone; no timeout involved). The channel then drains replies the worker wrote before
 it died, fails every other pending request with :class:`WorkerCrashedError`, and the router
 restarts the slot. A reader that meets EOF kills the process, so the monitor sees it at once.
@@ -46,7 +46,7 @@ from ._cancel import CancelBoard
 from ._errors import CallTimeoutError, PoolBusyError, WorkerCrashedError
 from ._pending import Pending
 from ._protocol import OK, OK_SHM, RETIRING, FrameReader, OversizedFrame, encode_frame, pack_plain, unpack_plain
-from ._spawn import ForkedProcess, spawn_worker
+from ._spawn import ForkedProcess, forget_process, spawn_worker
 
 if TYPE_CHECKING:
     from ._router import Router, Sink
@@ -76,106 +76,6 @@ class _WriteTimeout(Exception):
     def __init__(self, view: memoryview) -> None:
         super().__init__()
         self.view = view
-
-
-class _Monitor:
-    """One thread per router that learns of worker exits from pidfds (polling where unavailable)."""
-
-    def __init__(self, on_exit: Callable[[ProcessChannel], None]) -> None:
-        self._on_exit = on_exit
-        self._lock = threading.Lock()
-        self._watched: dict[int, ProcessChannel] = {}  # pidfd (or pid) -> channel
-        self._reapers: list[threading.Thread] = []
-        self._wake_r, self._wake_w = os.pipe()
-        self._stopped = False
-        self._pidfd = hasattr(os, "pidfd_open")
-        self._thread = threading.Thread(target=self._run, name="poolbridge-monitor", daemon=True)
-        self._thread.start()
-
-    def watch(self, ch: ProcessChannel) -> None:
-        key = ch.pid
-        if isinstance(ch.process, ForkedProcess):
-            # Forked by the template, which reaps it: only the pidfd it sent names it for sure.
-            pidfd = ch.process.dup_pidfd() if self._pidfd else ch.pid
-            if pidfd is None:  # it has already exited
-                self._exited(ch)
-                return
-            key = pidfd
-        elif self._pidfd:
-            try:
-                key = os.pidfd_open(ch.pid)
-            except OSError:  # already reaped or unsupported kernel: fall back to polling
-                self._pidfd = False
-        with self._lock:
-            self._watched[key] = ch
-        os.write(self._wake_w, b"w")
-
-    def _run(self) -> None:
-        while not self._stopped:
-            with self._lock:
-                keys = list(self._watched)
-            if self._pidfd:
-                ready, _, _ = select.select([self._wake_r, *keys], [], [])
-            else:
-                ready, _, _ = select.select([self._wake_r], [], [], 0.05)
-                ready = ready + [k for k in keys if self._watched[k].process.poll() is not None]
-            if self._wake_r in ready:
-                os.read(self._wake_r, 4096)
-            for key in ready:
-                if key == self._wake_r:
-                    continue
-                with self._lock:
-                    ch = self._watched.pop(key, None)
-                if self._pidfd:
-                    os.close(key)
-                if ch is not None:
-                    self._exited(ch)
-
-    def _exited(self, ch: ProcessChannel) -> None:
-        # Handled on its own thread: draining and restarting must not delay noticing another
-        # worker's death.
-        reaper = threading.Thread(target=self._on_exit, args=(ch,), name="poolbridge-reaper", daemon=True)
-        with self._lock:
-            self._reapers = [t for t in self._reapers if t.is_alive()]
-            self._reapers.append(reaper)
-        reaper.start()
-
-    def stop(self) -> None:
-        """Stop watching; returns once the monitor and its reapers are gone and its fds closed."""
-        self._stopped = True
-        os.write(self._wake_w, b"s")
-        me = threading.current_thread()
-        if self._thread is not me:
-            self._thread.join(5.0)
-        with self._lock:
-            reapers = list(self._reapers)
-        for reaper in reapers:
-            if reaper is not me:
-                reaper.join(5.0)
-        if self._thread.is_alive():  # pragma: no cover - it only ever waits in select
-            log.warning("the exit monitor did not stop; leaving its pipe open")
-            return
-        with self._lock:
-            leftover = list(self._watched) if self._pidfd else []
-            self._watched.clear()
-        # Each number is forgotten before it is closed: a fork in between leaves the child a copy
-        # it never closes, rather than a number the child might later close under someone else.
-        wake, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
-        for fd in (*wake, *leftover):
-            os.close(fd)
-
-    def forget_after_fork(self) -> None:
-        """In a forked child (see ``Router._forked``): close the child's copies of our fds."""
-        self._stopped = True
-        watched, self._watched = self._watched, {}
-        fds = (self._wake_r, self._wake_w, *(watched if self._pidfd else ()))
-        self._wake_r = self._wake_w = -1
-        for fd in fds:
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
 
 
 _NONE_HELD: list[str] = []
@@ -722,7 +622,7 @@ class ProcessChannel:
                         break
                     if frames:
                         self._deliver(frames)
-                fd, self._read_fd = self._read_fd, -1  # forgotten first (see _Monitor.stop)
+                fd, self._read_fd = self._read_fd, -1  # forgotten first (see Monitor.stop)
                 os.close(fd)
             finally:
                 self._read_lock.release()
@@ -763,7 +663,7 @@ class ProcessChannel:
 
     def _close_fd(self) -> None:
         if self._write_fd >= 0:
-            fd, self._write_fd = self._write_fd, -1  # forgotten first (see _Monitor.stop)
+            fd, self._write_fd = self._write_fd, -1  # forgotten first (see Monitor.stop)
             os.close(fd)
 
     def join(self, timeout: float) -> None:
@@ -786,12 +686,7 @@ class ProcessChannel:
                 except OSError:
                     pass
         self._write_fd = self._read_fd = -1
-        if isinstance(self.process, ForkedProcess):
-            self.process._set_exit(self.process.returncode or 0)  # closes our copy of its pidfd: kill() no-ops
-        else:
-            self.process.returncode = self.process.returncode or 0  # kill() and wait() are no-ops now
-            # Not our child: Popen's finaliser must not warn about it or try to reap it.
-            self.process._child_created = False  # type: ignore[attr-defined]
+        forget_process(self.process)
         for sink in list(self.pending.values()):
             sink.orphaned(exc)
 

@@ -39,9 +39,10 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _shm
-from ._channel import _WITH_SEGMENTS, ProcessChannel, Retired, _Monitor, segment_names
+from ._channel import _WITH_SEGMENTS, ProcessChannel, Retired, segment_names
 from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError, value_too_large
 from ._hashing import slot_for
+from ._monitor import Monitor
 from ._pending import Sink
 from ._protocol import encode_frame
 from ._spawn import Spawner
@@ -99,7 +100,7 @@ class Router:
         self._ids = itertools.count(1)
         self._slots = [_Slot(i) for i in range(n_slots)]
         self.spawner = Spawner()
-        self.monitor = _Monitor(self._channel_exited)
+        self.monitor = Monitor(self._channel_exited)
         _routers.add(self)
         try:
             for slot in self._slots:
@@ -300,6 +301,7 @@ class Router:
             if forget is not None:
                 forget(exc)
         self.monitor.forget_after_fork()
+        self.spawner.forget_after_fork()
 
     def close(self, cancel: bool = False, timeout: float = 10.0) -> None:
         """Stop every worker. ``cancel=False`` lets each finish the requests it already has.

@@ -97,6 +97,7 @@ __all__ = ["PROTOCOL_VERSION", "REF_TAG", "STREAM_TAG", "Server", "serve"]
 PROTOCOL_VERSION = 1
 
 _POLLIN = select.POLLIN
+_PORT_FRAME_MAX = 0xFFFFFFFF - 1  # the largest length a 4-byte header gives (0xFFFFFFFF: see _frames.py)
 # A session id of at most this many characters is at most 256 UTF-8 bytes (4 bytes a character at
 # most): the fast path skips encoding it to count; longer ones take the general path.
 _FAST_SESSION_CHARS = 64
@@ -121,6 +122,9 @@ class _Output:
             log.exception("could not encode a reply")
             reset_plain_packer()
             data = pack_plain(_error_reply(reply.get("id"), "remote_error", type(exc).__name__, str(exc), ""))
+        if len(data) > _PORT_FRAME_MAX:  # {packet, 4} cannot say it: the reply is that error instead
+            message = f"the reply is {len(data)} bytes; a {{packet, 4}} frame holds at most {_PORT_FRAME_MAX}"
+            data = pack_plain(_error_reply(reply.get("id"), FrameTooLargeError.code, "FrameTooLargeError", message, ""))
         with self.lock:
             if self.broken:
                 return
@@ -242,6 +246,8 @@ class Server:
             max_refs_per_session=max_refs_per_session,
             _wire=True,
             max_in_flight=DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight,
+            # No max_value_bytes: a request --max-frame lets in always fits between router and
+            # worker, and --max-frame (for untrusted input) does not bound the results.
         )
         self.router = self.pool._router
         self._n_slots = self.router.n_slots

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("poolbridge.router")
 
-__all__ = ["ForkedProcess", "Spawner", "Template", "spawn_worker"]
+__all__ = ["ForkedProcess", "Spawner", "Template", "forget_process", "spawn_worker"]
 
 _WORKER = "from poolbridge._worker_main import main; main()"
 _TEMPLATE = "from poolbridge._worker_template import main; main()"
@@ -102,6 +102,23 @@ class ForkedProcess:
                     signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def forget_process(process: subprocess.Popen[bytes] | ForkedProcess) -> None:
+    """In a forked child: ``process`` is the parent's; never signal, reap or warn about it here.
+    Takes no lock (see ``Router._forked``); the number is forgotten before it is closed."""
+    if isinstance(process, ForkedProcess):
+        fd, process.pidfd = process.pidfd, -1  # kill() does nothing now
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    else:
+        # Not this process's child: Popen's finaliser must not warn about it or try to reap it.
+        process._child_created = False  # type: ignore[attr-defined]
+    if process.returncode is None:
+        process.returncode = 0  # Popen.kill() and wait() do nothing now
 
 
 class Template:
@@ -217,6 +234,20 @@ class Spawner:
                 log.warning("cannot start the template process; spawning workers one by one", exc_info=True)
                 self._use_template = False
         return self._template
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: close the child's copy of the template's socket (the template must
+        see EOF when the parent closes it) and forget the parent's processes."""
+        template, self._template = self._template, None
+        self._use_template = False
+        if template is not None:
+            try:
+                template._sock.close()  # the child's fd only: no shutdown, the parent's end lives
+            except OSError:
+                pass
+            forget_process(template.process)
+            for child in list(template._children.values()):
+                forget_process(child)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the thread and the template (whose workers have exited by now); wait for both, so

@@ -29,3 +29,5 @@ def write_garbage_reply() -> str:
     reply_fd = options_in_use["fds"][1]
     os.write(reply_fd, struct.pack(">I", 1) + b"\xc1")  # 0xc1: the one byte msgpack never uses
     return "after the garbage"
+
+

@@ -25,11 +25,14 @@ WAIT = 30.0
 
 
 def _pipe_inodes(pool: poolbridge.Pool) -> set[int]:
-    """The inodes of the pool's worker pipes (as this process holds them)."""
+    """The inodes of the pool's worker pipes and template socket (as this process holds them)."""
     inodes = set()
     for ch in pool._router.channels():
         for fd in (ch._write_fd, ch._read_fd):
             inodes.add(os.fstat(fd).st_ino)
+    template = pool._router.spawner._template
+    if template is not None:
+        inodes.add(os.fstat(template._sock.fileno()).st_ino)
     return inodes
 
 

@@ -30,7 +30,6 @@ restarts the slot. A reader that meets EOF kills the process, so the monitor see
 
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import os
@@ -41,11 +40,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _shm
 from ._cancel import CancelBoard
 from ._errors import CallTimeoutError, PoolBusyError, WorkerCrashedError
 from ._pending import Pending
-from ._protocol import OK, OK_SHM, RETIRING, FrameReader, OversizedFrame, encode_frame, pack_plain, unpack_plain
+from ._protocol import OK_SHM, RETIRING, FrameReader, OversizedFrame, unpack_plain
+from ._shm_channel import ChannelSegments
 from ._spawn import ForkedProcess, forget_process, spawn_worker
 
 if TYPE_CHECKING:
@@ -78,36 +77,6 @@ class _WriteTimeout(Exception):
         self.view = view
 
 
-_NONE_HELD: list[str] = []
-_WITH_SEGMENTS = 0x95  # a request frame's first body byte when it is a 5-element array (pack_request)
-_WITH_RETURNED = 0x96  # ... a 6-element one: segment names, then result segments handed back
-
-
-def segment_names(frame: bytes) -> list[str]:
-    """The segment names a request frame (header included) lists; see _protocol.pack_request."""
-    names: list[str] = unpack_plain(memoryview(frame)[4:])[4]
-    return names
-
-
-def _take_all(names: collections.deque[str]) -> list[str]:
-    """Everything in ``names``, each name taken exactly once even while others append."""
-    out = []
-    while True:
-        try:
-            out.append(names.popleft())
-        except IndexError:
-            return out
-
-
-def _with_returned(frame: bytes, returned: list[str]) -> bytes:
-    """``frame`` (a small request) re-encoded to also hand ``returned`` result segments back."""
-    request = unpack_plain(memoryview(frame)[4:])
-    if len(request) == 4:
-        request.append([])
-    request.append(returned)
-    return encode_frame(pack_plain(request))
-
-
 def _replied(waiter: Any) -> bool:
     return waiter.status is not None
 
@@ -130,14 +99,7 @@ class ProcessChannel:
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._frames = FrameReader(router.max_frame, extended=True)
-        # Segments of requests sent here whose replies have not been read: the router unlinks them
-        # when the reply comes, the request is cancelled, or this worker is found dead (_shm.py).
-        self._outbound: dict[int, list[str]] = {}
-        # Its result segments this process has finished reading: the worker may write them again.
-        # They ride on the next small request frame (its sixth element).
-        self._returned: collections.deque[str] = collections.deque()  # appended by any thread
-        shm = router.worker_options.get("shm")
-        self._shm_prefix = _shm.worker_prefix(shm["prefix"], slot, generation) if shm else None
+        self._segments = ChannelSegments(router, slot, generation)  # big values in flight (_shm.py)
         self._need_reader = threading.Event()
         self._probe: Any = None  # a poll object of the reply pipe alone (try_read)
         self._closers: list[Callable[[ProcessChannel], None]] | None = []  # None once the pipe is closed
@@ -203,12 +165,9 @@ class ProcessChannel:
                 self._seq += 1
                 if sink.cancellable:
                     sink.seq = self._seq  # type: ignore[attr-defined]
-                if self._returned and len(data) < _ATOMIC:
-                    data = _with_returned(data, _take_all(self._returned))
+                data = self._segments.queued(req_id, data)
                 self._queue.append(data)
                 self._queued_bytes += len(data)
-                if data[4] >= _WITH_SEGMENTS:
-                    self._outbound[req_id] = segment_names(data)
                 if (
                     self._unanswered() < _WINDOW
                     or self._queued_bytes >= _FLUSH_BYTES
@@ -223,9 +182,7 @@ class ProcessChannel:
                     # The write found the worker gone before our frame went out: it reached no one.
                     self._queue.pop()
                     self._seq -= 1
-                    self._outbound.pop(req_id, None)  # the frame goes elsewhere, or fails in Router.send
-                    if data[4] == _WITH_RETURNED:
-                        self._returned.extend(unpack_plain(memoryview(data)[4:])[5])
+                    self._segments.unqueued(req_id, data)
                     queued = False
                 else:
                     return  # written (or queued behind frames) into the pipe of a dying worker
@@ -394,7 +351,7 @@ class ProcessChannel:
         """Cancel a sent request the worker has not started. True: it will never run."""
         if self._board is None or self.dead or not self._board.cancel(seq):
             return False
-        self._release(req_id, _NONE_HELD)  # never read by the worker
+        self._segments.cancelled(req_id)
         with self._write_lock:
             self._cancelled += 1  # no reply will come for it
             # Replies drive the queue, and this one will not come: a pipe full of cancelled frames
@@ -410,39 +367,20 @@ class ProcessChannel:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _release(self, req_id: int, held: list[str] | None = None) -> None:
-        """The request's segments: kept warm for reuse unless the worker may still map them
-        (``held``; None: any of them)."""
-        names = self._outbound.pop(req_id, None)
-        if names is not None:
-            lifter = self._router.lifter
-            for name in names:
-                if lifter is None:
-                    _shm.unlink(name)
-                elif held is None or name in held:
-                    lifter.drop(name)
-                else:
-                    lifter.recycle(name)
-
     def _deliver(self, frames: list[Any]) -> None:
         """Hand each reply frame to its sink. Never raises for one reply: a reader must not die of
         a bad frame, so whatever cannot be delivered fails its one request."""
         pending = self.pending
         self._answered += len(frames)
-        outbound = self._outbound
+        segments = self._segments
         for frame in frames:
-            held: list[str] | None = _NONE_HELD
             try:
                 req_id, status, body = unpack_plain(frame)
-                if status == OK_SHM:
-                    body, names, held = body
-                    status, body = OK, _shm.adopt(body, names, self._returned.append)  # see _shm.py
+                if segments or status == OK_SHM:
+                    status, body = segments.reply(req_id, status, body)
             except Exception:
                 self._undeliverable(frame)
                 continue
-            if outbound:
-                # After an error reply any argument segment may still be mapped: none is reused.
-                self._release(req_id, held if status == OK else None)
             sink = pending.pop(req_id, None)
             if sink is None:
                 if status == RETIRING:
@@ -547,7 +485,7 @@ class ProcessChannel:
                         pass
                 finally:
                     self._read_lock.release()
-                    if self.pending or self._outbound:
+                    if self.pending or self._segments:
                         self._need_reader.set()
                 if _replied(waiter):
                     break
@@ -586,12 +524,12 @@ class ProcessChannel:
                 # Replies owed to requests given up (timed out) are read too: their segments go then.
                 with self._read_lock:
                     try:
-                        while (self.pending or self._outbound) and not self.dead and self._read_once(None):
+                        while (self.pending or self._segments) and not self.dead and self._read_once(None):
                             pass
                     except OSError:
                         return
                 self._bg_active = False
-                if not self.pending and not self._outbound:
+                if not self.pending and not self._segments:
                     break
             if self.dead:
                 return
@@ -633,12 +571,7 @@ class ProcessChannel:
         else:  # pragma: no cover - a reader stuck on a pipe some grandchild keeps open
             log.warning("slot %d: could not take the read lock to drain; leaving the pipe", self.slot)
         self.exitcode = self.process.wait()
-        # Its replies are read: what it was sent and never answered, and what it made for replies
-        # it never wrote, can go (see _shm.py).
-        for req_id in list(self._outbound):
-            self._release(req_id, _NONE_HELD)  # nothing maps them now
-        if self._shm_prefix is not None:
-            _shm.sweep(self._shm_prefix)
+        self._segments.worker_gone()  # its replies are read: see _shm.py
         if self._board is not None:
             self._board.unlink()  # normally already done by the worker; a no-op then
             self._board.close()

@@ -38,13 +38,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from . import _shm
-from ._channel import _WITH_SEGMENTS, ProcessChannel, Retired, segment_names
+from ._channel import ProcessChannel, Retired
 from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError, value_too_large
 from ._hashing import slot_for
 from ._monitor import Monitor
 from ._pending import Sink
 from ._protocol import encode_frame
+from ._shm_channel import release_unsent
 from ._spawn import Spawner
 
 log = logging.getLogger("poolbridge.router")
@@ -190,9 +190,7 @@ class Router:
                 except Retired:
                     continue  # the slot is being recycled: channel() waits for its next generation
         except BaseException:
-            if data[4] == _WITH_SEGMENTS:  # never sent: nobody else will unlink its segments
-                for name in segment_names(data):
-                    self.lifter.recycle(name) if self.lifter is not None else _shm.unlink(name)
+            release_unsent(data, self.lifter)  # never sent: nobody else will free its segments
             raise
         if not lead:
             ch.wake_reader()

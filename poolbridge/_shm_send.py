@@ -269,8 +269,9 @@ class Lifter:
         unlink(name)
 
     def close(self) -> None:
-        """Unlink the idle segments (the pool is closing)."""
+        """Unlink the idle segments (the pool is closing); any segment handed back later goes too."""
         with self._lock:
+            self.cache = 0
             idle = list(self._idle)
             self._idle.clear()
             self._idle_bytes = 0

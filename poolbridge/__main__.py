@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-in-flight", type=int, default=None, metavar="N",
                        help="unanswered requests per worker before new ones get a `busy` error")
     serve.add_argument("--log-level", default="WARNING", help="logging level (logs go to stderr)")
+    serve.add_argument("--backend", choices=("process", "ray"), default="process",
+                       help="worker processes (default), or one Ray actor per slot")
+    serve.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="with --backend ray: the cluster to join (default: start a local Ray)")
     sub.add_parser("demo", help="run a short demo of the Pool API")
     return parser
 
@@ -66,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="poolbridge[%(process)d] %(levelname)s %(name)s: %(message)s")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    from ._portproc import serve
     from ._protocol import MAX_FRAME_DEFAULT
-    from ._server import serve
 
     return serve(
         workers=args.workers,
@@ -78,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         session_ttl=args.session_ttl,
         max_refs_per_session=args.max_refs,
         max_in_flight=args.max_in_flight,
+        backend=args.backend,
+        ray_address=args.ray_address,
     )
 
 

@@ -117,6 +117,10 @@ class CancelBoard:
         finally:
             sem.release()
 
+    def started(self) -> int:
+        """The last frame the worker reached (claimed), whether it ran or was skipped."""
+        return int(_I64.unpack_from(self._mem, 0)[0])
+
     def cancel(self, seq: int) -> bool:
         """Router: cancel frame ``seq`` if the worker has not started it. True means it never runs."""
         sem = self._sem

@@ -119,6 +119,7 @@ class ProcessChannel:
         self._close_when_flushed = False
         self._broken = False  # a write failed: the worker is gone
         self._board = CancelBoard.create()
+        self._started_at_exit: int | None = None  # the board's last claimed frame, read at death
         options = dict(router.worker_options, n_slots=router.n_slots)
         self.process: subprocess.Popen[bytes] | ForkedProcess
         self._write_fd: int
@@ -571,12 +572,23 @@ class ProcessChannel:
         else:  # pragma: no cover - a reader stuck on a pipe some grandchild keeps open
             log.warning("slot %d: could not take the read lock to drain; leaving the pipe", self.slot)
         self.exitcode = self.process.wait()
-        self._segments.worker_gone()  # its replies are read: see _shm.py
         if self._board is not None:
+            self._started_at_exit = self._board.started()
             self._board.unlink()  # normally already done by the worker; a no-op then
             self._board.close()
         with self._space:
             self._space.notify_all()
+
+    @property
+    def segments(self) -> ChannelSegments:
+        """The shared-memory segments of this channel's requests and replies (see _shm.py)."""
+        return self._segments
+
+    def reached(self, seq: int) -> bool:
+        """After the worker died: may it have started frame ``seq``? False means it surely did not
+        (the cancel board's last claimed frame, else the frames written), so it is safe to re-send."""
+        started = self._started_at_exit
+        return seq <= (started if started is not None else self._written)
 
     def retire(self) -> None:
         """Stop sending here; the worker answers what it has, sees EOF and exits; the slot restarts."""

@@ -517,6 +517,7 @@ class Pool(_Api):
         max_value_bytes: int | None = None,
         shm_threshold: int | None = _shm.DEFAULT_THRESHOLD,
         _wire: bool = False,
+        _allow_modules: tuple[str, ...] = (),
     ) -> None:
         # Not _Api.__init__: a pool is its own _pool (the property below), and an attribute
         # pointing at itself would be a reference cycle that keeps an unclosed pool alive until
@@ -552,6 +553,7 @@ class Pool(_Api):
                 "session_ttl": session_ttl,
                 "max_refs_per_session": max_refs_per_session,
                 "wire": _wire,
+                "allow_modules": list(_allow_modules),  # the Port server's --allow-module
                 "max_calls": max_calls_per_worker,
                 "max_rss": max_rss_per_worker,
                 "max_value_bytes": max_value_bytes,
@@ -622,33 +624,38 @@ class Pool(_Api):
             except (WorkerCrashedError, PoolClosedError):
                 pass
 
-    def stats(self) -> PoolStats:
+    def stats(self, *, _ask_busy: bool = True) -> PoolStats:
         """A frozen snapshot of every slot: pid, generation, sessions, refs, streams, in-flight.
 
         Worker-side counts come from the worker itself, queued behind the calls it already has; a
         worker busy for longer than the 2 s wait is reported ``alive`` (its process runs) but not
         ``responsive``, with those counts as -1. Handles dropped before are released first. After
-        :meth:`close` every slot reports pid -1, not alive.
+        :meth:`close` every slot reports pid -1, not alive. ``_ask_busy=False`` (the Port server): a
+        worker with calls in flight is not asked at all, so the snapshot never waits behind one.
         """
         router = self._router
         if router.closing and os.getpid() != router.owner_pid:
             raise router.closed_error()
         if self._discards:
             self._flush_discards()
-        asked = []
+        asked: list[tuple[int, Any, int, Waiter, Any]] = []  # slot, asked channel, id, waiter, channel
         for slot in range(self.workers):
             waiter = Waiter()
             req_id = router.next_id()
+            ch = router.channels()[slot]
+            if not _ask_busy and (ch is None or ch.pending or ch.dead):
+                asked.append((slot, None, req_id, waiter, ch))
+                continue
             try:
                 ch = router.send(slot, req_id, pack_plain([req_id, OP_STATS, None, b""]), waiter)
             except (WorkerCrashedError, PoolClosedError):
                 ch = None
-            asked.append((slot, ch, req_id, waiter))
+            asked.append((slot, ch, req_id, waiter, ch))
         deadline = time.monotonic() + 2.0
         slots = []
-        for slot, ch, req_id, waiter in asked:
+        for slot, asked_ch, req_id, waiter, ch in asked:
             worker: dict[str, Any] = {}
-            if ch is not None:
+            if asked_ch is not None:
                 if waiter.wait(max(0.0, deadline - time.monotonic())):
                     if waiter.status == OK:
                         worker = unpack_plain(waiter.body)

@@ -1,58 +1,90 @@
-"""The Port protocol's requests and values (docs/protocol.md), parent side only.
+"""The Port protocol's frames and values (docs/protocol.md), parent side only.
 
-Decoding a client frame into a validated request (:class:`Request`), checking values the client
-sent (plain msgpack, refs as tagged maps, no extension types), and decoding worker replies into
-what goes back on the wire. Nothing here is ever unpickled. The server loop is in _server.py.
+Decoding a client frame (refs, streams and big integers as tagged maps, no extension types, no
+trailing bytes), checking the values it holds, reading an ``id`` out of a frame that failed, and
+building reply maps — including decoding worker replies into wire values stamped with this
+server's epoch. Nothing here is ever unpickled. The ops are translated in _portops.py; the loop is
+in _server.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import re
 from typing import Any
 
 import msgpack
 
 from . import _shm
-from ._errors import BadRequestError, NotAllowedError
-from ._protocol import EXT_REF, EXT_SHM, RET_AUTO, RET_REF, RET_VALUE, WireRef
+from ._errors import BadRequestError, PoolbridgeError
+from ._protocol import EXT_REF, EXT_SHM, INT_TAG, WireRef, unpack_plain
 
-#: A ref on the wire: ``{"__poolbridge_ref__": [session, id, slot, generation]}``.
+__all__ = ["INT_TAG", "REF_TAG", "STREAM_TAG", "PortRef", "PortStream", "RequestCancelledError"]
+
+#: A ref on the wire: ``{"__poolbridge_ref__": [session, id, slot, generation, epoch]}``.
 REF_TAG = "__poolbridge_ref__"
-#: A stream on the wire: ``{"__poolbridge_stream__": [session, id, slot, generation]}``.
+#: A stream on the wire: ``{"__poolbridge_stream__": [session, id, slot, generation, epoch]}``.
 STREAM_TAG = "__poolbridge_stream__"
-DEFAULT_BATCH = 256
 
-_RET = {"auto": RET_AUTO, "ref": RET_REF, "value": RET_VALUE}
-_MISSING: Any = object()
+#: The exact types of a msgpack scalar as decoded here (no container, no ref, no extension).
+PLAIN_TYPES = frozenset((str, int, float, bool, bytes, type(None)))
+#: Deepest nesting accepted in a value (the worker's msgpack packer refuses deeper than 511).
+MAX_DEPTH = 256
+_DECIMAL = re.compile(r"-?[0-9]+")
 
 
+class RequestCancelledError(PoolbridgeError):
+    """The request was cancelled by a ``cancel`` op before it started; it never ran."""
 
-class _StreamRef(WireRef):
+    code = "cancelled"
+
+
+class PortRef(WireRef):
+    """A ref decoded from a request: a :class:`WireRef` (what the worker sees) plus the epoch of the
+    server that made it, checked before anything is sent."""
+
+    __slots__ = ("epoch",)
+
+    def __init__(self, session_id: str, ref_id: int, slot: int, generation: int, epoch: str) -> None:
+        super().__init__(session_id, ref_id, slot, generation)
+        self.epoch = epoch
+
+
+class PortStream(PortRef):
     """A stream key decoded from a stream tag (kept apart from refs so the two cannot be confused)."""
 
     __slots__ = ()
 
 
-# -- values ----------------------------------------------------------------------------------
+# -- decoding requests ----------------------------------------------------------------------------
 
 
 def _key_of(tag: str, value: Any) -> list[Any]:
     if (
-        isinstance(value, list)
-        and len(value) == 4
-        and isinstance(value[0], str)
-        and all(type(v) is int for v in value[1:])
+        type(value) is list
+        and len(value) == 5
+        and type(value[0]) is str
+        and all(type(v) is int for v in value[1:4])
+        and type(value[4]) is str
     ):
         return value
-    raise BadRequestError(f"malformed {tag}: expected [session, id, slot, generation], got {value!r:.80}")
+    raise BadRequestError(f"malformed {tag}: expected [session, id, slot, generation, epoch], got {value!r:.80}")
 
 
 def _object_hook(obj: dict[Any, Any]) -> Any:
     if len(obj) == 1:
         if REF_TAG in obj:
-            return WireRef(*_key_of(REF_TAG, obj[REF_TAG]))
+            return PortRef(*_key_of(REF_TAG, obj[REF_TAG]))
         if STREAM_TAG in obj:
-            return _StreamRef(*_key_of(STREAM_TAG, obj[STREAM_TAG]))
+            return PortStream(*_key_of(STREAM_TAG, obj[STREAM_TAG]))
+        if INT_TAG in obj:
+            digits = obj[INT_TAG]
+            try:
+                if type(digits) is not str or not _DECIMAL.fullmatch(digits):
+                    raise ValueError
+                return int(digits)
+            except ValueError:  # not decimal, or beyond the interpreter's digit limit
+                raise BadRequestError(f"malformed {INT_TAG}: expected a decimal string, got {digits!r:.80}") from None
     return obj
 
 
@@ -60,162 +92,177 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise BadRequestError(f"msgpack extension type {code} is not accepted; refs travel as {{{REF_TAG!r}: [...]}}")
 
 
-def _decode_request(frame: bytes | bytearray) -> Any:
-    return msgpack.unpackb(
-        frame, raw=False, strict_map_key=False, object_hook=_object_hook, ext_hook=_reject_ext, use_list=True
-    )
+def decode_request(frame: bytes | bytearray) -> Any:
+    """The one msgpack object of a request frame. Bytes after it are a ``bad_request``."""
+    try:
+        return msgpack.unpackb(
+            frame, raw=False, strict_map_key=False, object_hook=_object_hook, ext_hook=_reject_ext, use_list=True
+        )
+    except BadRequestError:
+        raise
+    except msgpack.ExtraData as exc:
+        raise BadRequestError(f"{len(exc.extra)} trailing bytes after the request's msgpack object") from None
+    except Exception as exc:
+        raise BadRequestError(f"undecodable frame: {exc}") from None
 
 
-#: The exact types of a msgpack scalar as decoded here (no container, no ref, no extension).
-PLAIN_TYPES = frozenset((str, int, float, bool, bytes, type(None)))
+def valid_id(req_id: Any) -> Any:
+    """``req_id`` if it is an id the server echoes (an integer or a string), else None."""
+    return req_id if type(req_id) is int or type(req_id) is str else None
 
 
-#: Deepest nesting accepted in a value (the worker's msgpack packer refuses deeper than 511).
-MAX_DEPTH = 256
+def salvage_id(frame: bytes | bytearray) -> Any:
+    """The ``id`` of a frame that failed to decode as a request, if a lenient read of its first
+    object can find one (trailing bytes, a bad ref or a bad string elsewhere do not hide it)."""
+    unpacker = msgpack.Unpacker(raw=True, strict_map_key=False, ext_hook=lambda c, d: None)
+    unpacker.feed(frame)
+    try:
+        obj = unpacker.unpack()
+    except Exception:
+        return None
+    if isinstance(obj, dict):
+        return _plain_id(obj.get(b"id"))
+    return None
 
 
-def _check_value(value: Any, refs: list[WireRef]) -> None:
+def _plain_id(req_id: Any) -> Any:
+    if isinstance(req_id, bytes):
+        try:
+            return req_id.decode()
+        except UnicodeDecodeError:
+            return None
+    return valid_id(req_id)
+
+
+def id_from_head(head: bytes) -> Any:
+    """The ``id`` of an oversized request, read from its first bytes: the top-level keys are scanned
+    in order (values skipped) until ``"id"`` or the end of the head — not only the first key."""
+    unpacker = msgpack.Unpacker(raw=True, strict_map_key=False, ext_hook=lambda c, d: None)
+    unpacker.feed(head)
+    try:
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() == b"id":
+                return _plain_id(unpacker.unpack())
+            unpacker.skip()
+    except Exception:  # OutOfData: the id was not within the head
+        return None
+    return None
+
+
+def check_value(value: Any, refs: list[PortRef]) -> None:
     """Reject what plain msgpack decoding may still produce but a value must not hold (timestamps,
-    a stream tag used as a value, absurd nesting); collect the refs so their sessions can be checked."""
+    a stream tag used as a value, absurd nesting); collect the refs so they can be checked."""
     t = type(value)
     if t in PLAIN_TYPES:
+        return
+    if t is list:  # the common case, args of scalars: no walk
+        for item in value:
+            if type(item) not in PLAIN_TYPES:
+                break
+        else:
+            return
+    elif t is dict and not value:
         return
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         value, depth = stack.pop()
         t = type(value)
-        if t in PLAIN_TYPES:
-            continue
         if t is list or t is dict:
             if depth >= MAX_DEPTH:
                 raise BadRequestError(f"a value is nested deeper than {MAX_DEPTH} levels")
             depth += 1
-            # Scalars need no visit; everything else is visited in the same order as ever.
             for item in value if t is list else [x for kv in value.items() for x in kv]:
                 if type(item) not in PLAIN_TYPES:
                     stack.append((item, depth))
-        elif t is WireRef:
+        elif t is PortRef:
             refs.append(value)
-        elif t is _StreamRef:
+        elif t is PortStream:
             raise BadRequestError("a stream cannot be passed as a value; use stream_next/stream_close")
-        else:
+        elif t not in PLAIN_TYPES:
             raise BadRequestError(f"unsupported value of type {t.__name__} (msgpack timestamps are not accepted)")
 
 
-def _reply_ext_hook(code: int, data: bytes) -> Any:
-    if code == EXT_REF:
-        return {REF_TAG: msgpack.unpackb(data, raw=False)}
-    if code == EXT_SHM:  # a big bytes or str result, in a segment the reader opened
-        return _shm.load(data)
-    # Wire-mode workers never pickle; anything else is a bug, never something to unpickle.
-    raise ValueError(f"unexpected extension type {code} in a worker reply")
+# -- reading request fields -----------------------------------------------------------------------
+
+_MISSING: Any = object()
 
 
-def _decode_value(body: bytes) -> Any:
-    return msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=_reply_ext_hook)
-
-
-# -- requests ---------------------------------------------------------------------------------
-
-
-def _field(req: dict[Any, Any], name: str, types: type | tuple[type, ...], default: Any = _MISSING) -> Any:
-    value = req.get(name, _MISSING)
-    if value is _MISSING or (value is None and default is not _MISSING):
+def field(req: dict[Any, Any], name: str, types: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+    """``req[name]``, of one of ``types`` (a bool is never an int here); nil counts as absent."""
+    value = req.get(name)
+    if value is None:
         if default is _MISSING:
             raise BadRequestError(f"{req.get('op')!r} needs the field {name!r}")
         return default
-    if type(value) is types:  # the usual case: exactly the type asked for (bool only if asked)
+    if type(value) is types or (type(types) is tuple and type(value) in types):
         return value
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
-        names = "/".join(t.__name__ for t in _as_tuple(types))
-        raise BadRequestError(f"field {name!r} must be {names}, got {type(value).__name__}")
-    return value
+    names = "/".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+    raise BadRequestError(f"field {name!r} must be {names}, got {type(value).__name__}")
 
 
-def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
-    return types if isinstance(types, tuple) else (types,)
+def timeout_of(req: dict[Any, Any]) -> tuple[float | None, bool]:
+    """The optional ``timeout`` (seconds) and whether ``on_timeout`` is ``"restart"``."""
+    if "timeout" not in req and "on_timeout" not in req:
+        return None, False
+    timeout = field(req, "timeout", (int, float), None)
+    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+        raise BadRequestError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    on_timeout = field(req, "on_timeout", str, "keep")
+    if on_timeout not in ("keep", "restart"):
+        raise BadRequestError(f"on_timeout must be 'keep' or 'restart', got {on_timeout!r}")
+    return (None if timeout is None else float(timeout)), on_timeout == "restart"
 
 
-class Request:
-    """One decoded request, before it is sent to its worker."""
-
-    __slots__ = ("op", "refs", "req", "target")
-
-    def __init__(self, req: dict[Any, Any]) -> None:
-        self.req = req
-        self.op: str = req["op"]
-        self.refs: list[WireRef] = []
-        self.target: WireRef | None = None
-
-    def field(self, name: str, types: type | tuple[type, ...], default: Any = _MISSING) -> Any:
-        return _field(self.req, name, types, default)
-
-    def value(self, name: str, default: Any = _MISSING) -> Any:
-        value = self.req.get(name, _MISSING)
-        if value is _MISSING:
-            if default is _MISSING:
-                raise BadRequestError(f"{self.op!r} needs the field {name!r}")
-            return default
-        _check_value(value, self.refs)
-        return value
-
-    def args(self) -> list[Any]:
-        args = self.field("args", list, [])
-        _check_value(args, self.refs)
-        return args  # type: ignore[no-any-return]
-
-    def kwargs(self) -> dict[str, Any]:
-        kwargs = self.field("kwargs", dict, {})
-        if not all(isinstance(k, str) for k in kwargs):
-            raise BadRequestError("kwargs keys must be strings")
-        _check_value(kwargs, self.refs)
-        return kwargs  # type: ignore[no-any-return]
-
-    def ret(self, default: str = "auto") -> int:
-        ret = self.field("ret", str, default)
-        if ret not in _RET:
-            raise BadRequestError(f"ret must be one of {sorted(_RET)}, got {ret!r}")
-        return _RET[ret]
-
-    def batch(self) -> int:
-        batch = self.field("batch", int, DEFAULT_BATCH)
-        if batch < 1:
-            raise BadRequestError(f"batch must be at least 1, got {batch}")
-        return batch  # type: ignore[no-any-return]
-
-    def ref(self, name: str) -> WireRef:
-        value = self.req.get(name, _MISSING)
-        if type(value) is not WireRef:
-            raise BadRequestError(f"field {name!r} must be a ref ({{{REF_TAG!r}: [...]}})")
-        self.target = value
-        return value
-
-    def stream(self) -> WireRef:
-        value = self.req.get("stream", _MISSING)
-        if type(value) is not _StreamRef:
-            raise BadRequestError(f"field 'stream' must be a stream ({{{STREAM_TAG!r}: [...]}})")
-        self.target = value
-        return value
-
-    def fn(self, allowed: Callable[[str], bool]) -> Any:
-        """The ``fn`` field: a dotted path (checked against the allow-list) or a ref."""
-        value = self.req.get("fn", _MISSING)
-        if type(value) is WireRef:
-            self.target = value
-            return value
-        if not isinstance(value, str) or not value:
-            raise BadRequestError("field 'fn' must be a dotted path or a ref")
-        if not allowed(value):
-            raise NotAllowedError(f"{value!r} is not allowed by this server's --allow-module list")
-        return value
-
-    def name(self, private_ok: bool) -> str:
-        name = self.field("name", str)
-        if not name:
-            raise BadRequestError("field 'name' must not be empty")
-        if not private_ok and name.startswith("_"):
-            raise NotAllowedError(f"attribute {name!r}: private names are refused under --allow-module")
-        return name  # type: ignore[no-any-return]
+# -- replies --------------------------------------------------------------------------------------
 
 
-# -- replies ------------------------------------------------------------------------------------
+def ok_reply(req_id: Any, value: Any) -> dict[str, Any]:
+    return {"id": req_id, "status": "ok", "value": value}
+
+
+def error_reply(req_id: Any, code: str, type_name: str, message: str, tb: str) -> dict[str, Any]:
+    return {
+        "id": req_id,
+        "status": "error",
+        "error": {"code": code, "type": type_name, "message": message, "traceback": tb},
+    }
+
+
+def exc_reply(req_id: Any, exc: BaseException) -> dict[str, Any]:
+    """An error raised in the server itself: its class name, no traceback (no internal frames)."""
+    code = exc.code if isinstance(exc, PoolbridgeError) else "internal"
+    return error_reply(req_id, code, type(exc).__name__, str(exc), "")
+
+
+def worker_error_reply(req_id: Any, body: bytes) -> dict[str, Any]:
+    """An error reply of a worker: ``[code, type, message, traceback, pickled]`` — the pickled
+    exception is never loaded."""
+    code, type_name, message, tb, _pickled = unpack_plain(body)
+    return error_reply(req_id, code, type_name, message, tb)
+
+
+class ValueDecoder:
+    """Decodes worker reply bodies into wire values; refs get this server's ``epoch``."""
+
+    __slots__ = ("decode", "epoch")
+
+    def __init__(self, epoch: str) -> None:
+        self.epoch = epoch
+
+        def ext_hook(code: int, data: bytes) -> Any:
+            if code == EXT_REF:
+                key = unpack_plain(data)
+                key.append(epoch)
+                return {REF_TAG: key}
+            if code == EXT_SHM:  # a big bytes or str result, in a segment the reader opened
+                return _shm.load(data)
+            # Wire-mode workers never pickle; anything else is a bug, never something to unpickle.
+            raise ValueError(f"unexpected extension type {code} in a worker reply")
+
+        def decode(body: bytes) -> Any:
+            return msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=ext_hook)
+
+        self.decode = decode
+
+    def stream(self, key: list[Any]) -> dict[str, Any]:
+        return {STREAM_TAG: [*key, self.epoch]}

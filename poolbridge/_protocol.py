@@ -79,6 +79,9 @@ OP_CLOSE_SESSION = "close_session"  # []
 OP_STATS = "stats"  # []                                     (session nil)
 OP_PING = "ping"  # []                                       (session nil)
 
+#: A Port value map ``{INT_TAG: "<decimal>"}`` is an integer beyond msgpack's 64 bits (docs/protocol.md).
+INT_TAG = "__poolbridge_int__"
+
 RET_AUTO = 0  # the value if it can be encoded, else a ref
 RET_REF = 1  # always a ref
 RET_VALUE = 2  # always the value; an encoding failure is an error

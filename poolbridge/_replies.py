@@ -187,8 +187,9 @@ class Deadlines:
         self._stopped = False
 
     def add(self, deadline: float, channel: Any, req_id: int, sink: Sink, slot: int, message: str,
-            restart: bool, late: Late) -> None:
-        """Fail ``sink`` at ``deadline`` unless answered; ``late`` takes its reply then (see Late)."""
+            restart: bool, late: Late | None = None) -> None:
+        """Fail ``sink`` at ``deadline`` unless answered; ``late`` takes its reply then (see Late;
+        None: the reply is dropped)."""
         with self._cond:
             heapq.heappush(self._heap, (deadline, req_id, (channel, sink, slot, message, restart, late)))
             if self._thread is None:
@@ -205,7 +206,13 @@ class Deadlines:
                 if self._stopped:
                     return
                 _, req_id, (channel, sink, slot, message, restart, late) = heapq.heappop(self._heap)
-            if channel.pending.abandon(req_id, late) is None:
+            if getattr(sink, "cancel_on_timeout", False):
+                # Not started yet: it never runs (the Port server's timeouts). Nothing to restart.
+                try_cancel = getattr(channel, "try_cancel", None)
+                if try_cancel is not None and try_cancel(req_id, sink.seq):
+                    sink.fail(CallTimeoutError(message))
+                    continue
+            if (channel.pending.pop(req_id, None) if late is None else channel.pending.abandon(req_id, late)) is None:
                 continue  # answered (or failed) in time
             if restart:
                 pool = self._pool()

@@ -212,13 +212,18 @@ class Router:
                 exitcode=ch.exitcode,
             )
         failed = 0
+        segments = getattr(ch, "segments", None)  # big values in flight (process channels, _shm.py)
         while ch.pending:
             try:
-                _, sink = ch.pending.popitem()
+                req_id, sink = ch.pending.popitem()
             except KeyError:  # raced with a sender taking its own entry back
                 break
             sink.fail(exc)
+            if segments is not None and getattr(sink, "held", False):
+                segments.kept(req_id)  # to be sent again: its segments go with it
             failed += 1
+        if segments is not None:
+            segments.worker_gone()
         ch.finished.set()
         if self.closing:
             return

@@ -89,9 +89,15 @@ class ChannelSegments:
         """The request will never run: the worker never opened its segments."""
         self._settle(req_id, _NONE_HELD)
 
+    def kept(self, req_id: int) -> None:
+        """A dead worker's request is sent again (to the slot's next worker, which the Port server
+        does for requests that had not started): its segments go along with its frame."""
+        self._outbound.pop(req_id, None)
+
     def worker_gone(self) -> None:
-        """After the dead worker's last replies were read: nothing maps its arguments any more,
-        and what it made for replies it never sent goes."""
+        """After the dead worker's last replies were read and its requests failed (or held to be
+        sent again): nothing maps its arguments any more, and what it made for replies it never
+        sent goes."""
         for req_id in list(self._outbound):
             self._settle(req_id, _NONE_HELD)
         if self._prefix is not None:

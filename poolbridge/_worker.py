@@ -26,6 +26,7 @@ from typing import Any
 import msgpack
 
 from . import _helpers, _shm
+from ._allow import AllowList
 from ._errors import (
     BadRequestError,
     HelperNotFoundError,
@@ -41,6 +42,7 @@ from ._hashing import slot_for
 from ._protocol import (
     ERROR,
     EXT_REF,
+    INT_TAG,
     OK,
     OK_SHM,
     OP_CALL,
@@ -159,8 +161,11 @@ class WorkerCore:
         max_calls: int | None = None,
         max_rss: int | None = None,
         max_value_bytes: int | None = None,
+        allow_modules: tuple[str, ...] = (),
     ) -> None:
         self.slot = slot
+        #: The Port server's --allow-module list, enforced here while resolving (see _allow.py).
+        self.allow = AllowList(allow_modules) if allow_modules else None
         self.n_slots = n_slots
         self.generation = generation
         self.wire = wire
@@ -247,7 +252,7 @@ class WorkerCore:
             if lifter is not None:
                 lifter.discard()  # segments made for a reply that is not sent
                 _shm.held()
-            return pack_plain([req_id, ERROR, pack_plain(error_fields(exc))])
+            return pack_plain([req_id, ERROR, pack_plain(error_fields(exc, port=self.wire))])
 
     def _enter(self, session_id: Any, create: bool = True) -> _Session:
         """The session a request runs in. ``create=False``: a session not held here is not created
@@ -372,6 +377,8 @@ class WorkerCore:
     def _wire_default(self, obj: Any) -> Any:
         if isinstance(obj, tuple):
             return list(obj)
+        if isinstance(obj, int):  # beyond msgpack's 64 bits: a tagged decimal string (docs/protocol.md)
+            return {INT_TAG: str(int(obj))}
         session = self._wire_session
         assert session is not None
         return msgpack.ExtType(EXT_REF, pack_plain(self._store(session, session.refs, obj)))
@@ -379,21 +386,33 @@ class WorkerCore:
     # -- ops -------------------------------------------------------------------------------
 
     def _callable(self, fn: Any) -> Any:
+        allow = self.allow
         if isinstance(fn, str):
             # Cache the import, not the object: attributes are read on every use, so a rebound
-            # name or a module-level __getattr__ is seen as it is now.
+            # name or a module-level __getattr__ is seen as it is now (and checked as it is now).
             split = self._paths.get(fn)
             if split is None:
-                split = self._paths[fn] = split_path(fn)
+                split = self._paths[fn] = split_path(fn) if allow is None else allow.split(fn)
             obj, attrs = split
+            if allow is not None:
+                return allow.walk(obj, attrs)
             for attr in attrs:
                 obj = getattr(obj, attr)
             return obj
+        if allow is not None:
+            return allow.check_obj(fn, "the called ref")
         return fn
+
+    def _attr(self, target: Any, name: str) -> Any:
+        allow = self.allow
+        return getattr(target, name) if allow is None else allow.getattr(target, name)
 
     def _op_call(self, session: _Session, fn: Any, args: list[Any], kwargs: dict[str, Any], ret: int) -> bytes:
         # The hot path: a dotted path already imported, a value that encodes.
-        if type(fn) is str and (split := self._paths.get(fn)) is not None:
+        if self.allow is not None:
+            self.allow.check_kwargs(kwargs)
+            fn = self._callable(fn)
+        elif type(fn) is str and (split := self._paths.get(fn)) is not None:
             fn, attrs = split
             for attr in attrs:
                 fn = getattr(fn, attr)
@@ -412,19 +431,27 @@ class WorkerCore:
         return self._result(session, value, ret)
 
     def _op_getattr(self, session: _Session, target: Any, name: str | None, ret: int) -> bytes:
-        value = self._callable(target) if name is None else getattr(target, name)
+        value = self._callable(target) if name is None else self._attr(target, name)
         return self._result(session, value, ret)
 
     def _op_setattr(self, session: _Session, target: Any, name: str, value: Any) -> bytes:
+        if self.allow is not None:
+            self.allow.check_name(name)
+            self.allow.check_obj(target, "the target ref")
         setattr(target, name, value)
         return pack_value(None)
 
     def _op_method(
         self, session: _Session, target: Any, name: str, args: list[Any], kwargs: dict[str, Any], ret: int
     ) -> bytes:
-        return self._result(session, getattr(target, name)(*args, **kwargs), ret)
+        if self.allow is not None:
+            self.allow.check_kwargs(kwargs)
+        return self._result(session, self._attr(target, name)(*args, **kwargs), ret)
 
     def _op_helper(self, session: _Session, name: str, args: list[Any], kwargs: dict[str, Any], ret: int) -> bytes:
+        if self.allow is not None:
+            self.allow.check_name(name, "helper")
+            self.allow.check_kwargs(kwargs)
         entry = _helpers.registry().get(name)
         if entry is None:
             raise HelperNotFoundError(f"no helper named {name!r} in this worker (is its module in helpers=?)")
@@ -437,6 +464,8 @@ class WorkerCore:
     def _op_stream_open(
         self, session: _Session, fn: Any, args: list[Any], kwargs: dict[str, Any], batch: int
     ) -> bytes:
+        if self.allow is not None:
+            self.allow.check_kwargs(kwargs)
         state = _StreamState(iter(self._callable(fn)(*args, **kwargs)))
         try:
             key = self._store(session, session.streams, state)
@@ -619,12 +648,28 @@ def _rss() -> int:
         return 0
 
 
-def error_fields(exc: BaseException) -> list[Any]:
-    """``[code, type, message, traceback, pickled exception or nil]`` for an error reply."""
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def error_fields(exc: BaseException, port: bool = False) -> list[Any]:
+    """``[code, type, message, traceback, pickled exception or nil]`` for an error reply.
+
+    ``port``: for a Port client, poolbridge's own errors are named as the server names them (the
+    class name) with an empty traceback, and a user error's traceback starts at the user's code:
+    no frame of poolbridge's internals is shown either way.
+    """
     code = exc.code if isinstance(exc, PoolbridgeError) else "remote_error"
     cls = type(exc)
     type_name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    tb = "".join(traceback.format_exception(exc))
+    if port and isinstance(exc, PoolbridgeError):
+        type_name, tb = cls.__name__, ""
+    elif port:
+        frames = exc.__traceback__
+        while frames is not None and frames.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            frames = frames.tb_next
+        tb = "".join(traceback.format_exception(cls, exc, frames))
+    else:
+        tb = "".join(traceback.format_exception(exc))
     try:
         pickled: bytes | None = dumps_any(exc)
     except Exception:

@@ -110,6 +110,7 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
         max_calls=options.get("max_calls"),
         max_rss=options.get("max_rss"),
         max_value_bytes=options.get("max_value_bytes"),
+        allow_modules=tuple(options.get("allow_modules") or ()),
     )
     seq = 0
     reader = FrameReader(core.max_value_bytes, extended=True)

@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 from pb_faultmods import Fifo, wait_until
-from test_server_protocol import Server
+from pb_portclient import Server
 
 TESTS = str(Path(__file__).resolve().parent)
 MB = 1 << 20

@@ -102,6 +102,7 @@ class _SlotWorker:
             wire=bool(options.get("wire", False)),
             max_refs_per_session=options.get("max_refs_per_session"),
             session_ttl=options.get("session_ttl"),
+            allow_modules=tuple(options.get("allow_modules") or ()),
         )
         # Ray runs the methods on its own thread; the sweeper is ours. The lock keeps them apart.
         self._lock = threading.Lock()

@@ -1,4 +1,5 @@
-"""Helpers imported by the Port server under test (``--helpers pb_test_helpers``)."""
+"""Helpers imported by the Port servers under test (``--helpers pb_test_helpers``): the Python Port
+tests (tests/test_server_*.py) and the Elixir package's ExUnit suite (examples/elixir/test/)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,64 @@ def sleep_then(seconds: float, value: Any) -> Any:
 
     time.sleep(seconds)
     return value
+
+
+def _who() -> dict[str, Any]:
+    ctx = poolbridge.current_session()
+    assert ctx is not None
+    return {"pid": os.getpid(), "session": ctx.session_id, "slot": ctx.slot}
+
+
+def who() -> dict[str, Any]:
+    """What the worker received: its pid, the payload's session and the slot (for ``call``)."""
+    return _who()
+
+
+class Probe:
+    """An object whose every path (create, method, getattr, setattr) reports what the worker saw."""
+
+    def __init__(self) -> None:
+        self.created = _who()
+        self.last_set: dict[str, Any] | None = None
+
+    def who(self) -> dict[str, Any]:
+        return _who()
+
+    @property
+    def seen(self) -> dict[str, Any]:
+        return _who()
+
+    @property
+    def poke(self) -> dict[str, Any] | None:
+        return self.last_set
+
+    @poke.setter
+    def poke(self, value: Any) -> None:
+        self.last_set = {**_who(), "value": value}
+
+
+def who_stream(n: int) -> Iterator[dict[str, Any]]:
+    for _ in range(n):
+        yield _who()
+
+
+_closed: dict[str, bool] = {}
+
+
+def guarded_stream(n: int, key: str) -> Iterator[int]:
+    """Counts; its ``finally`` records, in this worker, that the generator was closed."""
+    _closed[key] = False
+    try:
+        yield from range(n)
+    finally:
+        _closed[key] = True
+
+
+def was_closed(key: str) -> bool | None:
+    """``True`` once ``guarded_stream(..., key)`` ran its ``finally`` in this worker."""
+    return _closed.get(key)
+
+
+def kinds(*values: Any) -> list[str]:
+    """The Python type names of the arguments, and big ints / floats described exactly."""
+    return [type(v).__name__ for v in values]

@@ -65,3 +65,22 @@ def test_a_large_request_arriving_slowly_does_not_hold_back_other_replies(server
     finally:
         fifo.release(8)
         fifo.close()
+
+
+def test_big_requests_a_dead_worker_never_started_are_sent_again_whole(server: Server) -> None:
+    """Requests queued behind one that kills its worker are re-sent to the next worker: their
+    big arguments (in shared memory) go with them, intact — not freed or reused meanwhile."""
+    import hashlib
+
+    values = [os.urandom(2 * MB) for _ in range(3)]
+    victim_slot = server.ok("slot_for", session="victim")
+    # A session on the other slot, whose big requests of the same size go on meanwhile (they would
+    # take the victim's segments if those were handed back while its requests wait to be re-sent).
+    other = next(f"b{i}" for i in range(64) if server.ok("slot_for", session=f"b{i}") != victim_slot)
+    crash = server.send("call", session="victim", fn="os._exit", args=[3])
+    after = [server.send("call", session="victim", fn="pb_largemods.digest", args=[v]) for v in values]
+    meanwhile = [server.send("call", session=other, fn="builtins.len", args=[b"o" * (2 * MB)]) for _ in range(20)]
+    replies = {r["id"]: r for r in (server.recv() for _ in range(4 + len(meanwhile)))}
+    assert replies[crash]["error"]["code"] == "worker_crashed"
+    for req_id, value in zip(after, values, strict=True):
+        assert replies[req_id]["value"] == ["bytes", len(value), hashlib.sha256(value).hexdigest()]

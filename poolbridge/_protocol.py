@@ -54,7 +54,8 @@ __all__ = [
     "encode_frame",
 ]
 
-MAX_FRAME_DEFAULT = 256 * 1024 * 1024  # far above any sane single value; bounds a corrupt header
+# The Port server's default --max-frame (its input is untrusted); the private channel has no limit.
+MAX_FRAME_DEFAULT = 256 * 1024 * 1024
 
 EXT_PICKLE = 1
 EXT_TUPLE = 2

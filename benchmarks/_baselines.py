@@ -92,3 +92,77 @@ class RawEcho:
         os.close(self._w)
         self._proc.wait(10)
         os.close(self._r)
+
+
+_BULK_REQ = struct.Struct(">cQ")
+
+
+class RawBulk:
+    """Raw bytes to and from a child (``_raw_bulk.py``) over two pipes, or one socketpair.
+
+    The child allocates a new buffer for what it receives, as any transport must hand user code a
+    new object; the parent does the same for what it gets back.
+    """
+
+    def __init__(self, socket: bool = False) -> None:
+        import socket as socketlib
+
+        self._sock = None
+        if socket:
+            self._sock, child = socketlib.socketpair()
+            child_r = child_w = child.fileno()
+            keep: tuple[int, ...] = (child_r,)
+            self._r = self._w = self._sock.fileno()
+        else:
+            child_r, self._w = os.pipe()
+            self._r, child_w = os.pipe()
+            keep = (child_r, child_w)
+        self._proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("_raw_bulk.py")), str(child_r), str(child_w)],
+            pass_fds=keep,
+        )
+        if socket:
+            child.close()
+        else:
+            os.close(child_r)
+            os.close(child_w)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._w, view) :]
+
+    def _read(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        while view:
+            got = os.readv(self._r, [view])
+            if not got:
+                raise EOFError
+            view = view[got:]
+        return buf
+
+    def send_len(self, data: bytes) -> int:
+        """``len(data)`` computed in the child: the bytes cross once."""
+        self._write(_BULK_REQ.pack(b"L", len(data)))
+        self._write(data)
+        (n,) = struct.unpack(">Q", self._read(8))
+        return int(n)
+
+    def get(self, n: int) -> bytearray:
+        """``n`` bytes the child holds, received here."""
+        self._write(_BULK_REQ.pack(b"G", n))
+        return self._read(n)
+
+    def echo(self, data: bytes) -> bytearray:
+        self._write(_BULK_REQ.pack(b"E", len(data)))
+        self._write(data)
+        return self._read(len(data))
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        else:
+            os.close(self._w)
+            os.close(self._r)
+        self._proc.wait(10)

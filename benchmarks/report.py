@@ -58,6 +58,22 @@ def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[Row], list[tuple[str, s
             missing = [c for c in (num, den) if c not in cases]
             out.append((name, "missing " + ", ".join(missing), "", target, False if ok else None))
 
+    # Large values (bench_large.py): listed when they ran.
+    for kind in ("len", "get"):
+        for variant in ("", "_zero_copy"):
+            if f"pool_{kind}_200mb{variant}" in cases:
+                ratio(f"pool_{kind}_200mb{variant} / raw_pipe_{kind}_200mb (time)", f"pool_{kind}_200mb{variant}",
+                      f"raw_pipe_{kind}_200mb", round_us, "<= 0.5", lambda v: v <= 0.5)
+    for variant in ("", "_zero_copy"):
+        if f"pool_echo_1mib{variant}" in cases:
+            ratio(f"pool_echo_1mib{variant} / raw_socketpair (echoes/s)", f"pool_echo_1mib{variant}",
+                  "raw_socketpair_echo_1mib", per_second, ">= 0.8", lambda v: v >= 0.8)
+    for case in ("pool_len_200mb", "pool_get_200mb"):
+        rss = cases.get(case, {}).get("extra_info", {}).get("rss_peak_over_value")
+        if rss is not None:
+            out.append((f"{case} peak RSS / value", f"{rss:.2f}", "", "<= 1.3", rss <= 1.3))
+    if "pool_call" not in cases and "raw_pingpong" not in cases:  # bench_large.py alone
+        return out, _absolute(cases)
     ratio("pool_call / raw_pingpong (latency)", "pool_call", "raw_pingpong", round_us, "<= 1.6", lambda v: v <= 1.6)
     ratio("mp_pool_apply / pool_call (latency, x faster)", "mp_pool_apply", "pool_call", round_us, "info", None)
     ratio(
@@ -116,6 +132,10 @@ def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[Row], list[tuple[str, s
         best, median = per_second(cases[case]), per_second(cases[case], "median")
         out.append((f"{case} items/s", f"{best / 1e3:,.0f}k", f"{median / 1e3:,.0f}k", ">= 500k", best >= 500_000))
 
+    return out, _absolute(cases)
+
+
+def _absolute(cases: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
     absolute: list[tuple[str, str]] = []
     for case, bench in cases.items():
         if bench.get("group") == "latency" or bench["extra_info"].get("n", 1) == 1:
@@ -123,7 +143,7 @@ def rows(cases: dict[str, dict[str, Any]]) -> tuple[list[Row], list[tuple[str, s
         else:
             unit = bench["extra_info"].get("unit", "calls")
             absolute.append((case, f"{per_second(bench):,.0f} {unit}/s  (median {per_second(bench, 'median'):,.0f})"))
-    return out, absolute
+    return absolute
 
 
 def main(argv: list[str] | None = None) -> int:

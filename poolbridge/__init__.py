@@ -41,6 +41,7 @@ __all__ = [
     "SessionMismatchError",
     "SlotStats",
     "Stream",
+    "ValueTooLargeError",
     "WorkerCrashedError",
     "__version__",
     "current_session",
@@ -85,6 +86,7 @@ if _typing.TYPE_CHECKING:  # the same names, for type checkers and IDEs
         SessionLimitError,
         SessionLostError,
         SessionMismatchError,
+        ValueTooLargeError,
         WorkerCrashedError,
     )
     from ._handles import Ref, Stream

@@ -26,6 +26,8 @@ import os
 import struct
 from typing import Any
 
+from ._shm import unlink_orphans
+
 log = logging.getLogger("poolbridge.router")
 
 __all__ = ["CancelBoard"]
@@ -47,7 +49,6 @@ _SEMAPHORE = 1  # multiprocessing.synchronize.SEMAPHORE
 
 
 _swept = False
-_SHM = "/dev/shm"
 
 
 def _sweep_stale_names() -> None:
@@ -58,29 +59,13 @@ def _sweep_stale_names() -> None:
     part of the name, so a name whose router is gone can be recognised and removed.
     """
     global _swept
-    if _swept:
-        return
-    _swept = True
-    try:
-        names = [n for n in os.listdir(_SHM) if n.startswith("sem.poolbridge-")]
-    except OSError:
-        return
-    for entry in names:
-        try:
-            pid = int(entry.split("-")[1])
-        except (IndexError, ValueError):
-            continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            try:
-                _sem_unlink("/" + entry[len("sem.") :])
-            except OSError:
-                pass
-        except PermissionError:  # alive, another user's
-            continue
+    if not _swept:
+        _swept = True
+        unlink_orphans(_board_router_pid, lambda entry: _sem_unlink("/" + entry[len("sem.") :]))
+
+
+def _board_router_pid(entry: str) -> int | None:
+    return int(entry.split("-")[1]) if entry.startswith("sem.poolbridge-") else None
 
 
 class CancelBoard:

@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any
 from ._cancel import CancelBoard
 from ._errors import CallTimeoutError, PoolBusyError, WorkerCrashedError
 from ._pending import Pending
-from ._protocol import RETIRING, FrameReader, OversizedFrame, unpack_plain
+from ._protocol import OK_SHM, RETIRING, FrameReader, OversizedFrame, unpack_plain
+from ._shm_channel import ChannelSegments
 from ._spawn import ForkedProcess, forget_process, spawn_worker
 
 if TYPE_CHECKING:
@@ -53,7 +54,6 @@ log = logging.getLogger("poolbridge.router")
 
 __all__ = ["ProcessChannel"]
 
-_READ_SIZE = 1 << 16
 # Coalescing (see the module docstring). While fewer than _WINDOW written requests are unanswered,
 # a request is written at once; with two, the worker always has the next one queued when it
 # finishes the current one, so sequential callers on several threads never wait on the queue.
@@ -98,7 +98,8 @@ class ProcessChannel:
         self._router = router
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._frames = FrameReader(router.max_frame)
+        self._frames = FrameReader(router.max_frame, extended=True)
+        self._segments = ChannelSegments(router, slot, generation)  # big values in flight (_shm.py)
         self._need_reader = threading.Event()
         self._probe: Any = None  # a poll object of the reply pipe alone (try_read)
         self._closers: list[Callable[[ProcessChannel], None]] | None = []  # None once the pipe is closed
@@ -165,6 +166,7 @@ class ProcessChannel:
                 self._seq += 1
                 if sink.cancellable:
                     sink.seq = self._seq  # type: ignore[attr-defined]
+                data = self._segments.queued(req_id, data)
                 self._queue.append(data)
                 self._queued_bytes += len(data)
                 if (
@@ -181,6 +183,7 @@ class ProcessChannel:
                     # The write found the worker gone before our frame went out: it reached no one.
                     self._queue.pop()
                     self._seq -= 1
+                    self._segments.unqueued(req_id, data)
                     queued = False
                 else:
                     return  # written (or queued behind frames) into the pipe of a dying worker
@@ -349,6 +352,7 @@ class ProcessChannel:
         """Cancel a sent request the worker has not started. True: it will never run."""
         if self._board is None or self.dead or not self._board.cancel(seq):
             return False
+        self._segments.cancelled(req_id)
         with self._write_lock:
             self._cancelled += 1  # no reply will come for it
             # Replies drive the queue, and this one will not come: a pipe full of cancelled frames
@@ -364,15 +368,17 @@ class ProcessChannel:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _deliver(self, data: bytes) -> None:
-        """Hand each reply in ``data`` to its sink. Never raises for one reply: a reader must not
-        die of a bad frame, so whatever cannot be delivered fails its one request."""
+    def _deliver(self, frames: list[Any]) -> None:
+        """Hand each reply frame to its sink. Never raises for one reply: a reader must not die of
+        a bad frame, so whatever cannot be delivered fails its one request."""
         pending = self.pending
-        frames = self._frames.feed(data)
         self._answered += len(frames)
+        segments = self._segments
         for frame in frames:
             try:
-                req_id, status, body = unpack_plain(frame)  # type: ignore[arg-type]
+                req_id, status, body = unpack_plain(frame)
+                if segments or status == OK_SHM:
+                    status, body = segments.reply(req_id, status, body)
             except Exception:
                 self._undeliverable(frame)
                 continue
@@ -399,7 +405,7 @@ class ProcessChannel:
         (a frame that is not a reply means its pipe carries something else: a crash, not a hang)."""
         if isinstance(frame, OversizedFrame):
             req_id = frame.leading_id()
-            exc: Exception = frame.error(self._frames.max_frame)
+            exc: Exception = frame.error(self._frames.max_frame or 0)
         else:
             req_id, exc = None, ValueError(f"undecodable reply frame of {len(frame)} bytes")
         sink = self.pending.pop(req_id, None) if req_id is not None else None
@@ -418,12 +424,13 @@ class ProcessChannel:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
                 return False
-        data = os.read(fd, _READ_SIZE)
-        if not data:
+        frames = self._frames.read_from(fd)
+        if frames is None:
             self.eof = True
             self.kill()  # EOF with the process still running (it closed its pipe): make it final
             return False
-        self._deliver(data)
+        if frames:
+            self._deliver(frames)
         if self._queue:
             self._flush_some()  # the worker is answering: give it what has queued meanwhile
         return True
@@ -479,7 +486,7 @@ class ProcessChannel:
                         pass
                 finally:
                     self._read_lock.release()
-                    if self.pending:
+                    if self.pending or self._segments:
                         self._need_reader.set()
                 if _replied(waiter):
                     break
@@ -515,14 +522,15 @@ class ProcessChannel:
                 # round trip). The flag is cleared *before* pending is re-checked, so a request
                 # added meanwhile is either seen here or wakes us.
                 self._bg_active = True
+                # Replies owed to requests given up (timed out) are read too: their segments go then.
                 with self._read_lock:
                     try:
-                        while self.pending and not self.dead and self._read_once(None):
+                        while (self.pending or self._segments) and not self.dead and self._read_once(None):
                             pass
                     except OSError:
                         return
                 self._bg_active = False
-                if not self.pending:
+                if not self.pending and not self._segments:
                     break
             if self.dead:
                 return
@@ -544,14 +552,15 @@ class ProcessChannel:
                 os.set_blocking(self._read_fd, False)
                 while True:
                     try:
-                        data = os.read(self._read_fd, _READ_SIZE)
+                        frames = self._frames.read_from(self._read_fd)
                     except OSError as exc:
                         if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
                             log.debug("slot %d: draining failed: %s", self.slot, exc)
                         break  # EAGAIN: a grandchild holds the write end; nothing more will come
-                    if not data:
+                    if frames is None:
                         break
-                    self._deliver(data)
+                    if frames:
+                        self._deliver(frames)
                 fd, self._read_fd = self._read_fd, -1  # forgotten first (see Monitor.stop)
                 os.close(fd)
             finally:
@@ -569,6 +578,11 @@ class ProcessChannel:
             self._board.close()
         with self._space:
             self._space.notify_all()
+
+    @property
+    def segments(self) -> ChannelSegments:
+        """The shared-memory segments of this channel's requests and replies (see _shm.py)."""
+        return self._segments
 
     def reached(self, seq: int) -> bool:
         """After the worker died: may it have started frame ``seq``? False means it surely did not

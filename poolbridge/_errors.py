@@ -77,6 +77,26 @@ class FrameTooLargeError(BadRequestError):
     code = "frame_too_large"
 
 
+class ValueTooLargeError(FrameTooLargeError):
+    """A value (argument or result) is larger than the pool's ``max_value_bytes``; raised before
+    any of it is sent. A :class:`FrameTooLargeError` (and so a ``ValueError``)."""
+
+    code = "value_too_large"
+
+
+def value_too_large(what: str, size: int, limit: int) -> ValueTooLargeError:
+    """The error of a value the pool will not carry: ``what`` takes ``size`` bytes, over ``limit``.
+
+    The one place that words it (the caller's check, the worker's check of a result, the shared
+    memory writer), so changing how the bound is configured changes one message.
+    """
+    return ValueTooLargeError(
+        f"{what} encodes to {size} bytes, over the pool's max_value_bytes of {limit} bytes "
+        f"({limit / (1 << 20):g} MiB); nothing was sent for it. Raise Pool(max_value_bytes=...), "
+        "or split the value"
+    )
+
+
 class NotAllowedError(PoolbridgeError, PermissionError):
     """The Port server's allow-list refuses this module or attribute."""
 
@@ -190,6 +210,7 @@ ERRORS_BY_CODE: dict[str, type[PoolbridgeError]] = {
         SessionLimitError,
         BadRequestError,
         FrameTooLargeError,
+        ValueTooLargeError,
         NotAllowedError,
         PoolClosedError,
         PoolBusyError,

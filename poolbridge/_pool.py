@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from . import _shm
 from ._channel import ProcessChannel
 from ._errors import (
     CallTimeoutError,
@@ -28,6 +29,7 @@ from ._errors import (
     SessionLostError,
     SessionMismatchError,
     WorkerCrashedError,
+    value_too_large,
 )
 from ._executor import ExecutorFace, cancel_not_started
 from ._handles import Ref, Stream
@@ -35,7 +37,6 @@ from ._hashing import slot_for
 from ._mapping import MappingMixin
 from ._pending import Late
 from ._protocol import (
-    MAX_FRAME_DEFAULT,
     OK,
     OP_CALL,
     OP_CLOSE_SESSION,
@@ -54,12 +55,14 @@ from ._protocol import (
     WireRef,
     make_unpacker,
     pack_plain,
+    pack_request,
     pack_value,
     unpack_plain,
 )
 from ._replies import DISCARD, FAILED, Deadlines, PoolFuture, Waiter, rebuild_error
 from ._router import DEFAULT_MAX_IN_FLIGHT, Router
 from ._session import resolve_session, session_scope, validate_session_id
+from ._shm_send import Lifter
 from ._warmup import encode_initializer, encode_session_init
 
 __all__ = ["Pool", "PoolStats", "SlotStats", "describe_pool"]
@@ -74,7 +77,7 @@ _Req = tuple[str, "WireRef | None", list[Any], Callable[[int, Any], Any]]
 class _Options:
     """Per-call options. Plain slots, not a dataclass: ``options()`` sits on hot paths."""
 
-    __slots__ = ("batch", "block", "on_timeout", "ret", "session", "timeout")
+    __slots__ = ("batch", "block", "on_timeout", "ret", "session", "timeout", "zero_copy")
 
     def __init__(self) -> None:
         self.session: str | None = None
@@ -83,6 +86,7 @@ class _Options:
         self.batch = DEFAULT_BATCH
         self.block = True
         self.on_timeout = "keep"
+        self.zero_copy = False
 
     def copy(self) -> _Options:
         new = _Options()
@@ -159,9 +163,7 @@ class _Api(MappingMixin):
                     f"{ref!r} outlived its worker: slot {slot} is now generation "
                     f"{pool._router.generation(slot)}; the session's objects are gone"
                 )
-        body = pack_value(fields, session_id, pool)
-        req_id = router.next_id()
-        return slot, req_id, pack_plain([req_id, op, session_id, body])
+        return slot, *pool._encode_request(op, session_id, fields, pool, self._opts.zero_copy)
 
     def _run(self, op: str, ref: WireRef | None, fields: list[Any], decode: Callable[[int, Any], Any]) -> Any:
         """Send and block for the reply, reading it ourselves when nobody else is (no thread hop)."""
@@ -231,8 +233,15 @@ class _Api(MappingMixin):
 
     def _value(self, status: int, body: Any) -> Any:
         if status == OK:
-            return self._pool._unpack(body)
+            return self._decode_body(body)
         raise rebuild_error(body)
+
+    def _decode_body(self, body: bytes) -> Any:
+        """A value from a reply body (read-only views of big buffers with ``zero_copy``)."""
+        if self._opts.zero_copy:
+            with _shm.zero_copy_views():
+                return self._pool._unpack(body)
+        return self._pool._unpack(body)
 
     @staticmethod
     def _fn(fn: Any) -> Any:
@@ -253,6 +262,7 @@ class _Api(MappingMixin):
         batch: int | None = None,
         block: bool | None = None,
         on_timeout: str | None = None,
+        zero_copy: bool | None = None,
     ) -> _Api:
         """A view of the pool whose calls use these options (unset ones are inherited).
 
@@ -262,7 +272,9 @@ class _Api(MappingMixin):
         in-flight calls with :class:`WorkerCrashedError` and loses its sessions' state. ``ret``:
         ``"auto"`` (a value, or a Ref when the result cannot be encoded), ``"ref"``, ``"value"``.
         ``batch``: stream batch size. ``block=False``: raise :class:`PoolBusyError` instead of waiting
-        when the slot is at its in-flight bound.
+        when the slot is at its in-flight bound. ``zero_copy=True``: big bytes and bytearrays (at least
+        the pool's ``shm_threshold``) arrive as read-only memoryviews of shared memory, in the worker
+        (arguments) and here (results), instead of being copied out (README, "Large values").
         """
         opts = self._opts.copy()
         if session is not None:
@@ -281,6 +293,8 @@ class _Api(MappingMixin):
             opts.batch = int(batch)
         if block is not None:
             opts.block = bool(block)
+        if zero_copy is not None:
+            opts.zero_copy = bool(zero_copy)
         if on_timeout is not None:
             if on_timeout not in ("keep", "restart"):
                 raise ValueError(f"on_timeout must be 'keep' or 'restart', got {on_timeout!r}")
@@ -331,7 +345,7 @@ class _Api(MappingMixin):
             key_fields, items, done = unpack_plain(body)
             key = WireRef(*key_fields)
             try:
-                decoded = self._pool._unpack(items)
+                decoded = self._decode_body(items)
             except BaseException:
                 if not done:  # the first batch is lost: close the generator rather than leak it
                     self._pool._discard(key.key(), "stream_close")
@@ -398,7 +412,7 @@ class _Api(MappingMixin):
         if status != OK:
             raise rebuild_error(body)
         items, done = unpack_plain(body)
-        return self._pool._unpack(items), done
+        return self._decode_body(items), done
 
     @staticmethod
     def _stream_result(pending: concurrent.futures.Future[Any]) -> tuple[list[Any], bool]:
@@ -490,6 +504,11 @@ class Pool(_Api, ExecutorFace):
     that worker's calls fail with :class:`WorkerCrashedError`. ``session_init``: a dotted path or
     callable run as ``session_init(session_id)`` the first time a session touches its worker; its
     result is kept in the session's state, ``current_session().state["session_init"]``.
+    ``max_value_bytes``: the largest argument or result (encoded, buffers included) a call may
+    carry; past it :class:`ValueTooLargeError`, before anything is sent (default: no bound but
+    memory). ``shm_threshold``: buffers (bytes, bytearray, memoryview, str, pickle-5 buffers such
+    as numpy arrays) of at least this many bytes travel through shared memory instead of the pipe
+    (``None``: never; see README, "Large values").
 
     A ``concurrent.futures.Executor``: ``submit``, ``map`` and ``shutdown`` behave as there (see
     also ``imap``, ``starmap`` and ``broadcast``).
@@ -501,7 +520,9 @@ class Pool(_Api, ExecutorFace):
     """
 
     # (__dict__ and __weakref__ come from concurrent.futures.Executor)
-    __slots__ = ("_deadlines", "_discards", "_finalizer", "_router", "_unpack", "backend", "workers")
+    __slots__ = (
+        "_deadlines", "_discards", "_finalizer", "_router", "_shm", "_unpack", "backend", "max_value_bytes", "workers",
+    )
 
     def __init__(
         self,
@@ -518,8 +539,9 @@ class Pool(_Api, ExecutorFace):
         initializer: Any = None,
         initargs: tuple[Any, ...] = (),
         session_init: Any = None,
+        max_value_bytes: int | None = None,
+        shm_threshold: int | None = _shm.DEFAULT_THRESHOLD,
         _wire: bool = False,
-        _max_frame: int = MAX_FRAME_DEFAULT,
         _allow_modules: tuple[str, ...] = (),
     ) -> None:
         # Not _Api.__init__: a pool is its own _pool (the property below), and an attribute
@@ -537,6 +559,15 @@ class Pool(_Api, ExecutorFace):
             factory = ray_channel_factory(ray_init or {})
         else:
             raise ValueError(f"backend must be 'process' or 'ray', got {backend!r}")
+        if max_value_bytes is not None and max_value_bytes < 1:
+            raise ValueError(f"max_value_bytes must be at least 1, got {max_value_bytes}")
+        self.max_value_bytes = max_value_bytes
+        self._shm: Lifter | None = None
+        shm_options = None
+        if backend == "process" and shm_threshold is not None and _shm.available():
+            _shm.sweep_stale()
+            self._shm = Lifter(_shm.router_prefix(), shm_threshold, max_value_bytes, cache=_shm.CACHE_BYTES)
+            shm_options = {"prefix": self._shm.prefix, "threshold": shm_threshold, "tracker_fd": _shm.start_tracker()}
         self._unpack = make_unpacker(_ref_maker(weakref.ref(self)))  # weakly: no cycle either
         self._discards: collections.deque[tuple[list[Any], str]] = collections.deque()
         self._deadlines = Deadlines(self)
@@ -550,19 +581,49 @@ class Pool(_Api, ExecutorFace):
                 "allow_modules": list(_allow_modules),  # the Port server's --allow-module
                 "max_calls": max_calls_per_worker,
                 "max_rss": max_rss_per_worker,
+                "max_value_bytes": max_value_bytes,
+                "shm": shm_options,
                 "log_level": logging.getLogger("poolbridge").getEffectiveLevel(),
                 "initializer": encode_initializer(initializer, initargs),
                 "session_init": encode_session_init(session_init),
-                "max_frame": _max_frame,
             },
             max_in_flight=max_in_flight,
             channel_factory=factory,
-            max_frame=_max_frame,
+            max_frame=max_value_bytes,
         )
+        self._router.lifter = self._shm
         _live_pools.add(self)
         what = f"poolbridge.Pool(workers={self.workers}, backend={backend!r})"
         self._finalizer = weakref.finalize(self, _collect, self._router, self._deadlines, what)
         self._finalizer.atexit = False  # at exit, _close_live_pools closes it (without a warning)
+
+    def _encode_request(
+        self, op: str, session_id: str, fields: list[Any], owner: object = None, zero_copy: bool = False
+    ) -> tuple[int, bytes]:
+        """``(req_id, frame body)`` of a request, its big buffers in segments; raises
+        :class:`ValueTooLargeError` past ``max_value_bytes`` before anything is sent."""
+        shm = self._shm
+        if shm is None:
+            body = pack_value(fields, session_id, owner)
+            names: list[str] = []
+            size = 0
+        else:
+            if zero_copy:
+                shm.zero_copy(True)
+                try:
+                    body = pack_value(fields, session_id, owner, shm)
+                finally:
+                    shm.zero_copy(False)
+            else:
+                body = pack_value(fields, session_id, owner, shm)
+            names, size = shm.take()
+        limit = self.max_value_bytes
+        if limit is not None and len(body) + size > limit:
+            for name in names:
+                shm.recycle(name)  # type: ignore[union-attr]
+            raise value_too_large("this request (its arguments)", len(body) + size, limit)
+        req_id = self._router.next_id()
+        return req_id, pack_request(req_id, op, session_id, body, names)
 
     @property  # a pool is its own _pool (see __init__)
     def _pool(self) -> Pool:  # type: ignore[override]
@@ -671,6 +732,8 @@ class Pool(_Api, ExecutorFace):
         if not self._router.closing:
             self._router.close(cancel=cancel)
             self._deadlines.stop()
+            if self._shm is not None:
+                self._shm.close()
         _live_pools.discard(self)
 
     @property

@@ -14,10 +14,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._errors import WorkerCrashedError
+from ._errors import FrameTooLargeError, WorkerCrashedError
+from ._frames import write_frame
 from ._portops import KIND_STREAM_NEXT, KIND_STREAM_OPEN, KIND_VALUE
 from ._portwire import error_reply, exc_reply, ok_reply, worker_error_reply
-from ._protocol import OK, encode_frame, pack_plain, reset_plain_packer, unpack_plain, write_all
+from ._protocol import OK, pack_plain, reset_plain_packer, unpack_plain
 from ._router import Sink
 
 if TYPE_CHECKING:
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("poolbridge.server")
 
 __all__ = ["Output", "PortReply"]
+
+
+_PORT_FRAME_MAX = 0xFFFFFFFF - 1  # the largest length a 4-byte header gives (0xFFFFFFFF: see _frames.py)
 
 
 class Output:
@@ -38,16 +42,19 @@ class Output:
 
     def write(self, reply: dict[str, Any]) -> None:
         try:
-            data = encode_frame(pack_plain(reply))  # a reused per-thread Packer, not packb's new one
+            data = pack_plain(reply)  # a reused per-thread Packer, not packb's new one
         except Exception as exc:  # a value msgpack cannot carry after all: report, never drop
             log.exception("could not encode a reply")
             reset_plain_packer()
-            data = encode_frame(pack_plain(error_reply(reply.get("id"), "internal", type(exc).__name__, str(exc), "")))
+            data = pack_plain(error_reply(reply.get("id"), "internal", type(exc).__name__, str(exc), ""))
+        if len(data) > _PORT_FRAME_MAX:  # {packet, 4} cannot say it: the reply is that error instead
+            message = f"the reply is {len(data)} bytes; a {{packet, 4}} frame holds at most {_PORT_FRAME_MAX}"
+            data = pack_plain(error_reply(reply.get("id"), FrameTooLargeError.code, "FrameTooLargeError", message, ""))
         with self.lock:
             if self.broken:
                 return
             try:
-                write_all(self.fd, data)
+                write_frame(self.fd, data)  # a big body is not copied to prepend its header
             except OSError:
                 # The client is gone; the read loop sees EOF and shuts down.
                 self.broken = True

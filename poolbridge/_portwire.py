@@ -15,8 +15,9 @@ from typing import Any
 
 import msgpack
 
+from . import _shm
 from ._errors import BadRequestError, PoolbridgeError
-from ._protocol import EXT_REF, INT_TAG, WireRef, unpack_plain
+from ._protocol import EXT_REF, EXT_SHM, INT_TAG, WireRef, unpack_plain
 
 __all__ = ["INT_TAG", "REF_TAG", "STREAM_TAG", "PortRef", "PortStream", "RequestCancelledError"]
 
@@ -91,7 +92,7 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise BadRequestError(f"msgpack extension type {code} is not accepted; refs travel as {{{REF_TAG!r}: [...]}}")
 
 
-def decode_request(frame: bytes) -> Any:
+def decode_request(frame: bytes | bytearray) -> Any:
     """The one msgpack object of a request frame. Bytes after it are a ``bad_request``."""
     try:
         return msgpack.unpackb(
@@ -110,7 +111,7 @@ def valid_id(req_id: Any) -> Any:
     return req_id if type(req_id) is int or type(req_id) is str else None
 
 
-def salvage_id(frame: bytes) -> Any:
+def salvage_id(frame: bytes | bytearray) -> Any:
     """The ``id`` of a frame that failed to decode as a request, if a lenient read of its first
     object can find one (trailing bytes, a bad ref or a bad string elsewhere do not hide it)."""
     unpacker = msgpack.Unpacker(raw=True, strict_map_key=False, ext_hook=lambda c, d: None)
@@ -253,6 +254,8 @@ class ValueDecoder:
                 key = unpack_plain(data)
                 key.append(epoch)
                 return {REF_TAG: key}
+            if code == EXT_SHM:  # a big bytes or str result, in a segment the reader opened
+                return _shm.load(data)
             # Wire-mode workers never pickle; anything else is a bug, never something to unpickle.
             raise ValueError(f"unexpected extension type {code} in a worker reply")
 

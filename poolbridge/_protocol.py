@@ -17,24 +17,36 @@ Values (embedded mode) are msgpack with three extension types:
     EXT_PICKLE  cloudpickle bytes of anything msgpack cannot carry natively (embedded only)
     EXT_TUPLE   a tuple, so tuples survive the trip as tuples
     EXT_REF     [session, ref_id, slot, generation] — a ref passed as an argument
+    EXT_SHM     [name, size, kind] — a big buffer in a shared-memory segment (_shm.py)
+    EXT_PICKLE5 [pickle, [segment refs]] — a pickle whose big buffers are in segments
+
+A request whose value has segments lists their names as a fifth element,
+``[id, op, session, body, names]``, so the router can unlink them whatever becomes of the request;
+a reply that has them is ``[id, OK_SHM, [body, names]]`` (see _shm.py for who unlinks what).
+Frames of 4 GiB and more use an extended header (_frames.py).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import msgpack
 
-from ._errors import FrameTooLargeError, SessionMismatchError
+from . import _shm
+from ._errors import SessionMismatchError
+from ._frames import FrameReader, OversizedFrame, frame_header
+from ._shm import EXT_PICKLE5, EXT_SHM
+from ._shm_send import Lifter
 
 __all__ = [
     "EXT_PICKLE",
+    "EXT_PICKLE5",
     "EXT_REF",
+    "EXT_SHM",
     "EXT_TUPLE",
     "FrameReader",
     "OversizedFrame",
@@ -42,8 +54,8 @@ __all__ = [
     "encode_frame",
 ]
 
-HEADER = struct.Struct(">I")
-MAX_FRAME_DEFAULT = 256 * 1024 * 1024  # far above any sane single value; bounds a corrupt header
+# The Port server's default --max-frame (its input is untrusted); the private channel has no limit.
+MAX_FRAME_DEFAULT = 256 * 1024 * 1024
 
 EXT_PICKLE = 1
 EXT_TUPLE = 2
@@ -52,6 +64,7 @@ EXT_REF = 3
 OK = 0
 ERROR = 1
 RETIRING = 2  # worker -> router notice (id nil): "recycle me"; see WorkerCore.wants_retire
+OK_SHM = 3  # OK, and the body is [body, names of the segments the value refers to]
 
 # Ops (request field lists in brackets; see the worker's dispatch table).
 OP_CALL = "call"  # [fn, args, kwargs, ret]                 fn: dotted path | callable | target ref
@@ -86,102 +99,14 @@ def write_all(fd: int, data: bytes) -> None:
 
 def encode_frame(body: bytes) -> bytes:
     """Prefix ``body`` with its 4-byte big-endian length."""
-    return HEADER.pack(len(body)) + body
+    return frame_header(len(body)) + body
 
 
-class OversizedFrame:
-    """Stands in the output of :class:`FrameReader` for a frame over the limit (its bytes skipped).
-
-    ``head`` holds the first bytes of its body that had arrived (at most 64), enough to read a
-    request ``id`` that the client put first, so the error reply can carry it.
-    """
-
-    __slots__ = ("head", "size")
-
-    HEAD = 64
-
-    def __init__(self, size: int, head: bytes = b"") -> None:
-        self.size = size
-        self.head = head
-
-    def error(self, limit: int) -> FrameTooLargeError:
-        return FrameTooLargeError(f"frame of {self.size} bytes exceeds the limit of {limit} bytes")
-
-    def leading_id(self) -> Any:
-        """The id of a private-channel frame (``[id, ...]``, a request or a reply), read from its
-        first bytes; None when they do not hold one."""
-        unpacker = msgpack.Unpacker(raw=False)
-        unpacker.feed(self.head)
-        try:
-            if unpacker.read_array_header() < 1:
-                return None
-            req_id = unpacker.unpack()
-        except Exception:
-            return None
-        return req_id if type(req_id) is int else None
-
-
-def frame_too_large(what: str, size: int, limit: int) -> FrameTooLargeError:
-    """The error of a value the pool will not carry: ``what`` encodes to ``size`` bytes, over ``limit``.
-
-    The one place that words it (the caller's check in ``Router.send``, the worker's check of a
-    result), so changing how the bound is configured changes one message.
-    """
-    return FrameTooLargeError(
-        f"{what} encodes to {size} bytes, over the pool's limit of {limit} bytes "
-        f"({limit / (1 << 20):g} MiB) for one message; nothing was sent for it. Pass data this large "
-        "another way (a file path, shared memory), or split it"
-    )
-
-
-class FrameReader:
-    """Incremental ``{packet, 4}`` decoder: feed it any chunking of the stream, get whole frames.
-
-    A frame over ``max_frame`` is never buffered: its bytes are skipped as they arrive and an
-    :class:`OversizedFrame` marks its place, so one oversized request costs no memory and does not
-    desynchronise the stream.
-    """
-
-    __slots__ = ("_buf", "_skip", "max_frame")
-
-    def __init__(self, max_frame: int = MAX_FRAME_DEFAULT) -> None:
-        self._buf = bytearray()
-        self._skip = 0
-        self.max_frame = max_frame
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held for a frame not yet complete."""
-        return len(self._buf)
-
-    def feed(self, data: bytes) -> list[bytes | OversizedFrame]:
-        out: list[bytes | OversizedFrame] = []
-        buf = self._buf
-        if self._skip:
-            take = min(self._skip, len(data))
-            self._skip -= take
-            data = data[take:]
-        buf += data
-        pos = 0
-        end = len(buf)
-        while end - pos >= 4:
-            (size,) = HEADER.unpack_from(buf, pos)
-            if size > self.max_frame:
-                available = end - pos - 4
-                out.append(OversizedFrame(size, bytes(buf[pos + 4 : pos + 4 + min(OversizedFrame.HEAD, available)])))
-                if available >= size:
-                    pos += 4 + size
-                    continue
-                self._skip = size - available
-                pos = end
-                break
-            if end - pos - 4 < size:
-                break
-            out.append(bytes(buf[pos + 4 : pos + 4 + size]))
-            pos += 4 + size
-        if pos:
-            del buf[:pos]
-        return out
+def pack_request(req_id: int, op: str, session: str | None, body: bytes, segments: list[str]) -> bytes:
+    """A router-to-worker request; ``segments``: the names its value's buffers were put in."""
+    if segments:
+        return pack_plain([req_id, op, session, body, segments])
+    return pack_plain([req_id, op, session, body])
 
 
 class WireRef:
@@ -221,6 +146,7 @@ class _EncoderState(threading.local):
     def __init__(self) -> None:
         self.session: str | None = None
         self.owner: object = None  # the pool whose refs may be arguments (None: any)
+        self.shm: Lifter | None = None  # where big pickle buffers go while encoding
         # Tried first: plain msgpack values need no session context. Anything needing an
         # extension type (tuple, ref, pickle) stops it at once and takes `value` with context.
         self.fast = _value_packer(_needs_context)
@@ -253,6 +179,9 @@ def _default(obj: Any) -> msgpack.ExtType:
     if isinstance(obj, WireRef):
         check_ref_session(obj)
         return msgpack.ExtType(EXT_REF, msgpack.packb(obj.key()))
+    shm = _encoding.shm
+    if shm is not None:
+        return shm.pickle_ext(obj, EXT_PICKLE)
     return msgpack.ExtType(EXT_PICKLE, dumps_any(obj))
 
 
@@ -279,10 +208,36 @@ def check_ref_session(ref: WireRef) -> None:
 
 _encoding = _EncoderState()
 
+#: A worker process's lifter (its results' big buffers); None in a router.
+default_lifter: list[Lifter | None] = [None]
 
-def pack_value(obj: Any, session: str | None = None, owner: object = None) -> bytes:
+
+def pack_value(obj: Any, session: str | None = None, owner: object = None, shm: Lifter | None = None) -> bytes:
     """Encode ``obj`` for the embedded channel; ref arguments must belong to ``session`` (and to
-    the pool ``owner``, when given)."""
+    the pool ``owner``, when given). Big buffers go to segments of ``shm`` (default: this worker's
+    lifter); their names collect in its batch (``shm.take()``)."""
+    if shm is None:
+        shm = default_lifter[0]
+        if shm is None:
+            return _pack_value(obj, session, owner, None)
+    mark = shm.mark()
+    try:
+        if shm.near_top(obj):  # the usual way to pass or return a big buffer: lift it at once
+            return _pack_value(shm.lift(obj), session, owner, shm)
+        packed = _pack_value(obj, session, owner, shm)  # pickle-5 buffers are lifted meanwhile
+        if len(packed) < shm.threshold:
+            return packed  # no buffer of the threshold's size can hide in fewer bytes
+        lifted = shm.lift(obj)  # a big value: is there a big buffer deeper inside?
+        if lifted is obj:
+            return packed
+        shm.discard(mark)  # packed again below, its pickle buffers too
+        return _pack_value(lifted, session, owner, shm)
+    except BaseException:
+        shm.discard(mark)  # this value is not sent: neither are its segments
+        raise
+
+
+def _pack_value(obj: Any, session: str | None, owner: object, shm: Lifter | None) -> bytes:
     state = _encoding
     try:
         return state.fast.pack(obj)  # type: ignore[no-any-return]
@@ -293,6 +248,7 @@ def pack_value(obj: Any, session: str | None = None, owner: object = None) -> by
         raise
     state.session = session
     state.owner = owner
+    state.shm = shm
     try:
         return state.value.pack(obj)  # type: ignore[no-any-return]
     except BaseException:
@@ -302,6 +258,7 @@ def pack_value(obj: Any, session: str | None = None, owner: object = None) -> by
     finally:
         state.session = None
         state.owner = None
+        state.shm = None
 
 
 def make_unpacker(on_ref: Callable[[list[Any]], Any]) -> Callable[[bytes], Any]:
@@ -314,6 +271,10 @@ def make_unpacker(on_ref: Callable[[list[Any]], Any]) -> Callable[[bytes], Any]:
             return pickle.loads(data)  # cloudpickle's output is plain pickle; it imports what it needs
         if code == EXT_REF:
             return on_ref(msgpack.unpackb(data))
+        if code == EXT_SHM:
+            return _shm.load(data)
+        if code == EXT_PICKLE5:
+            return _shm.load_pickle(data)
         return msgpack.ExtType(code, data)
 
     def unpack(data: bytes) -> Any:
@@ -332,5 +293,5 @@ def reset_plain_packer() -> None:
     _encoding.plain = msgpack.Packer(use_bin_type=True)
 
 
-def unpack_plain(data: bytes) -> Any:
+def unpack_plain(data: bytes | bytearray | memoryview) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)

@@ -39,11 +39,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ._channel import ProcessChannel, Retired
-from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError
+from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError, value_too_large
 from ._hashing import slot_for
 from ._monitor import Monitor
 from ._pending import Sink
-from ._protocol import MAX_FRAME_DEFAULT, encode_frame, frame_too_large
+from ._protocol import encode_frame
+from ._shm_channel import release_unsent
 from ._spawn import Spawner
 
 log = logging.getLogger("poolbridge.router")
@@ -77,7 +78,7 @@ class Router:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         channel_factory: Callable[[Router, int, int], Any] = ProcessChannel,
         on_crash: Callable[[int, int, int | None], None] | None = None,
-        max_frame: int = MAX_FRAME_DEFAULT,
+        max_frame: int | None = None,
     ) -> None:
         if n_slots < 1:
             raise ValueError(f"workers must be at least 1, got {n_slots}")
@@ -86,14 +87,15 @@ class Router:
         self.n_slots = n_slots
         self.worker_options = worker_options
         self.max_in_flight = max_in_flight
-        #: The largest message either way (request body, reply): checked before a request is
-        #: written; the workers check their replies against the same bound.
+        #: The largest message either way (``Pool(max_value_bytes=...)``; None: no bound): checked
+        #: before a request is written; the workers check their replies against the same bound.
         self.max_frame = max_frame
         #: A pool belongs to the process that made it (see _forked).
         self.owner_pid = os.getpid()
         self.closing = False
         self._closed = threading.Event()  # set by close(): interrupts restart back-off pauses
         self._factory = channel_factory
+        self.lifter: Any = None  # the pool's _shm.Lifter: where segments of finished requests go
         self._on_crash = on_crash
         self._ids = itertools.count(1)
         self._slots = [_Slot(i) for i in range(n_slots)]
@@ -173,19 +175,23 @@ class Router:
         ``deadline`` (monotonic) bounds any wait for the slot (restart, in-flight bound)."""
         if self.closing:
             raise self.closed_error()
-        if len(body) > self.max_frame:  # the worker would skip it: fail it here, before writing
-            raise frame_too_large("this request (its arguments)", len(body), self.max_frame)
+        if self.max_frame is not None and len(body) > self.max_frame:  # before writing (the worker would skip it)
+            raise value_too_large("this request (its arguments)", len(body), self.max_frame)
         data = encode_frame(body)
-        while True:
-            ch = self.channel(slot, deadline)
-            try:
-                if deadline is None:
-                    ch.send(req_id, data, sink, block)
-                else:
-                    ch.send(req_id, data, sink, block, deadline)
-                break
-            except Retired:
-                continue  # the slot is being recycled: channel() waits for its next generation
+        try:
+            while True:
+                ch = self.channel(slot, deadline)
+                try:
+                    if deadline is None:
+                        ch.send(req_id, data, sink, block)
+                    else:
+                        ch.send(req_id, data, sink, block, deadline)
+                    break
+                except Retired:
+                    continue  # the slot is being recycled: channel() waits for its next generation
+        except BaseException:
+            release_unsent(data, self.lifter)  # never sent: nobody else will free its segments
+            raise
         if not lead:
             ch.wake_reader()
         return ch
@@ -206,13 +212,18 @@ class Router:
                 exitcode=ch.exitcode,
             )
         failed = 0
+        segments = getattr(ch, "segments", None)  # big values in flight (process channels, _shm.py)
         while ch.pending:
             try:
-                _, sink = ch.pending.popitem()
+                req_id, sink = ch.pending.popitem()
             except KeyError:  # raced with a sender taking its own entry back
                 break
             sink.fail(exc)
+            if segments is not None and getattr(sink, "held", False):
+                segments.kept(req_id)  # to be sent again: its segments go with it
             failed += 1
+        if segments is not None:
+            segments.worker_gone()
         ch.finished.set()
         if self.closing:
             return

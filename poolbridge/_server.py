@@ -70,8 +70,6 @@ from ._protocol import (
     MAX_FRAME_DEFAULT,
     FrameReader,
     OversizedFrame,
-    pack_plain,
-    pack_value,
 )
 from ._router import DEFAULT_MAX_IN_FLIGHT
 from ._session import resolve_session, validate_session_id
@@ -114,9 +112,8 @@ class Server:
             session_ttl=session_ttl,
             max_refs_per_session=max_refs_per_session,
             max_in_flight=DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight,
-            # A request --max-frame lets in must also fit between router and worker; a smaller
-            # --max-frame (for untrusted input) does not shrink the results workers may send.
-            _max_frame=max(max_frame, MAX_FRAME_DEFAULT),
+            # No max_value_bytes: a request --max-frame lets in always fits between router and
+            # worker, and --max-frame (for untrusted input) does not bound the results.
             backend=backend,
             ray_init=None if ray_address is None else {"address": ray_address},
             _wire=True,
@@ -181,11 +178,13 @@ class Server:
             while not self._stopping:
                 for fd, _events in poller.poll():
                     if fd == in_fd:
-                        data = os.read(in_fd, 1 << 16)
-                        if not data:
+                        # One read: a large frame arrives over many turns of this loop, into one
+                        # buffer of its size, and other requests' replies go out in between.
+                        frames = reader.read_from(in_fd)
+                        if frames is None:
                             log.info("EOF on the protocol input: shutting down")
                             return
-                        for frame in reader.feed(data):
+                        for frame in frames:
                             handle(frame)
                         if self.out.broken:
                             return
@@ -249,10 +248,9 @@ class Server:
 
     # -- the one handler ---------------------------------------------------------------------
 
-    def handle_frame(self, frame: bytes | OversizedFrame) -> None:
+    def handle_frame(self, frame: bytes | bytearray | OversizedFrame) -> None:
         """Decode, validate, resolve the session once, check every ref, send (or answer here)."""
-        if type(frame) is not bytes:
-            assert isinstance(frame, OversizedFrame)
+        if isinstance(frame, OversizedFrame):
             self.out.write(exc_reply(id_from_head(frame.head), frame.error(self.max_frame)))
             return
         req_id: Any = None
@@ -284,8 +282,8 @@ class Server:
             for ref in refs:
                 self._check_ref(ref, session, slot)
             timeout, restart = timeout_of(req)
-            rid = self.router.next_id()
-            data = pack_plain([rid, wop, session, pack_value(fields, session)])
+            # Big binaries and strings go to the worker through shared memory (_shm.py).
+            rid, data = self.pool._encode_request(wop, session, fields)
             reply = PortReply(self, req_id, kind, slot, rid, data)
             if timeout is not None:
                 reply.deadline = time.monotonic() + timeout

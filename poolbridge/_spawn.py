@@ -269,6 +269,8 @@ def spawn_worker(
     if board is not None:
         opts["cancel_board"] = [board.fd, board.name]
         keep = (*keep, board.fd)
+    if options.get("shm"):
+        keep = (*keep, options["shm"]["tracker_fd"])  # the router's resource tracker: always last (_shm.py)
     process: Any = None
     try:
         template = spawner.template()

@@ -25,7 +25,7 @@ from typing import Any
 
 import msgpack
 
-from . import _helpers
+from . import _helpers, _shm
 from ._allow import AllowList
 from ._errors import (
     BadRequestError,
@@ -36,14 +36,15 @@ from ._errors import (
     SessionLimitError,
     SessionLostError,
     SessionMismatchError,
+    value_too_large,
 )
 from ._hashing import slot_for
 from ._protocol import (
     ERROR,
     EXT_REF,
     INT_TAG,
-    MAX_FRAME_DEFAULT,
     OK,
+    OK_SHM,
     OP_CALL,
     OP_CLOSE_SESSION,
     OP_GETATTR,
@@ -60,8 +61,8 @@ from ._protocol import (
     RET_REF,
     RET_VALUE,
     WireRef,
+    default_lifter,
     dumps_any,
-    frame_too_large,
     make_unpacker,
     pack_plain,
     pack_value,
@@ -162,11 +163,10 @@ class WorkerCore:
         max_rss: int | None = None,
         initializer: bytes | None = None,
         session_init: str | bytes | None = None,
-        max_frame: int = MAX_FRAME_DEFAULT,
+        max_value_bytes: int | None = None,
         allow_modules: tuple[str, ...] = (),
     ) -> None:
         self.slot = slot
-        self.max_frame = max_frame  # no reply is larger: the router would not read it
         #: The Port server's --allow-module list, enforced here while resolving (see _allow.py).
         self.allow = AllowList(allow_modules) if allow_modules else None
         self.n_slots = n_slots
@@ -177,6 +177,7 @@ class WorkerCore:
         self.calls = 0
         self.max_calls = max_calls
         self.max_rss = max_rss
+        self.max_value_bytes = max_value_bytes
         self.retiring = False
         self._over_limit_logged = False
         self._sessions: dict[str, _Session] = {}
@@ -209,11 +210,17 @@ class WorkerCore:
 
     # -- the request cycle -----------------------------------------------------------------
 
-    def handle(self, frame: bytes) -> bytes:
+    def handle(self, frame: bytes | bytearray) -> bytes:
         req_id: Any = None
+        lifter = default_lifter[0]
         try:
             try:
-                req_id, op, session_id, body = unpack_plain(frame)
+                # A fifth element lists the request's segments (the router unlinks them); a sixth,
+                # segments of earlier results the router has finished reading (see _shm.py).
+                req_id, op, session_id, body, *more = unpack_plain(frame)
+                if len(more) > 1 and lifter is not None:
+                    for name in more[1]:
+                        lifter.recycle(name)
             except Exception as exc:
                 raise BadRequestError(f"undecodable request: {exc}") from None
             handler = self._ops.get(op)
@@ -225,16 +232,31 @@ class WorkerCore:
             try:
                 fields = self._unpack(body)
                 self.calls += 1
-                reply = pack_plain([req_id, OK, handler(session, *fields)])
-                if len(reply) > self.max_frame:  # e.g. a stream batch: results are checked below
-                    raise frame_too_large("the reply", len(reply), self.max_frame)
-                return reply
+                result = handler(session, *fields)
+                names: list[str] = []
+                held: list[str] = []
+                size = len(result)
+                if lifter is not None:
+                    fields = None  # the arguments' mappings may go now
+                    names, segments_size = lifter.take()
+                    held = _shm.held()
+                    size += segments_size
+                if self.max_value_bytes is not None and size > self.max_value_bytes:
+                    for name in names:  # e.g. a stream batch: results are checked below
+                        lifter.drop(name)  # type: ignore[union-attr]
+                    raise value_too_large("the reply", size, self.max_value_bytes)
+                if names or held:
+                    return pack_plain([req_id, OK_SHM, [result, names, held]])
+                return pack_plain([req_id, OK, result])
             finally:
                 self._session = None
                 _helpers._current[0] = None
                 if self.session_ttl is not None:  # idle time counts from the end of a call
                     session.last_used = time.monotonic()
         except BaseException as exc:
+            if lifter is not None:
+                lifter.discard()  # segments made for a reply that is not sent
+                _shm.held()
             return pack_plain([req_id, ERROR, pack_plain(error_fields(exc, port=self.wire))])
 
     def _enter(self, session_id: Any, create: bool = True) -> _Session:
@@ -334,11 +356,26 @@ class WorkerCore:
                 raise
             return self._new_ref(session, value)
 
+    def _oversize(self, body: bytes) -> int:
+        """0 when a reply can carry ``body`` and the segments made for it; else their size (and
+        those segments are unlinked: the value is not sent)."""
+        limit = self.max_value_bytes
+        if limit is None:
+            return 0
+        lifter = default_lifter[0]
+        size = len(body) + (lifter.batch_bytes() if lifter is not None else 0)
+        if size <= limit - 64:  # room for the reply's [id, status, ...] around it
+            return 0
+        if lifter is not None:
+            lifter.discard()
+        return size
+
     def _sized(self, body: bytes) -> bytes:
-        """``body`` if a reply can carry it; else :class:`FrameTooLargeError` (which ``ret="auto"``
+        """``body`` if a reply can carry it; else :class:`ValueTooLargeError` (which ``ret="auto"``
         turns into a ref, as for a value that cannot be encoded)."""
-        if len(body) > self.max_frame - 64:  # room for the reply's [id, status, ...] around it
-            raise frame_too_large("the result", len(body), self.max_frame)
+        size = self._oversize(body)
+        if size:
+            raise value_too_large("the result", size, self.max_value_bytes or 0)
         return body
 
     def _encode(self, session: _Session, value: Any) -> bytes:
@@ -348,6 +385,9 @@ class WorkerCore:
         # session being encoded for (one reused Packer: building one per reply costs more than
         # the rest of a tiny call).
         self._wire_session = session
+        lifter = default_lifter[0]
+        if lifter is not None:
+            value = lifter.lift(value)  # big bytes and str in segments: the server maps them
         try:
             packed: bytes = self._wire_packer.pack(value)
         except BaseException:
@@ -406,7 +446,7 @@ class WorkerCore:
             except Exception:  # noqa: S110 - not encodable: _result below hands it over as a ref
                 pass
             else:
-                if len(body) <= self.max_frame - 64:
+                if not self._oversize(body):
                     return body
                 return self._new_ref(session, value)  # too large to carry: kept here, as a ref
         return self._result(session, value, ret)
@@ -481,12 +521,13 @@ class WorkerCore:
         except Exception:  # noqa: S110 - some item is not encodable: handed over as refs below
             pass
         else:
-            if len(body) > self.max_frame - 64:
+            size = self._oversize(body)
+            if size:
                 # The batch is lost: end the stream rather than leave it suspended, its key unsent.
                 if session.streams.pop(stream_id, None) is not None:
                     state.close()
                 what = f"a batch of {len(items)} stream items (use a smaller batch=)"
-                raise frame_too_large(what, len(body), self.max_frame)
+                raise value_too_large(what, size, self.max_value_bytes or 0)
             return body, done
         # Like a call's result: an item that cannot be encoded is handed over as a ref. If that
         # fails too (the session's cap), the batch is lost: undo its refs and end the stream,

@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._frames import write_frame
 from ._protocol import (
     ERROR,
-    MAX_FRAME_DEFAULT,
     RETIRING,
     FrameReader,
     OversizedFrame,
+    default_lifter,
     encode_frame,
     pack_plain,
     unpack_plain,
@@ -58,14 +59,13 @@ def _die_with_parent(parent_pid: int) -> None:
 _FLUSH_AFTER = 0.0005
 
 
-def _answer(handle: Callable[[bytes], bytes], frame: bytes | OversizedFrame, limit: int) -> bytes:
+def _answer(handle: Callable[[bytes], bytes], frame: bytes | bytearray | OversizedFrame, limit: int | None) -> bytes:
     """The reply to one request frame. The router never sends a frame over the limit (it fails
     such a call in the caller), but if one came, its reply still carries its id: no request is
     ever left without an answer."""
-    if type(frame) is bytes:
-        return handle(frame)
-    assert isinstance(frame, OversizedFrame)
-    return pack_plain([frame.leading_id(), ERROR, pack_plain(error_fields(frame.error(limit)))])
+    if not isinstance(frame, OversizedFrame):
+        return handle(frame)  # type: ignore[arg-type]
+    return pack_plain([frame.leading_id(), ERROR, pack_plain(error_fields(frame.error(limit or 0)))])
 
 
 def main() -> None:
@@ -75,8 +75,13 @@ def main() -> None:
     worker_main(read_fd, write_fd, options)
 
 
+#: This worker's options (its pipes, slot, ...), for tests that need to reach the plumbing.
+options_in_use: dict[str, Any] = {}
+
+
 def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
     """Run a worker until its request pipe reaches EOF (the router closed it or died)."""
+    options_in_use.update(options, fds=[read_fd, write_fd])
     board = None
     if options.get("cancel_board"):
         from ._cancel import CancelBoard
@@ -84,6 +89,16 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
         board = CancelBoard.attach(*options["cancel_board"])  # first: it unlinks the board's name
     _die_with_parent(options["parent_pid"])
     logging.basicConfig(level=options.get("log_level", logging.WARNING))
+    shm = options.get("shm")
+    if shm:
+        from . import _shm
+        from ._shm_send import Lifter
+
+        _shm.use_tracker(shm["tracker_fd"])
+        prefix = _shm.worker_prefix(shm["prefix"], options["slot"], options["generation"])
+        default_lifter[0] = Lifter(
+            prefix, shm["threshold"], options.get("max_value_bytes"), cache=_shm.CACHE_BYTES
+        )
     core = WorkerCore(
         options["slot"],
         options["n_slots"],
@@ -96,11 +111,11 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
         max_rss=options.get("max_rss"),
         initializer=options.get("initializer"),
         session_init=options.get("session_init"),
-        max_frame=options.get("max_frame", MAX_FRAME_DEFAULT),
+        max_value_bytes=options.get("max_value_bytes"),
         allow_modules=tuple(options.get("allow_modules") or ()),
     )
     seq = 0
-    reader = FrameReader(core.max_frame)
+    reader = FrameReader(core.max_value_bytes, extended=True)
     check_retire = options.get("max_calls") is not None or options.get("max_rss") is not None
     perf = time.perf_counter
     handle = core.handle
@@ -111,14 +126,13 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
             if wait == 0.0 or not select.select([read_fd], [], [], wait)[0]:
                 core.sweep()
                 continue
-        data = os.read(read_fd, 1 << 16)
-        if not data:
+        frames = reader.read_from(read_fd)
+        if frames is None:
             return
-        frames = reader.feed(data)
         if len(frames) == 1 and not check_retire:  # the common case: one request, one reply
             seq += 1
             if board is None or board.claim(seq):
-                write_all(write_fd, encode_frame(_answer(handle, frames[0], core.max_frame)))
+                write_frame(write_fd, _answer(handle, frames[0], core.max_value_bytes))
             continue
         out: list[bytes] = []
         started = 0.0
@@ -131,7 +145,7 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
             seq += 1
             if board is not None and not board.claim(seq):
                 continue  # cancelled before it started: the router expects no reply
-            out.append(encode_frame(_answer(handle, frame, core.max_frame)))
+            out.append(encode_frame(_answer(handle, frame, core.max_value_bytes)))
         if check_retire and core.wants_retire():
             # Ask to be replaced; keep serving until the router closes our input (EOF below).
             out.append(encode_frame(pack_plain([None, RETIRING, b""])))

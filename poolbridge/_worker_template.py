@@ -9,7 +9,8 @@ starts a thread itself, so forking it is safe.
 
 One ``SOCK_SEQPACKET`` socket, one msgpack message per packet, fds passed with ``SCM_RIGHTS``::
 
-    router -> template   {worker options}                 fds: [request read end, reply write end, (cancel board)]
+    router -> template   {worker options}                 fds: [request read end, reply write end,
+                                                                (cancel board), (resource tracker)]
     template -> router   ["forked", pid]                  fds: [pidfd of the new worker]
     template -> router   ["exited", pid, returncode]      (subprocess convention: -N for signal N)
 
@@ -83,6 +84,8 @@ def _fork(options: dict[str, Any], fds: list[int], plumbing: tuple[int, ...]) ->
     options["fds"] = [req_r, rep_w]
     if options.get("cancel_board"):
         options["cancel_board"][0] = fds[2]
+    if options.get("shm"):
+        options["shm"]["tracker_fd"] = fds[-1]  # the router's resource tracker (see _shm.py)
     options["parent_pid"] = os.getpid()
     pid = os.fork()
     if pid:

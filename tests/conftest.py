@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 from hypothesis import settings
-from pb_faultmods import Fifo
+from pb_faultmods import Fifo, resource_tracker_fd, resource_tracker_pid
 
 import poolbridge
 
@@ -39,6 +39,7 @@ def _children() -> list[psutil.Process]:
 
 def _leftovers(ignore: set[int]) -> list[str]:
     gc.collect()  # a pool nobody closed but nobody references either
+    ignore = ignore | {resource_tracker_pid()}  # the stdlib's, shared by every pool (see _shm.py)
     procs = [p for p in _children() if p.pid not in ignore]
     _, alive = psutil.wait_procs(procs, timeout=EXIT_WAIT)
     out = []
@@ -80,6 +81,7 @@ def _leaked_resources(fds: dict[int, str], threads: dict[int, str], settle: floa
     while True:
         gc.collect()  # a pool nobody closed but nobody references either (it warns, too)
         new_fds = {fd: target for fd, target in _fds().items() if fds.get(fd) != target and _ray_fds.get(fd) != target}
+        new_fds.pop(resource_tracker_fd(), None)  # type: ignore[arg-type]  # the stdlib's, shared by every pool
         new_threads = {ident: name for ident, name in _threads().items() if ident not in threads}
         if _ray_fds:
             new_threads = {i: n for i, n in new_threads.items() if n.startswith("poolbridge-")}
@@ -139,6 +141,11 @@ def pool_maker() -> Iterator[Callable[..., poolbridge.Pool]]:
     yield make
     for p in pools:
         p.close(cancel=True)
+    for p in pools:  # and their shared memory, all of it (see poolbridge/_shm.py)
+        if p._shm is not None:
+            prefix = p._shm.prefix.lstrip("/")
+            left = [e for e in os.listdir("/dev/shm") if e.startswith(prefix)]
+            assert not left, f"shared memory left after close(): {left}"
 
 
 @pytest.fixture

@@ -242,6 +242,29 @@ def session_of() -> str | None:
 # -- parent-side utilities (used by the tests, not by workers) ---------------------------------------
 
 
+def resource_tracker_pid() -> int | None:
+    """The stdlib resource tracker of this process, if started: a process-wide helper that pools
+    with shared memory start once and that outlives them by design (as with multiprocessing)."""
+    from multiprocessing import resource_tracker
+
+    return resource_tracker._resource_tracker._pid  # type: ignore[attr-defined,no-any-return]
+
+
+def resource_tracker_fd() -> int | None:
+    """This process's end of the resource tracker's pipe, if started (see resource_tracker_pid)."""
+    from multiprocessing import resource_tracker
+
+    return resource_tracker._resource_tracker._fd  # type: ignore[attr-defined,no-any-return]
+
+
+def is_resource_tracker(p: Any) -> bool:
+    """A resource tracker (this process's or a server's): not a worker, outlives pools by design."""
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(p.cmdline())
+    except Exception:
+        return False
+
+
 def wait_until(predicate: Any, limit: float, interval: float = 0.01, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``limit`` seconds."""
     deadline = time.monotonic() + limit
@@ -290,7 +313,7 @@ class ProcessHygiene:
                     continue
                 if status == psutil.STATUS_ZOMBIE:
                     bad.append(f"zombie pid {p.pid}")
-                elif p.pid not in allowed and p.pid not in self.before:
+                elif p.pid not in allowed and p.pid not in self.before and p.pid != resource_tracker_pid():
                     bad.append(f"orphan pid {p.pid} {' '.join(p.cmdline())[:100]}")
             if not bad:
                 return
@@ -392,7 +415,7 @@ def worker_pids_of(router_pid: int) -> list[int]:
         try:
             if "poolbridge._worker_template" in " ".join(child.cmdline()) and child.ppid() == router_pid:
                 workers += [g.pid for g in child.children()]
-            else:
+            elif not is_resource_tracker(child):
                 workers.append(child.pid)
         except psutil.NoSuchProcess:
             continue

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import stat
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -26,18 +24,10 @@ def blocked_then(path: str, value: Any) -> Any:
 
 def write_garbage_reply() -> str:
     """Write a frame that is not a reply into this worker's reply pipe, then return normally."""
-    os.write(_reply_fd(), struct.pack(">I", 1) + b"\xc1")  # 0xc1: the one byte msgpack never uses
+    from poolbridge._worker_main import options_in_use  # spawned or forked by the template alike
+
+    reply_fd = options_in_use["fds"][1]
+    os.write(reply_fd, struct.pack(">I", 1) + b"\xc1")  # 0xc1: the one byte msgpack never uses
     return "after the garbage"
 
 
-def _reply_fd() -> int:
-    """This worker's reply pipe: its one write-only pipe above stdio (the request pipe is read-only)."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        try:
-            pipe = fd > 2 and stat.S_ISFIFO(os.fstat(fd).st_mode)
-            if pipe and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
-                return fd
-        except OSError:
-            continue
-    raise RuntimeError("no reply pipe found")

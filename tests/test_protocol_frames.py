@@ -119,3 +119,44 @@ def test_refs_decode_through_the_hook() -> None:
     unpack = make_unpacker(lambda key: seen.append(key) or "obj")
     assert unpack(pack_value({"r": WireRef("s", 5, 1, 2)}, "s")) == {"r": "obj"}
     assert seen == [["s", 5, 1, 2]]
+
+
+def test_the_private_channel_reads_an_extended_header() -> None:
+    """Frames of 4 GiB and more (private channel only) give the length 0xFFFFFFFF, then 8 bytes."""
+    from poolbridge._frames import frame_header
+
+    assert frame_header(5) == struct.pack(">I", 5)
+    assert frame_header(1 << 32) == struct.pack(">IQ", 0xFFFFFFFF, 1 << 32)
+    stream = struct.pack(">IQ", 0xFFFFFFFF, 5) + b"hello" + encode_frame(b"next")
+    for step in (1, 3, len(stream)):
+        reader = FrameReader(extended=True)
+        out: list[bytes | OversizedFrame] = []
+        for i in range(0, len(stream), step):
+            out += reader.feed(stream[i : i + step])
+        assert out == [b"hello", b"next"] and reader.buffered == 0
+
+
+def test_a_large_frame_is_read_from_a_pipe_in_place() -> None:
+    """read_from: one read per call; a frame larger than the shared buffer fills its own."""
+    import os
+    import threading
+
+    bodies = [b"a" * 10, os.urandom(300_000), b"b" * 70_000, b""]
+    r, w = os.pipe()
+
+    def write() -> None:
+        for body in bodies:
+            view = memoryview(encode_frame(body))
+            while view:
+                view = view[os.write(w, view) :]
+        os.close(w)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    reader = FrameReader()
+    out: list[bytes | OversizedFrame] = []
+    while (frames := reader.read_from(r)) is not None:
+        out += frames
+    writer.join(10)
+    os.close(r)
+    assert out == bodies

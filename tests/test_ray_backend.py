@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import make_pool
+from pb_faultmods import is_resource_tracker
 from pb_testmods import sessions_on_slot
 
 import poolbridge
@@ -81,7 +82,8 @@ def bpool(request: pytest.FixtureRequest) -> Iterator[Pool]:
     if backend == "ray":
         # poolbridge started Ray, so closing its last pool shut it down: nothing may be left.
         assert not ray.is_initialized()
-        _, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=15.0)
+        children = [p for p in psutil.Process().children(recursive=True) if not is_resource_tracker(p)]
+        _, alive = psutil.wait_procs(children, timeout=15.0)
         left = [p for p in alive if p.is_running()]
         assert not left and not _ray_processes(), f"left after the Ray pool closed: {_ray_processes()}"
 

@@ -11,29 +11,29 @@ import pytest
 from pb_faultmods import Fifo, wait_until
 
 import poolbridge
-from poolbridge import CallTimeoutError, FrameTooLargeError, Ref, WorkerCrashedError
-from poolbridge._protocol import MAX_FRAME_DEFAULT
+from poolbridge import CallTimeoutError, FrameTooLargeError, Ref, ValueTooLargeError, WorkerCrashedError
 
 WAIT = 30.0
-SMALL = 1 << 16  # a pool limit that keeps these tests cheap (Pool(_max_frame=...), private)
+SMALL = 1 << 16  # a pool bound that keeps these tests cheap (Pool(max_value_bytes=...))
 
 
 # -- an argument over the limit ------------------------------------------------------------------
 
 
-def test_an_argument_over_the_default_limit_fails_at_once_and_the_slot_serves(pool_maker: Any) -> None:
-    pool = pool_maker(workers=1)
-    big = b"y" * (MAX_FRAME_DEFAULT + 1)
-    with pytest.raises(FrameTooLargeError, match=f"limit of {MAX_FRAME_DEFAULT} bytes") as info:
+def test_an_argument_over_the_bound_fails_at_once_and_the_slot_serves(pool_maker: Any) -> None:
+    # There is no default bound (tests/test_large_values.py sends values past the old 256 MiB).
+    pool = pool_maker(workers=1, max_value_bytes=SMALL)
+    big = b"y" * (SMALL + 1)
+    with pytest.raises(ValueTooLargeError, match=f"max_value_bytes of {SMALL} bytes") as info:
         pool.options(timeout=WAIT).call("builtins.len", big)
-    del big
-    assert "256 MiB" in str(info.value) and "nothing was sent" in str(info.value)
+    assert isinstance(info.value, FrameTooLargeError)
+    assert "0.0625 MiB" in str(info.value) and "nothing was sent" in str(info.value)
     assert pool.stats().in_flight == 0  # no request left without an answer
     assert pool.call("operator.add", 1, 2) == 3
 
 
 async def test_over_the_limit_fails_every_face_before_sending(pool_maker: Any) -> None:
-    pool = pool_maker(workers=1, _max_frame=SMALL)
+    pool = pool_maker(workers=1, max_value_bytes=SMALL)
     big = b"y" * (SMALL + 1)
     with pytest.raises(FrameTooLargeError):
         pool.submit("builtins.len", big)
@@ -48,9 +48,9 @@ async def test_over_the_limit_fails_every_face_before_sending(pool_maker: Any) -
 # -- a result over the limit ---------------------------------------------------------------------
 
 
-def test_a_result_over_the_default_limit_is_an_error_or_a_ref_and_the_slot_serves(pool_maker: Any) -> None:
-    pool = pool_maker(workers=1)
-    size = MAX_FRAME_DEFAULT + 1
+def test_a_result_over_the_bound_is_an_error_or_a_ref_and_the_slot_serves(pool_maker: Any) -> None:
+    pool = pool_maker(workers=1, max_value_bytes=SMALL)
+    size = SMALL + 1
     ref = pool.submit("builtins.bytes", size).result(timeout=WAIT)  # ret="auto": kept as a ref
     assert isinstance(ref, Ref)
     # Through submit the slot's reader thread read that reply: later futures still complete.
@@ -59,7 +59,7 @@ def test_a_result_over_the_default_limit_is_an_error_or_a_ref_and_the_slot_serve
 
 
 async def test_a_result_over_the_limit_on_every_face(pool_maker: Any) -> None:
-    pool = pool_maker(workers=1, _max_frame=SMALL)
+    pool = pool_maker(workers=1, max_value_bytes=SMALL)
     with pytest.raises(FrameTooLargeError, match="the result encodes to"):
         pool.options(ret="value").call("builtins.bytes", SMALL)
     with pytest.raises(FrameTooLargeError):
@@ -76,7 +76,7 @@ async def test_a_result_over_the_limit_on_every_face(pool_maker: Any) -> None:
 def test_a_reply_the_reader_cannot_read_fails_only_its_own_call(pool_maker: Any) -> None:
     """The router's reader meets a reply over its limit (here: a worker allowed larger replies):
     that one call fails, typed; the reader goes on serving the slot."""
-    pool = pool_maker(workers=1, _max_frame=1 << 20)
+    pool = pool_maker(workers=1, max_value_bytes=1 << 20)
     pool._router.channels()[0]._frames.max_frame = SMALL
     with pytest.raises(FrameTooLargeError):
         pool.submit("builtins.bytes", SMALL * 2).result(timeout=WAIT)
@@ -111,7 +111,7 @@ def test_a_timeout_names_the_configured_timeout(pool_maker: Any, fifo: Fifo) -> 
 def test_a_timeout_bounds_writing_a_large_argument(pool_maker: Any, fifo: Fifo) -> None:
     """The worker is busy, so a 4 MiB argument cannot all go into its pipe: the caller still gets
     its CallTimeoutError, the half-written frame is finished off its thread, and the slot serves."""
-    pool = pool_maker(workers=1)
+    pool = pool_maker(workers=1, shm_threshold=None)  # through the pipe (not shared memory)
     busy = pool.submit("pb_faultmods.wait_fifo", fifo.path)
     outcome: dict[str, Any] = {}
 
@@ -144,6 +144,7 @@ async def test_an_async_timeout_names_the_configured_timeout(pool_maker: Any, fi
 
 
 def test_frame_limit_message_says_what_to_do() -> None:
-    exc = poolbridge._protocol.frame_too_large("this request (its arguments)", 10, 8)
-    assert isinstance(exc, FrameTooLargeError) and isinstance(exc, ValueError)
-    assert "limit of 8 bytes" in str(exc) and "another way" in str(exc)
+    exc = poolbridge._errors.value_too_large("this request (its arguments)", 10, 8)
+    assert isinstance(exc, ValueTooLargeError) and isinstance(exc, FrameTooLargeError)
+    assert isinstance(exc, ValueError)
+    assert "max_value_bytes of 8 bytes" in str(exc) and "Raise Pool(max_value_bytes=...)" in str(exc)

@@ -35,6 +35,7 @@ __all__ = [
     "RefNotFoundError",
     "RemoteError",
     "RemoteTraceback",
+    "ResizeRecord",
     "SessionContext",
     "SessionLimitError",
     "SessionLostError",
@@ -94,4 +95,5 @@ if _typing.TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from ._helpers import SessionContext, current_session, helper
     from ._mapping import AsyncMapIterator, MapIterator
     from ._pool import Pool, PoolStats, SlotStats
+    from ._resize import ResizeRecord
     from ._session import resolve_session

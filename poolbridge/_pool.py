@@ -60,6 +60,7 @@ from ._protocol import (
     unpack_plain,
 )
 from ._replies import DISCARD, FAILED, Deadlines, PoolFuture, Waiter, rebuild_error
+from ._resize import ResizeRecord
 from ._router import DEFAULT_MAX_IN_FLIGHT, Router
 from ._session import resolve_session, session_scope, validate_session_id
 from ._shm_send import Lifter
@@ -156,9 +157,11 @@ class _Api(MappingMixin):
         if ref is not None:
             if isinstance(ref, Ref) and ref._api._pool is not pool:
                 raise SessionMismatchError(f"{ref!r} belongs to another pool; a ref is only usable in its own pool")
-            if ref.slot != slot:  # only a forged ref can get here
+            if router.route_epoch:
+                pass  # resized: a moved ref is checked by the worker holding its session (_migrate.py)
+            elif ref.slot != slot:  # only a forged ref can get here
                 raise SessionMismatchError(f"{ref!r} claims slot {ref.slot}; its session maps to {slot}")
-            if ref.generation != pool._router.generation(slot):
+            elif ref.generation != pool._router.generation(slot):
                 raise SessionLostError(
                     f"{ref!r} outlived its worker: slot {slot} is now generation "
                     f"{pool._router.generation(slot)}; the session's objects are gone"
@@ -440,7 +443,7 @@ class _Api(MappingMixin):
 
 def describe_pool(pool: Pool) -> str:
     """What ``repr`` shows of a pool: slots, their pids and generations, state, calls in flight."""
-    channels = pool._router.channels()
+    channels = pool._router.channels()[: pool.workers]
     pids = [ch.pid if ch is not None else -1 for ch in channels]
     generations = [ch.generation if ch is not None else -1 for ch in channels]
     in_flight = sum(len(ch.pending) for ch in channels if ch is not None)
@@ -642,8 +645,8 @@ class Pool(_Api, ExecutorFace):
             except IndexError:
                 return
             session_id, _, slot, generation = key
-            if generation != self._router.generation(slot):
-                continue  # that worker is gone, and the object with it
+            if not self._router.route_epoch and generation != self._router.generation(slot):
+                continue  # that worker is gone, and the object with it (resized: the worker decides)
             req_id = self._router.next_id()
             body = pack_plain([req_id, op, session_id, pack_plain([key])])
             try:
@@ -707,6 +710,26 @@ class Pool(_Api, ExecutorFace):
             )
         return PoolStats(workers=self.workers, slots=tuple(slots))
 
+    def resize(self, workers: int, *, on_unmovable: str = "lose", timeout: float = 60.0) -> ResizeRecord:
+        """Grow or shrink the pool to ``workers`` slots while it serves; returns a :class:`ResizeRecord`.
+
+        Only the sessions whose slot changes move (jump hash: growing n -> n+1 moves about 1/(n+1)
+        of them); their refs and helper state are pickled out of the old worker and loaded into the
+        new one, keeping their ids, so the refs callers hold keep working. A moving session's calls
+        wait for its move, then run on its new worker in order; other sessions never wait. What
+        cannot move (an unpicklable object, a live stream) is lost and listed in the record, its refs
+        raising :class:`SessionLostError` with the reason — or, with ``on_unmovable="refuse"``,
+        nothing changes and the record says ``refused``. ``timeout``: bound on each worker's part
+        (a worker that does not answer in time is restarted, losing its sessions as in a crash).
+        """
+        from ._resize import resize
+
+        if self._discards:
+            self._flush_discards()
+        record = resize(self._router, workers, on_unmovable=on_unmovable, timeout=timeout)
+        self.workers = self._router.n_slots
+        return record
+
     @property
     def aio(self) -> Any:
         """The asyncio face of this pool (:class:`AsyncPool`), sharing its workers and sessions."""
@@ -721,7 +744,7 @@ class Pool(_Api, ExecutorFace):
             if os.getpid() != router.owner_pid:
                 raise router.closed_error()
             return [-1] * self.workers
-        return [ch.pid if ch is not None else -1 for ch in router.channels()]
+        return [ch.pid if ch is not None else -1 for ch in router.channels()[: self.workers]]
 
     def close(self, cancel: bool = False) -> None:
         """Stop the workers. In-flight calls finish first unless ``cancel=True``. Idempotent.

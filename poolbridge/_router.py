@@ -44,6 +44,7 @@ from ._hashing import slot_for
 from ._monitor import Monitor
 from ._pending import Sink
 from ._protocol import encode_frame
+from ._resize import reroute
 from ._shm_channel import release_unsent
 from ._spawn import Spawner
 
@@ -98,7 +99,12 @@ class Router:
         self.lifter: Any = None  # the pool's _shm.Lifter: where segments of finished requests go
         self._on_crash = on_crash
         self._ids = itertools.count(1)
-        self._slots = [_Slot(i) for i in range(n_slots)]
+        self._slots = [_Slot(i) for i in range(n_slots)]  # past n_slots: slots a resize removed
+        # Resize (_resize.py): the move in progress, how many resizes began, one at a time.
+        self.mover: Any = None
+        self.route_epoch = 0
+        self.resize_lock = threading.Lock()
+        self.retired_generations: dict[int, int] = {}
         self.spawner = Spawner()
         self.monitor = Monitor(self._channel_exited)
         _routers.add(self)
@@ -177,6 +183,8 @@ class Router:
             raise self.closed_error()
         if self.max_frame is not None and len(body) > self.max_frame:  # before writing (the worker would skip it)
             raise value_too_large("this request (its arguments)", len(body), self.max_frame)
+        if self.route_epoch:  # resized: the session's slot by the current count, after its move
+            slot = reroute(self, slot, body, deadline)
         data = encode_frame(body)
         try:
             while True:
@@ -239,7 +247,7 @@ class Router:
     def _restart(self, old: Any) -> None:
         """Start ``old``'s slot again as generation + 1; a start that fails is retried, with a
         growing pause (capped), until it works or the pool closes."""
-        s = self._slots[old.slot]
+        s = self._slots[old.slot]  # (never removed: a resize only empties a slot, see _resize.py)
         pause = 0.1
         while True:
             with s.cond:

@@ -25,7 +25,7 @@ from typing import Any
 
 import msgpack
 
-from . import _helpers, _shm
+from . import _helpers, _migrate, _shm
 from ._allow import AllowList
 from ._errors import (
     BadRequestError,
@@ -207,6 +207,7 @@ class WorkerCore:
             OP_STATS: self._op_stats,
             OP_PING: self._op_ping,
         }
+        self._admin_ops = _migrate.ops(self)  # resize: sessions in and out (_migrate.py)
 
     # -- the request cycle -----------------------------------------------------------------
 
@@ -225,6 +226,8 @@ class WorkerCore:
                 raise BadRequestError(f"undecodable request: {exc}") from None
             handler = self._ops.get(op)
             if handler is None:
+                if op in _migrate.MIGRATE_OPS:
+                    return pack_plain([req_id, OK, self._admin_ops[op](body)])
                 raise BadRequestError(f"unknown op {op!r}")
             if op in _SESSIONLESS_OPS:
                 return pack_plain([req_id, OK, handler()])
@@ -314,10 +317,14 @@ class WorkerCore:
             raise SessionMismatchError(
                 f"a ref of session {ref_session!r} was used in session {session.ctx.session_id!r}"
             )
-        if slot != self.slot or generation != self.generation:
+        if (slot != self.slot or generation != self.generation) and not _migrate.accepts(
+            self, ref_session, slot, generation
+        ):
+            why = _migrate.lost_reason(self, ref_session)
             raise SessionLostError(
-                f"ref {ref_id} of session {ref_session!r} belongs to slot {slot} generation "
-                f"{generation}; that worker is gone (now slot {self.slot} generation {self.generation})"
+                f"ref {ref_id} of session {ref_session!r} belongs to slot {slot} generation {generation}; "
+                + (f"the session lost its state in a resize: {why}" if why else
+                   f"that worker is gone (now slot {self.slot} generation {self.generation})")
             )
         return session, ref_id
 
@@ -590,6 +597,7 @@ class WorkerCore:
     def drop_session(self, session_id: str) -> int:
         """Forget a session: its refs, its streams (their generators closed) and its state."""
         session = self._sessions.pop(session_id, None)
+        _migrate.forget(self, session_id)
         if session is None:
             return 0
         count = len(session.refs) + len(session.streams)

@@ -1,7 +1,7 @@
 """The cancel board: how ``Future.cancel()`` can promise that a call already sent never runs.
 
 A request is written to the worker's pipe as soon as it is submitted, so "not yet running" is
-something only the worker knows. Router and worker share, per channel, a small memory page and a
+something only the worker knows. Supervisor and worker share, per channel, a small memory page and a
 process-shared semaphore:
 
     [ started: int64 ][ cancelled[0] ... cancelled[SIZE-1]: int64 ]
@@ -79,7 +79,7 @@ class CancelBoard:
 
     @classmethod
     def create(cls) -> CancelBoard | None:
-        """Router side: a new board, or None where the platform has no shared semaphores."""
+        """Supervisor side: a new board, or None where the platform has no shared semaphores."""
         if _SemLock is None or not hasattr(os, "memfd_create"):
             return None
         _sweep_stale_names()
@@ -122,7 +122,7 @@ class CancelBoard:
         return int(_I64.unpack_from(self._mem, 0)[0])
 
     def cancel(self, seq: int) -> bool:
-        """Router: cancel frame ``seq`` if the worker has not started it. True means it never runs."""
+        """Supervisor: cancel frame ``seq`` if the worker has not started it. True means it never runs."""
         sem = self._sem
         mem = self._mem
         if not sem.acquire(True, 1.0):  # held only for microseconds by a live worker
@@ -147,7 +147,7 @@ class CancelBoard:
             pass
 
     def unlink(self) -> None:
-        """Router: remove the semaphore's name if the worker never got to (it failed to start)."""
+        """Supervisor: remove the semaphore's name if the worker never got to (it failed to start)."""
         try:
             _sem_unlink(self.name)
         except OSError:

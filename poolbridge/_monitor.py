@@ -3,7 +3,7 @@
 The kernel says when a process is gone: the monitor waits on a pidfd per worker (the one the
 template sent for a forked worker, else ``os.pidfd_open``; a 50 ms poll of ``Popen.poll()`` where
 the kernel has none) and hands each exit to a reaper thread of its own, which drains the channel,
-fails what it left and restarts the slot (``Router._channel_exited``). No heartbeat, no timeout.
+fails what it left and restarts the slot (``Supervisor._channel_exited``). No heartbeat, no timeout.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ._spawn import ForkedProcess
 
 if TYPE_CHECKING:
-    from ._channel import ProcessChannel
+    from ._pipes import ProcessChannel
 
 log = logging.getLogger("poolbridge.router")
 
@@ -112,7 +112,7 @@ class Monitor:
             os.close(fd)
 
     def forget_after_fork(self) -> None:
-        """In a forked child (see ``Router._forked``): close the child's copies of our fds."""
+        """In a forked child (see ``Supervisor._forked``): close the child's copies of our fds."""
         self._stopped = True
         watched, self._watched = self._watched, {}
         fds = (self._wake_r, self._wake_w, *(watched if self._pidfd else ()))

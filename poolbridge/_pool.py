@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _shm
-from ._channel import ProcessChannel
+from ._channel import Late
 from ._errors import (
     CallTimeoutError,
     PoolClosedError,
@@ -35,7 +35,7 @@ from ._executor import ExecutorFace, cancel_not_started
 from ._handles import Ref, Stream
 from ._hashing import slot_for
 from ._mapping import MappingMixin
-from ._pending import Late
+from ._pipes import ProcessChannel
 from ._protocol import (
     OK,
     OP_CALL,
@@ -61,9 +61,9 @@ from ._protocol import (
 )
 from ._replies import DISCARD, FAILED, Deadlines, PoolFuture, Waiter, rebuild_error
 from ._resize import ResizeRecord
-from ._router import DEFAULT_MAX_IN_FLIGHT, Router
 from ._session import resolve_session, session_scope, validate_session_id
 from ._shm_send import Lifter
+from ._supervisor import DEFAULT_MAX_IN_FLIGHT, Supervisor
 from ._warmup import encode_initializer, encode_session_init
 
 __all__ = ["Pool", "PoolStats", "SlotStats", "describe_pool"]
@@ -472,7 +472,7 @@ def _close_live_pools() -> None:
         pool.close(cancel=True)
 
 
-def _collect(router: Router, deadlines: Deadlines, what: str) -> None:
+def _collect(router: Supervisor, deadlines: Deadlines, what: str) -> None:
     """The finalizer of a pool dropped without ``close()`` (its last reference is gone): stop its
     workers, and say so with a ``ResourceWarning``, as an unclosed file does."""
     if router.closing:
@@ -487,7 +487,7 @@ def _collect(router: Router, deadlines: Deadlines, what: str) -> None:
                   "call close() or use `with Pool(...)`", ResourceWarning, stacklevel=2)
 
 
-def _stop(router: Router, deadlines: Deadlines) -> None:
+def _stop(router: Supervisor, deadlines: Deadlines) -> None:
     router.close()
     deadlines.stop()
 
@@ -574,7 +574,7 @@ class Pool(_Api, ExecutorFace):
         self._unpack = make_unpacker(_ref_maker(weakref.ref(self)))  # weakly: no cycle either
         self._discards: collections.deque[tuple[list[Any], str]] = collections.deque()
         self._deadlines = Deadlines(self)
-        self._router = Router(
+        self._router = Supervisor(
             self.workers,
             worker_options={
                 "helpers": list(helpers),

@@ -14,12 +14,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from ._channel import Sink
 from ._errors import FrameTooLargeError, WorkerCrashedError
 from ._frames import write_frame
 from ._portops import KIND_STREAM_NEXT, KIND_STREAM_OPEN, KIND_VALUE
 from ._portwire import error_reply, exc_reply, ok_reply, worker_error_reply
 from ._protocol import OK, pack_plain, reset_plain_packer, unpack_plain
-from ._router import Sink
 
 if TYPE_CHECKING:
     from ._server import Server

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from ._channel import Late, Sink
 from ._errors import ERRORS_BY_CODE, CallTimeoutError, RemoteError, RemoteTraceback
-from ._pending import Late, Sink
 from ._protocol import unpack_plain
 
 if TYPE_CHECKING:

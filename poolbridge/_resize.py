@@ -2,7 +2,7 @@
 
 ::
 
-    resize(n) ── mover installed (old n, new n) ── sends of moving sessions wait in Router.send
+    resize(n) ── mover installed (old n, new n) ── sends of moving sessions wait in Supervisor.send
        │ grow: start workers for the new slots
        ├─▶ migrate_out [n, refuse] ──▶ every source worker: moving sessions pickled out, dropped
        │        (a refusal anywhere: the others' sessions are loaded back; nothing changed)
@@ -14,7 +14,7 @@
 session either stays or goes to a new slot; shrinking, only the removed slots' sessions move.
 Every other session is never touched and never waits: a send is held only if its session moves.
 
-*Sends*: once any resize has happened, ``Router.send`` reads each request's session from its
+*Sends*: once any resize has happened, ``Supervisor.send`` reads each request's session from its
 frame and routes it by the current count (:func:`reroute`), so a slot computed before a resize is
 never used after it. A send that read no mover before the resize began is let through the source
 workers' write locks before ``migrate_out`` is written (:func:`_barrier`), so it reaches the old

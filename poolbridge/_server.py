@@ -71,8 +71,8 @@ from ._protocol import (
     FrameReader,
     OversizedFrame,
 )
-from ._router import DEFAULT_MAX_IN_FLIGHT
 from ._session import resolve_session, validate_session_id
+from ._supervisor import DEFAULT_MAX_IN_FLIGHT
 
 log = logging.getLogger("poolbridge.server")
 

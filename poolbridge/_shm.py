@@ -84,7 +84,7 @@ def available() -> bool:
 
 
 def start_tracker() -> int:
-    """Router: the resource tracker's pipe (the tracker is started if it is not running)."""
+    """Supervisor: the resource tracker's pipe (the tracker is started if it is not running)."""
     resource_tracker.ensure_running()
     fd: int = resource_tracker._resource_tracker._fd  # type: ignore[attr-defined]
     return fd

@@ -68,7 +68,7 @@ class ChannelSegments:
         return frame
 
     def unqueued(self, req_id: int, frame: bytes) -> None:
-        """That frame was taken back unsent (Router.send frees its segments, or sends it elsewhere)."""
+        """That frame was taken back unsent (Supervisor.send frees its segments, or sends it elsewhere)."""
         self._outbound.pop(req_id, None)
         if frame[4] == _WITH_RETURNED:
             self._returned.extend(unpack_plain(memoryview(frame)[4:])[5])

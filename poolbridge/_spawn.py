@@ -106,7 +106,7 @@ class ForkedProcess:
 
 def forget_process(process: subprocess.Popen[bytes] | ForkedProcess) -> None:
     """In a forked child: ``process`` is the parent's; never signal, reap or warn about it here.
-    Takes no lock (see ``Router._forked``); the number is forgotten before it is closed."""
+    Takes no lock (see ``Supervisor._forked``); the number is forgotten before it is closed."""
     if isinstance(process, ForkedProcess):
         fd, process.pidfd = process.pidfd, -1  # kill() does nothing now
         if fd >= 0:

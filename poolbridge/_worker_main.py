@@ -1,7 +1,7 @@
 """Child side, the process: how a worker process starts, lives and ends.
 
 ``python -c "from poolbridge._worker_main import main; main()" <options>`` — started by the
-router (_channel.py) with exactly its two pipe ends (and the cancel board) inherited. It
+router (_pipes.py) with exactly its two pipe ends (and the cancel board) inherited. It
 
 1. opens the cancel board first (which removes the board's name: nothing is left behind),
 2. asks Linux to SIGKILL it when its parent dies, and exits at once if the parent is already gone,

@@ -303,7 +303,7 @@ def test_a_worker_process_imports_only_the_child_side() -> None:
     code = (
         "import sys, poolbridge._worker_template\n"
         "print(sorted(m for m in ('asyncio', 'cloudpickle', 'poolbridge._pool', 'poolbridge._aio',"
-        " 'poolbridge._server', 'poolbridge._router') if m in sys.modules))"
+        " 'poolbridge._server', 'poolbridge._supervisor') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""Request write coalescing and the submit Future (_channel.py, _replies.PoolFuture).
+"""Request write coalescing and the submit Future (_pipes.py, _replies.PoolFuture).
 
 A request written while two others of its channel are unanswered waits in the channel's queue and
 goes out with the next replies. These tests hold a worker inside a call (a fifo the test controls)

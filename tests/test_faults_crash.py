@@ -366,7 +366,7 @@ def test_stream_opened_while_its_slot_restarts_lives_in_the_new_generation(pool,
     def waiting_for_the_slot(t: threading.Thread) -> bool:
         frame = sys._current_frames().get(t.ident)  # type: ignore[arg-type]
         while frame is not None:
-            if frame.f_code.co_name == "channel" and frame.f_code.co_filename.endswith("_router.py"):
+            if frame.f_code.co_name == "channel" and frame.f_code.co_filename.endswith("_supervisor.py"):
                 return True
             frame = frame.f_back
         return False
@@ -484,15 +484,15 @@ def test_a_failed_restart_is_retried(monkeypatch):
     """A transient failure to start the replacement worker (fork/exec refused: EAGAIN, out of
     fds...) must not retire the slot for good.
 
-    BUG (poolbridge): ``Router._restart`` logs the exception and gives up; nothing ever tries
+    BUG (poolbridge): ``Supervisor._restart`` logs the exception and gives up; nothing ever tries
     again, so every later call to that slot waits ``RESTART_WAIT`` (30 s) and fails with
     WorkerCrashedError("did not come back") — the slot is dead for the pool's lifetime.
     Expected: retry with a backoff (or retry on the next call's demand), failing only the calls
     that waited past the bound.
     """
-    from poolbridge import _router
+    from poolbridge import _supervisor
 
-    monkeypatch.setattr(_router, "RESTART_WAIT", 5.0)  # keep the failure mode quick to observe
+    monkeypatch.setattr(_supervisor, "RESTART_WAIT", 5.0)  # keep the failure mode quick to observe
     p = poolbridge.Pool(2)
     try:
         assert p.call(f"{M}.add", 1, 1) == 2

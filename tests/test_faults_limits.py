@@ -113,8 +113,8 @@ def test_call_after_a_restart_timeout_goes_to_the_new_worker(pool_maker, fifo):
     """The caller got CallTimeoutError and the pool chose to restart the worker: a call made
     *after* that must run on the restarted worker, not be sent into the one being killed.
 
-    Regression (fixed in f6e8d2f): ``Router.kill_slot`` only sent SIGKILL; until the monitor had
-    noticed the death (a few ms later) ``Router.channel()`` still handed out the doomed channel,
+    Regression (fixed in f6e8d2f): ``Supervisor.kill_slot`` only sent SIGKILL; until the monitor had
+    noticed the death (a few ms later) ``Supervisor.channel()`` still handed out the doomed channel,
     so the next call was written to it and failed with WorkerCrashedError ("died: killed by
     SIGKILL") — 5 times out of 5. Now the channel is marked leaving before the kill.
     """
@@ -204,7 +204,7 @@ def test_timeout_bounds_the_wait_for_room_too(pool_maker, fifo):
     """A call with ``timeout=0.5`` at a full slot must not wait longer than its timeout.
 
     BUG (poolbridge): ``_Api._run`` only starts the clock in ``await_reply``, *after*
-    ``Router.send`` returned; ``ProcessChannel._wait_for_space`` (and ``Router.channel()``
+    ``Supervisor.send`` returned; ``ProcessChannel._wait_for_space`` (and ``Supervisor.channel()``
     waiting for a restart, up to RESTART_WAIT = 30 s) ignore the call's timeout. Here the call
     blocks until the in-flight call ends (4 s) and then succeeds, instead of raising
     CallTimeoutError after 0.5 s. Suggested fix: pass the deadline down to ``send`` so waiting for
@@ -527,7 +527,7 @@ def test_close_during_a_slot_restart_leaves_no_worker_behind(pool_maker):
     Deterministic: the restart's factory is held until ``close()`` has taken its snapshot of the
     slots' channels (it calls ``router.channels()``), then let go.
 
-    BUG (poolbridge): ``Router.close`` snapshots ``self.channels()`` once; ``Router._restart``
+    BUG (poolbridge): ``Supervisor.close`` snapshots ``self.channels()`` once; ``Supervisor._restart``
     checks ``self.closing`` *before* spawning, so a restart that passed that check spawns
     generation + 1 after the snapshot. close() returns with that worker still running (its
     request pipe still open in this process, so it never sees EOF) — an orphan until the router

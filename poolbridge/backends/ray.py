@@ -50,12 +50,13 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra installed
     raise ImportError("backend='ray' needs Ray: pip install 'poolbridge[ray]'") from exc
 
+from .._channel import Pending
 from .._errors import PoolBusyError, PoolClosedError, RemoteError, WorkerCrashedError
-from .._pending import Pending
 from .._protocol import unpack_plain
 
 if TYPE_CHECKING:
-    from .._router import Router, Sink
+    from .._channel import Sink
+    from .._supervisor import Supervisor
 
 __all__ = ["RayChannel", "ray_channel_factory"]
 
@@ -149,12 +150,12 @@ class _Runtime:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._owned = False
-        self._routers: dict[int, weakref.ref[Router]] = {}
+        self._routers: dict[int, weakref.ref[Supervisor]] = {}
         self._exit_hook = False
         self.exiting = False
         self.node_id: str | None = None
 
-    def acquire(self, router: Router, ray_init: dict[str, Any]) -> None:
+    def acquire(self, router: Supervisor, ray_init: dict[str, Any]) -> None:
         with self._lock:
             if id(router) in self._routers:
                 if not ray.is_initialized():  # shut down under us (ray.shutdown(), interpreter exit)
@@ -187,7 +188,7 @@ class _Runtime:
                 except Exception:
                     log.exception("closing a Ray pool at exit failed")
 
-    def release(self, router: Router) -> None:
+    def release(self, router: Supervisor) -> None:
         with self._lock:
             if id(router) not in self._routers:
                 return
@@ -288,7 +289,7 @@ _STOP = object()
 class RayChannel:
     """One generation of one slot, backed by a Ray actor (same surface as ``ProcessChannel``)."""
 
-    def __init__(self, router: Router, slot: int, generation: int, *, hold_exit: bool = False) -> None:
+    def __init__(self, router: Supervisor, slot: int, generation: int, *, hold_exit: bool = False) -> None:
         self.slot = slot
         self.generation = generation
         self.pending: Pending = Pending()
@@ -589,7 +590,7 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines() or [type(exc).__name__])[0][:300]
 
 
-def _maybe_release(router: Router) -> None:
+def _maybe_release(router: Supervisor) -> None:
     """When every channel of a closing router is gone and settled, let Ray go (if we started it)."""
     channels = [ch for ch in router.channels() if isinstance(ch, RayChannel)]
     if not all(ch._gone.is_set() and ch.finished.is_set() for ch in channels):
@@ -600,7 +601,7 @@ def _maybe_release(router: Router) -> None:
 # -- the factory -------------------------------------------------------------------------------------
 
 
-def ray_channel_factory(ray_init: dict[str, Any]) -> Callable[[Router, int, int], RayChannel]:
+def ray_channel_factory(ray_init: dict[str, Any]) -> Callable[[Supervisor, int, int], RayChannel]:
     """The ``channel_factory`` of ``Pool(backend="ray")``: one actor per slot and generation.
 
     The first call starts (or joins) Ray. A pool's first generation is started in parallel: the
@@ -611,7 +612,7 @@ def ray_channel_factory(ray_init: dict[str, Any]) -> Callable[[Router, int, int]
     ray_init = dict(ray_init)
     starting: dict[int, list[RayChannel]] = {}
 
-    def factory(router: Router, slot: int, generation: int) -> RayChannel:
+    def factory(router: Supervisor, slot: int, generation: int) -> RayChannel:
         _runtime.acquire(router, ray_init)
         if generation > 0:
             return RayChannel(router, slot, generation)

@@ -15,7 +15,7 @@
 
 *Caller threads* write their own request frames under the channel's write lock: there is no hand-off
 thread on the send path. A caller that blocks for its reply reads the reply pipe itself when no one
-else is (see _channel.py), so a call costs one pipe write, the worker's work and one pipe read.
+else is (see _pipes.py), so a call costs one pipe write, the worker's work and one pipe read.
 
 *A slot* has a number for life and a *channel* per generation: the process, its pipes, its pending
 table. When the worker dies, the monitor drains what it wrote, fails every other pending request of
@@ -38,11 +38,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._channel import ProcessChannel, Retired
+from ._channel import Sink
 from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError, value_too_large
 from ._hashing import slot_for
 from ._monitor import Monitor
-from ._pending import Sink
+from ._pipes import ProcessChannel, Retired
 from ._protocol import encode_frame
 from ._resize import reroute
 from ._shm_channel import release_unsent
@@ -50,7 +50,7 @@ from ._spawn import Spawner
 
 log = logging.getLogger("poolbridge.router")
 
-__all__ = ["Router", "Sink"]
+__all__ = ["Supervisor"]
 
 # A restart normally takes a few hundred milliseconds (a fresh interpreter); a caller waiting for
 # its slot gives up after this long rather than hang on a slot that cannot come back.
@@ -68,7 +68,7 @@ class _Slot:
         self.restarts = 0
 
 
-class Router:
+class Supervisor:
     """Owns the worker channels of one pool and moves frames to and from them."""
 
     def __init__(
@@ -77,7 +77,7 @@ class Router:
         *,
         worker_options: dict[str, Any],
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        channel_factory: Callable[[Router, int, int], Any] = ProcessChannel,
+        channel_factory: Callable[[Supervisor, int, int], Any] = ProcessChannel,
         on_crash: Callable[[int, int, int | None], None] | None = None,
         max_frame: int | None = None,
     ) -> None:
@@ -360,7 +360,7 @@ class Router:
                 join(1.0)
 
 
-_routers: weakref.WeakSet[Router] = weakref.WeakSet()
+_routers: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:

@@ -305,6 +305,13 @@ class AsyncPool(AsyncMappingMixin):
     async def stats(self) -> PoolStats:
         return await asyncio.get_running_loop().run_in_executor(None, self.pool.stats)
 
+    async def resize(self, workers: int, *, on_unmovable: str = "lose", timeout: float = 60.0) -> Any:
+        """:meth:`Pool.resize`, run off the event loop; returns its :class:`ResizeRecord`."""
+        pool = self.pool
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: pool.resize(workers, on_unmovable=on_unmovable, timeout=timeout)
+        )
+
     async def aclose(self, cancel: bool = False) -> None:
         """Close the pool if this face owns it (without blocking the loop)."""
         if self._owned:

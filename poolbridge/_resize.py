@@ -16,9 +16,10 @@ Every other session is never touched and never waits: a send is held only if its
 
 *Sends*: once any resize has happened, ``Supervisor.send`` reads each request's session from its
 frame and routes it by the current count (:func:`reroute`), so a slot computed before a resize is
-never used after it. A send that read no mover before the resize began is let through the source
-workers' write locks before ``migrate_out`` is written (:func:`_barrier`), so it reaches the old
-worker first and its session's state moves with its effect.
+never used after it. Each send notes the resize epoch it routes under until its frame is queued
+(``Supervisor.senders``); a resize waits for the sends of earlier epochs before it writes
+``migrate_out`` (:func:`_quiesce`), so such a frame reaches the old worker first and its
+session's state moves with its effect. A send held for its moving session is not waited for.
 
 *Refs*: see _migrate.py — a session carries the ``(slot, generation)`` pairs its state lived in, and
 the worker that holds it accepts its refs of those pairs. Sessions that lost their state (unpicklable,
@@ -99,20 +100,23 @@ def reroute(router: Any, slot: int, body: bytes, deadline: float | None) -> int:
     session = head_session(body)
     if not isinstance(session, str):
         return slot
-    mover = router.mover
-    if mover is not None and mover.moving(session):
+    while True:
+        mover = router.mover
+        if mover is None or not mover.moving(session):
+            return slot_for(session, router.n_slots)
         limit = MOVE_WAIT if deadline is None else max(0.0, deadline - time.monotonic())
+        tid = threading.get_ident()
+        router.senders.pop(tid, None)  # the resize must not wait for this send: it waits for the resize
         if not mover.done.wait(limit):
             raise CallTimeoutError(f"session {session!r} was still moving in a resize when the wait ran out")
-    return slot_for(session, router.n_slots)
+        router.senders[tid] = router.route_epoch  # then look again: another resize may have begun
 
 
-def _barrier(router: Any, slots: range) -> None:
-    for ch in router.channels()[slots.start : slots.stop]:
-        lock = getattr(ch, "_write_lock", None)
-        if lock is not None:
-            with lock:
-                pass
+def _quiesce(router: Any, epoch: int, timeout: float) -> None:
+    """Wait (bounded) until every send that began before resize ``epoch`` has queued its frame."""
+    deadline = time.monotonic() + timeout
+    while any(e < epoch for e in list(router.senders.values())) and time.monotonic() < deadline:
+        time.sleep(0.0005)
 
 
 def _ask(router: Any, requests: dict[int, list[Any]], op: str, timeout: float) -> dict[int, Any]:
@@ -158,7 +162,7 @@ def resize(router: Any, n: int, *, on_unmovable: str = "lose", timeout: float = 
             return ResizeRecord(old, n, n)
         started = time.monotonic()
         mover = Mover(old, n)
-        router.mover = mover
+        router.mover = mover  # first: a send that sees the new epoch sees the mover
         router.route_epoch += 1
         try:
             return _move(router, old, n, on_unmovable == "refuse", timeout, started)
@@ -169,7 +173,7 @@ def resize(router: Any, n: int, *, on_unmovable: str = "lose", timeout: float = 
 
 def _move(router: Any, old: int, n: int, refuse: bool, timeout: float, started: float) -> ResizeRecord:
     sources = range(old) if n > old else range(n, old)
-    _barrier(router, sources)
+    _quiesce(router, router.route_epoch, timeout)
     if n > old:
         _add_slots(router, n)  # raises (after stopping what it started) if a worker cannot start
     outs = _ask(router, {slot: [n, refuse] for slot in sources}, OP_MIGRATE_OUT, timeout)

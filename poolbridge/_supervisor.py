@@ -36,6 +36,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from threading import get_ident
 from typing import Any
 
 from ._channel import Sink
@@ -105,6 +106,7 @@ class Supervisor:
         self.route_epoch = 0
         self.resize_lock = threading.Lock()
         self.retired_generations: dict[int, int] = {}
+        self.senders: dict[int, int] = {}  # thread id -> route_epoch, while it sends
         self.spawner = Spawner()
         self.monitor = Monitor(self._channel_exited)
         _routers.add(self)
@@ -179,6 +181,18 @@ class Supervisor:
     ) -> Any:
         """Send one request. ``lead=True``: the caller will read its own reply (``await_reply``).
         ``deadline`` (monotonic) bounds any wait for the slot (restart, in-flight bound)."""
+        # Which resize this send routes under, until its frame is queued: a resize lets every send
+        # that began before it finish first (_resize.py, "Sends").
+        tid = get_ident()
+        self.senders[tid] = self.route_epoch
+        try:
+            return self._send(slot, req_id, body, sink, lead, block, deadline)
+        finally:
+            self.senders.pop(tid, None)
+
+    def _send(
+        self, slot: int, req_id: int, body: bytes, sink: Sink, lead: bool, block: bool, deadline: float | None
+    ) -> Any:
         if self.closing:
             raise self.closed_error()
         if self.max_frame is not None and len(body) > self.max_frame:  # before writing (the worker would skip it)

@@ -201,6 +201,7 @@ def _move(router: Any, old: int, n: int, refuse: bool, timeout: float, started: 
             incoming[target][2].append([sid, reason])
             lost[sid] = reason
     ins = _ask(router, incoming, OP_MIGRATE_IN, timeout)
+    started_as = {slot: router.generation(slot) for slot in range(n) if slot not in failed}
     moved_ids: list[str] = []
     for slot, result in ins.items():
         sessions = [entry[0] for entry in incoming[slot][1]]
@@ -215,6 +216,10 @@ def _move(router: Any, old: int, n: int, refuse: bool, timeout: float, started: 
     router.n_slots = n
     if n < old:
         _remove_slots(router, n, timeout)
+    # A worker restarted during the move was started with the old count: tell it the new one.
+    restarted = [slot for slot in range(n) if slot in failed or router.generation(slot) != started_as.get(slot)]
+    if restarted:
+        _ask(router, {slot: [n, [], []] for slot in restarted}, OP_MIGRATE_IN, timeout)
     return ResizeRecord(
         old, n, n, tuple(moved_ids), lost, False, failed, seconds=time.monotonic() - started
     )

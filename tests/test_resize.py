@@ -41,7 +41,7 @@ def test_grow_and_shrink_under_load(pool_maker: Any) -> None:
                     session, count, _pid = refs[s].call("add", n)
                     assert (session, count) == (s, n), (s, n, session, count)
                     sent[s] = n
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=caller, args=(sessions[i::4],), daemon=True) for i in range(4)]
@@ -103,7 +103,7 @@ def test_unpicklable_state_is_lost_and_reported(pool_maker: Any) -> None:
     record = pool.resize(3)
     assert good in record.moved and bad not in record.moved
     assert "pickle" in record.lost[bad]
-    with pytest.raises(SessionLostError, match="resize.*pickle"):
+    with pytest.raises(SessionLostError, match=r"resize.*pickle"):
         lock.call("locked")
     assert kept.call("__len__") == 2
     # The session itself lives on (empty) in its new worker.
@@ -160,7 +160,7 @@ def test_old_worker_killed_mid_move(pool_maker: Any) -> None:
     stays = next(f"stays-{i}" for i in range(1000) if pool.slot_for(f"stays-{i}") == 0
                  and _slot(f"stays-{i}", 3) == 0)
     movers = [s for s in (f"m-{i}" for i in range(200)) if _slot(s, 2) == 1 and _slot(s, 3) == 2][:5]
-    pool.options(session=doomed, ret="ref").call("pb_resizemods.DiesWhenPickled")
+    bomb = pool.options(session=doomed, ret="ref").call("pb_resizemods.DiesWhenPickled")
     gone = pool.options(session=stays, ret="ref").call("builtins.list", [0])
     moved = {s: pool.options(session=s, ret="ref").call("builtins.list", [s]) for s in movers}
     record = pool.resize(3)
@@ -170,6 +170,8 @@ def test_old_worker_killed_mid_move(pool_maker: Any) -> None:
         assert ref.call("__getitem__", 0) == s
     with pytest.raises(SessionLostError):
         gone.call("__len__")
+    with pytest.raises(SessionLostError):
+        bomb.getattr("x")
     assert pool.options(session=stays).call("builtins.len", [1, 2]) == 2
 
 
@@ -178,12 +180,14 @@ def test_new_worker_killed_mid_move(pool_maker: Any) -> None:
     doomed = _first_moving("doomed", 3, 2)  # from slot 2 into a worker that dies loading it
     target = _slot(doomed, 2)
     other = next(s for s in (f"o-{i}" for i in range(1000)) if _slot(s, 3) == 2 and _slot(s, 2) != target)
-    pool.options(session=doomed, ret="ref").call("pb_resizemods.DiesWhenLoaded")
+    bomb = pool.options(session=doomed, ret="ref").call("pb_resizemods.DiesWhenLoaded")
     survivor = pool.options(session=other, ret="ref").call("builtins.list", [7])
     record = pool.resize(2)
     assert record.workers == 2 and pool.workers == 2
     assert target in record.failed_slots and doomed in record.lost
     assert other in record.moved and survivor.call("__getitem__", 0) == 7
+    with pytest.raises(SessionLostError):
+        bomb.getattr("x")
     assert pool.options(session=doomed).call("builtins.len", [1]) == 1  # the slot serves again
 
 

@@ -145,6 +145,7 @@ class Server:
             "stats": self._op_stats,
             "slot_for": self._op_slot_for,
             "cancel": self._op_cancel,
+            "resize": self._op_resize,
         }
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -325,6 +326,8 @@ class Server:
                 f"a ref of session {ref.session_id!r} was passed in session {session!r}; "
                 "refs are only usable in their own session"
             )
+        if self.router.route_epoch:
+            return  # resized: a moved ref is checked by the worker holding its session (_migrate.py)
         if ref.slot != slot:
             raise SessionMismatchError(f"ref of session {ref.session_id!r} claims slot {ref.slot}; it maps to {slot}")
         generation = self.router.generation(slot)
@@ -463,6 +466,15 @@ class Server:
 
     def _op_slot_for(self, req: dict[Any, Any], req_id: Any) -> None:
         self.out.write(ok_reply(req_id, self.router.slot_for(self._session(req, None, "slot_for"))))
+
+    def _op_resize(self, req: dict[Any, Any], req_id: Any) -> None:
+        """Grow or shrink the pool (off the loop: other requests go on meanwhile); see _portresize."""
+        from ._portresize import run_resize
+
+        self._side_threads = [t for t in self._side_threads if t.is_alive()]
+        t = threading.Thread(target=run_resize, args=(self, req, req_id), name="poolbridge-resize", daemon=True)
+        self._side_threads.append(t)
+        t.start()
 
     def _op_stats(self, req: dict[Any, Any], req_id: Any) -> None:
         # Workers with requests in flight are not asked (their counts are -1); idle ones answer at

@@ -34,6 +34,7 @@ PUBLIC_NAMES = [
     "RefNotFoundError",
     "RemoteError",
     "RemoteTraceback",
+    "ResizeRecord",
     "SessionContext",
     "SessionLimitError",
     "SessionLostError",

@@ -99,7 +99,7 @@ defmodule PoolBridge do
        %{
          protocol: conn.protocol,
          epoch: conn.epoch,
-         slots: conn.slots,
+         slots: PoolBridge.Conn.slots(conn),
          server_pid: conn.hello["pid"],
          worker_pids: conn.hello["worker_pids"],
          pending: :atomics.get(conn.counters, 2)
@@ -149,7 +149,7 @@ defmodule PoolBridge do
   """
   @spec slot_for(pool(), String.t() | nil) :: non_neg_integer()
   def slot_for(pool, session \\ nil) do
-    PoolBridge.Hash.slot_for(session || current_session(pool), conn!(pool).slots)
+    PoolBridge.Hash.slot_for(session || current_session(pool), PoolBridge.Conn.slots(conn!(pool)))
   end
 
   @doc """
@@ -253,6 +253,25 @@ defmodule PoolBridge do
   def ping(pool, opts \\ []) do
     opts = Options.validate_call!(opts, @common)
     Client.run(pool, "ping", nil, opts, fn _ -> [] end)
+  end
+
+  @doc """
+  Grow or shrink the server's pool to `workers` slots while it serves (docs/protocol.md, `resize`).
+
+  Returns the record: `%{"workers" => n, "old" => m, "moved" => [session], "lost" => %{session =>
+  reason}, "refused" => bool, "failed_slots" => [...], "seconds" => s}`. Refs of moved sessions
+  keep working; `slot_for/2` follows the new count once this returns. `on_unmovable: :refuse`
+  changes nothing if any moving session cannot move. Default timeout: 60 s.
+  """
+  @spec resize(pool(), pos_integer(), keyword()) :: result()
+  def resize(pool, workers, opts \\ []) when is_integer(workers) and workers > 0 do
+    {on_unmovable, opts} = Keyword.pop(opts, :on_unmovable, :lose)
+    opts = Options.validate_call!(opts, [:timeout])
+    fields = [{"op", "resize"}, {"workers", workers}, {"on_unmovable", Atom.to_string(on_unmovable)}]
+
+    with {:ok, conn} <- Server.conn(pool, 5_000) do
+      Client.request(conn, fields, nil, Keyword.put_new(opts, :timeout, 60_000))
+    end
   end
 
   @doc "A snapshot of every slot of the server (`%{\"workers\" => n, \"slots\" => [...]}`)."

@@ -38,7 +38,7 @@ defmodule PoolBridge.Client do
   defp span(%Conn{telemetry: false}, _pool, _op, _session, fun), do: fun.()
 
   defp span(conn, pool, op, session, fun) do
-    slot = if session, do: Hash.slot_for(session, conn.slots)
+    slot = if session, do: Hash.slot_for(session, Conn.slots(conn))
     Telemetry.span(true, %{pool: pool, op: op, session: session, slot: slot}, fun)
   end
 

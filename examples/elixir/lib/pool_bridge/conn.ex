@@ -35,6 +35,11 @@ defmodule PoolBridge.Conn do
         }
 
   @doc false
+  # The current slot count: the hello's, then each `resized` notice's (shared by every copy).
+  @spec slots(t()) :: pos_integer()
+  def slots(%__MODULE__{counters: c}), do: :atomics.get(c, 3)
+
+  @doc false
   @spec next_id(t()) :: pos_integer()
   def next_id(%__MODULE__{counters: c}), do: :atomics.add_get(c, 1, 1)
 end

@@ -108,7 +108,7 @@ defmodule PoolBridge.Server do
   def init(opts) do
     Process.flag(:trap_exit, true)
     table = :ets.new(:pool_bridge_pending, [:set, :public, write_concurrency: true])
-    counters = :atomics.new(2, signed: true)
+    counters = :atomics.new(3, signed: true)
 
     state = %{
       opts: opts,
@@ -273,6 +273,8 @@ defmodule PoolBridge.Server do
           telemetry: PoolBridge.Telemetry.available?()
         }
 
+        # Counter 3: the slot count, which a `resized` notice changes while callers hold this conn.
+        :atomics.put(state.counters, 3, slots)
         for from <- state.queued, do: GenServer.reply(from, {:ok, conn})
         {:noreply, %{state | conn: conn, queued: []}}
 
@@ -308,6 +310,15 @@ defmodule PoolBridge.Server do
         if :ets.member(state.table, id),
           do: deliver(id, frame, state),
           else: close_late_stream(decoded, state)
+
+      # The server was resized (docs/hashing.md): slot_for follows the new count from now on.
+      # It comes before the resize's reply, so a caller holding that reply sees the new count.
+      {:ok, %{"notice" => "resized", "slots" => slots}} when is_integer(slots) and slots > 0 ->
+        :atomics.put(state.counters, 3, slots)
+        %{state | conn: %{state.conn | slots: slots}}
+
+      {:ok, %{"notice" => _}} ->
+        state
 
       _ ->
         state

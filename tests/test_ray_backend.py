@@ -404,3 +404,20 @@ def test_garbage_holding_ray_objects_is_freed_before_poolbridge_shuts_ray_down()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[True] False"
+
+
+def test_resize_moves_sessions_with_their_refs_and_back(bpool: Pool) -> None:
+    sessions = [f"rz-{uuid.uuid4().hex[:6]}-{i}" for i in range(40)]
+    refs = {s: bpool.options(session=s, ret="ref").call("builtins.list", [s]) for s in sessions}
+    try:
+        grown = bpool.resize(3)
+        assert grown.workers == 3 and grown.moved and not grown.lost and not grown.failed_slots
+        assert len(bpool.pids()) == 3 and all(pid > 0 for pid in bpool.pids())
+        for s, ref in refs.items():
+            assert ref.call("__getitem__", 0) == s
+    finally:
+        shrunk = bpool.resize(2)
+    assert shrunk.workers == 2 and not shrunk.lost and not shrunk.failed_slots
+    for s, ref in refs.items():
+        assert ref.call("__getitem__", 0) == s
+    assert bpool.stats().workers == 2

@@ -55,13 +55,13 @@ def _lost(core: Any) -> dict[str, str]:
 
 def accepts(core: Any, session_id: str, slot: int, generation: int) -> bool:
     """Is a ref of ``session_id`` made by worker ``(slot, generation)`` valid in this worker?"""
-    homes = getattr(core, "_pb_homes", None)
-    return bool(homes) and (slot, generation) in homes.get(session_id, ())
+    homes: dict[str, set[tuple[int, int]]] | None = getattr(core, "_pb_homes", None)
+    return homes is not None and (slot, generation) in homes.get(session_id, ())
 
 
 def lost_reason(core: Any, session_id: str) -> str | None:
     """Why a session's state was lost in a resize, if it was (for its old refs' error)."""
-    lost = getattr(core, "_pb_lost", None)
+    lost: dict[str, str] | None = getattr(core, "_pb_lost", None)
     return lost.get(session_id) if lost else None
 
 

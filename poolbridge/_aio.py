@@ -215,13 +215,13 @@ class AsyncPool(AsyncMappingMixin):
         loop = asyncio.get_running_loop()
         state = _loop_state(loop)
         sink = _LoopSink(state, loop, decode)
-        if router.ready(slot):
+        if router.ready(slot) and router.mover is None:
             channel = router.send(slot, req_id, data, sink, lead=True, block=api._opts.block)
             state.watch(loop, channel)  # before the loop runs again: the reply cannot be missed
             self._sent(sink, channel, req_id, slot, op)
         else:
-            # The slot is restarting or at its in-flight bound: waiting for it must not block the
-            # loop, so that (rare) wait happens on a thread.
+            # The slot is restarting or at its in-flight bound, or a resize is moving sessions:
+            # waiting for it must not block the loop, so that (rare) wait happens on a thread.
             def sent(done: asyncio.Future[Any]) -> None:
                 if done.cancelled() or done.exception() is not None:
                     _settle(sink.future, None, done.exception() or asyncio.CancelledError())

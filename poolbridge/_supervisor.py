@@ -197,10 +197,10 @@ class Supervisor:
             raise self.closed_error()
         if self.max_frame is not None and len(body) > self.max_frame:  # before writing (the worker would skip it)
             raise value_too_large("this request (its arguments)", len(body), self.max_frame)
-        if self.route_epoch:  # resized: the session's slot by the current count, after its move
-            slot = reroute(self, slot, body, deadline)
         data = encode_frame(body)
         try:
+            if self.route_epoch:  # resized: the session's slot by the current count, after its move
+                slot = reroute(self, slot, body, deadline)
             while True:
                 ch = self.channel(slot, deadline)
                 try:

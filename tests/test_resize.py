@@ -216,3 +216,21 @@ def _slot(session: str, n: int) -> int:
 
     return slot_for(session, n)
 
+
+
+def test_async_calls_during_a_resize(pool_maker: Any) -> None:
+    pool = pool_maker(workers=2, helpers=["pb_resizemods"])
+    sessions = [f"aio-{i}" for i in range(200)]
+    refs = _log_refs(pool, sessions)
+
+    async def session_calls(s: str) -> list[int]:
+        return [(await refs[s].acall("add", n))[1] for n in range(1, 6)]
+
+    async def main() -> Any:
+        resizing = asyncio.get_running_loop().run_in_executor(None, pool.resize, 3)
+        counts = await asyncio.gather(*(session_calls(s) for s in sessions))
+        return await resizing, counts
+
+    record, counts = asyncio.run(asyncio.wait_for(main(), WAIT))
+    assert record.workers == 3 and not record.lost
+    assert all(c == [1, 2, 3, 4, 5] for c in counts)

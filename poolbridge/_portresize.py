@@ -12,11 +12,12 @@ import logging
 from typing import Any
 
 from ._errors import BadRequestError, PoolbridgeError
+from ._hashing import slot_for
 from ._portwire import exc_reply, ok_reply
 
 log = logging.getLogger("poolbridge.server")
 
-__all__ = ["run_resize"]
+__all__ = ["move_key", "run_resize"]
 
 
 def run_resize(server: Any, req: dict[Any, Any], req_id: Any) -> None:
@@ -48,3 +49,14 @@ def run_resize(server: Any, req: dict[Any, Any], req_id: Any) -> None:
 def resized_notice(old: int, slots: int, worker_pids: list[int]) -> dict[str, Any]:
     """``{"notice": "resized", "slots": n, "old_slots": m, "worker_pids": [...]}`` (no id)."""
     return {"notice": "resized", "slots": slots, "old_slots": old, "worker_pids": worker_pids}
+
+
+def move_key(router: Any, held: dict[int, Any], slot: int, session: str) -> int | None:
+    """Where the Port server holds a request while sessions move: ``-1 - new slot`` for a session
+    being moved (its own queue, so other sessions of its old slot are not held behind it), or behind
+    such a queue still draining for ``slot`` (so a later request never overtakes); else None."""
+    mover = router.mover
+    if mover is not None and mover.moving(session):
+        return -1 - slot_for(session, mover.new)
+    key = -1 - slot
+    return key if key in held else None

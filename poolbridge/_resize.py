@@ -236,7 +236,10 @@ def _add_slots(router: Any, n: int) -> None:
         for index in range(router.n_slots, n):
             if index == len(slots):
                 slots.append(make(index))
-            slots[index].channel = router._factory(router, index, retired.get(index, -1) + 1)
+            channel = router._factory(router, index, retired.get(index, -1) + 1)
+            with slots[index].cond:
+                slots[index].channel = channel
+                slots[index].cond.notify_all()
     except BaseException:
         _remove_slots(router, router.n_slots, 5.0)
         raise

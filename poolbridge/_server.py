@@ -51,6 +51,7 @@ from ._errors import (
 )
 from ._pool import Pool
 from ._portops import WORKER_OPS
+from ._portresize import move_key, run_resize
 from ._portsinks import Output, PortReply
 from ._portwire import (
     REF_TAG,
@@ -290,6 +291,9 @@ class Server:
                 reply.deadline = time.monotonic() + timeout
                 reply.restart = restart
             self._inflight[req_id] = reply
+            if self.router.route_epoch and (key := move_key(self.router, self._held, slot, session)) is not None:
+                self._hold(key, reply)  # its session is moving in a resize (_portresize.py)
+                return
             self._dispatch(slot, reply)
         except Exception as exc:
             if not isinstance(exc, PoolbridgeError):
@@ -387,25 +391,28 @@ class Server:
         except RuntimeError:  # shutting down: close() answers what is held
             pass
 
-    def _send_held(self, slot: int) -> None:
-        """Send a slot's held requests in arrival order, then let the loop send directly again."""
+    def _send_held(self, key: int) -> None:
+        """Send a slot's held requests in arrival order, then let the loop send directly again.
+        ``key``: the slot, or ``-1 - slot`` for requests of sessions moving to it (_portresize.py)."""
         router = self.router
+        slot = key if key >= 0 else -1 - key
         while True:
             with self._held_lock:
-                held = self._held.get(slot)
+                held = self._held.get(key)
                 if not held:
-                    self._held.pop(slot, None)
+                    self._held.pop(key, None)
                     return
                 head = held[0]
             failed: BaseException | None = None
             try:
                 # Wait (bounded) for the slot before taking the head: a dead worker's unstarted
                 # requests are re-held (in order, ahead of later ones) before its restart ends.
-                router.channel(slot, head.deadline)
+                if key >= 0:  # (a moving session's request waits for its move in send)
+                    router.channel(slot, head.deadline)
             except BaseException as exc:  # its timeout ran out, the pool closed, the slot did not come back
                 failed = exc
             with self._held_lock:
-                held = self._held.get(slot)
+                held = self._held.get(key)
                 if not held or held[0] is not head:
                     continue  # cancelled meanwhile, or an older one was re-held ahead of it
                 held.pop(0)
@@ -469,8 +476,6 @@ class Server:
 
     def _op_resize(self, req: dict[Any, Any], req_id: Any) -> None:
         """Grow or shrink the pool (off the loop: other requests go on meanwhile); see _portresize."""
-        from ._portresize import run_resize
-
         self._side_threads = [t for t in self._side_threads if t.is_alive()]
         t = threading.Thread(target=run_resize, args=(self, req, req_id), name="poolbridge-resize", daemon=True)
         self._side_threads.append(t)

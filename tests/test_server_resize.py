@@ -38,3 +38,26 @@ def test_resize_op_refuse_and_bad_requests() -> None:
         assert s.ok("stats")["workers"] == 2
         assert s.error("resize", workers=0)["code"] == "bad_request"
         assert s.error("resize", workers=2, on_unmovable="maybe")["code"] == "bad_request"
+
+
+def test_requests_during_a_resize_keep_their_order_and_values() -> None:
+    with running(workers=2) as s:
+        sessions = [f"r-{i}" for i in range(400)]
+        refs = {}
+        for sess in sessions:
+            refs[sess] = s.ok("call", session=sess, fn="builtins.list", args=[[]], ret="ref")
+        resize_id = s.send("resize", workers=3)
+        sent = {}
+        for k in range(3):
+            for sess in sessions[:100]:
+                sent[s.send("method", target=refs[sess], name="append", args=[k])] = sess
+        replies = {}
+        while len(replies) < len(sent) + 1:
+            reply = s.recv()
+            if "id" in reply:
+                replies[reply["id"]] = reply
+        assert replies[resize_id]["status"] == "ok" and replies[resize_id]["value"]["workers"] == 3
+        bad = [replies[i] for i in sent if replies[i]["status"] != "ok"]
+        assert not bad, bad[:2]
+        for sess in sessions[:100]:
+            assert s.ok("method", target=refs[sess], name="copy") == [0, 1, 2]

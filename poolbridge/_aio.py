@@ -27,11 +27,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+from ._api import _Api, _Req
 from ._channel import Late, Sink
 from ._errors import CallTimeoutError, RefNotFoundError, SessionLostError
 from ._handles import Ref
 from ._mapping import AsyncMappingMixin
-from ._pool import Pool, PoolStats, _Api, _Req, describe_pool
+from ._pool import Pool, PoolStats, describe_pool
 from ._protocol import WireRef
 
 __all__ = ["AsyncPool", "AsyncStream"]

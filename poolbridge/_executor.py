@@ -9,8 +9,8 @@ import concurrent.futures
 import threading
 from typing import TYPE_CHECKING, cast
 
+from ._calls import PoolFuture
 from ._mapengine import cancel_runs
-from ._replies import PoolFuture
 
 if TYPE_CHECKING:
     from ._pool import Pool

@@ -12,7 +12,7 @@ from ._errors import RefNotFoundError, SessionLostError
 from ._protocol import WireRef, check_ref_session
 
 if TYPE_CHECKING:
-    from ._pool import _Api
+    from ._api import _Api
 
 __all__ = ["Ref", "Stream"]
 

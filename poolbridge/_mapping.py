@@ -18,7 +18,7 @@ from ._mapengine import Chunk, MapRun, length_of
 from ._session import slot_sessions
 
 if TYPE_CHECKING:
-    from ._pool import _Api
+    from ._api import _Api
 
 __all__ = ["AsyncMapIterator", "AsyncMappingMixin", "MapIterator", "MappingMixin", "broadcast_futures"]
 

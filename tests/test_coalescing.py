@@ -23,7 +23,7 @@ from pb_faultmods import Fifo, pid_in, wait_until
 
 import poolbridge
 from poolbridge import CallTimeoutError, WorkerCrashedError
-from poolbridge._replies import PoolFuture
+from poolbridge._calls import PoolFuture
 
 pytestmark = pytest.mark.timeout(120)
 

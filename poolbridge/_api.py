@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from . import _calls
+from ._aio import AsyncFace
 from ._calls import rebuild_error
 from ._handles import Ref, Stream
 from ._hashing import slot_for
@@ -84,6 +85,10 @@ class _Api(MappingMixin):
     _close_opened_stream = _calls.close_opened_stream
     _value = _calls.value
     _decode_body = _calls.decode_body
+
+    def _aio(self) -> AsyncFace:
+        """The awaitable operations on this pool or view (``Ref.acall`` and friends)."""
+        return AsyncFace(_api=self)
 
     @staticmethod
     def _fn(fn: Any) -> Any:

@@ -68,24 +68,16 @@ class Ref(WireRef):
 
     async def acall(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Awaitable :meth:`call` (for asyncio code)."""
-        from ._aio import AsyncPool
-
-        return await AsyncPool(_api=self._api).method(self, name, *args, **kwargs)
+        return await self._api._aio().method(self, name, *args, **kwargs)
 
     async def agetattr(self, name: str) -> Any:
-        from ._aio import AsyncPool
-
-        return await AsyncPool(_api=self._api).getattr(self, name)
+        return await self._api._aio().getattr(self, name)
 
     async def asetattr(self, name: str, value: Any) -> None:
-        from ._aio import AsyncPool
-
-        await AsyncPool(_api=self._api).setattr(self, name, value)
+        await self._api._aio().setattr(self, name, value)
 
     async def arelease(self) -> None:
-        from ._aio import AsyncPool
-
-        await AsyncPool(_api=self._api).release(self)
+        await self._api._aio().release(self)
 
     def options(self, **options: Any) -> _RefView:
         """The same ref with per-call options (``timeout``, ``ret``; a ``session`` must match)."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _calls, _shm
+from ._aio import AsyncFace
 from ._api import _Api, _Options
 from ._calls import DISCARD, Deadlines, Waiter
 from ._errors import (
@@ -37,10 +38,10 @@ from ._protocol import (
     unpack_plain,
 )
 from ._shm_send import Lifter
-from ._supervisor import DEFAULT_MAX_IN_FLIGHT, Supervisor
+from ._supervisor import DEFAULT_MAX_IN_FLIGHT, Supervisor, describe_pool
 from ._warmup import encode_initializer, encode_session_init
 
-__all__ = ["Pool", "PoolStats", "SlotStats", "describe_pool"]
+__all__ = ["AsyncPool", "Pool", "PoolStats", "SlotStats", "describe_pool"]
 
 log = logging.getLogger("poolbridge")
 
@@ -82,17 +83,6 @@ class PoolStats:
     @property
     def streams(self) -> int:
         return sum(s.streams for s in self.slots)
-
-
-def describe_pool(pool: Pool) -> str:
-    """What ``repr`` shows of a pool: slots, their pids and generations, state, calls in flight."""
-    channels = pool._router.channels()
-    pids = [ch.pid if ch is not None else -1 for ch in channels]
-    generations = [ch.generation if ch is not None else -1 for ch in channels]
-    in_flight = sum(len(ch.pending) for ch in channels if ch is not None)
-    state = "closed" if pool.closed else "running"
-    backend = "" if pool.backend == "process" else f" backend={pool.backend}"
-    return f"workers={pool.workers} pids={pids} generations={generations}{backend} {state} in_flight={in_flight}"
 
 
 # -- the pool ------------------------------------------------------------------------------------
@@ -328,10 +318,8 @@ class Pool(_Api, ExecutorFace):
         return PoolStats(workers=self.workers, slots=tuple(slots))
 
     @property
-    def aio(self) -> Any:
+    def aio(self) -> AsyncPool:
         """The asyncio face of this pool (:class:`AsyncPool`), sharing its workers and sessions."""
-        from ._aio import AsyncPool
-
         return AsyncPool(_api=self)
 
     def pids(self) -> list[int]:
@@ -379,3 +367,14 @@ class Pool(_Api, ExecutorFace):
 
     def __iter__(self) -> Iterator[Any]:  # pragma: no cover - guard against `for x in pool`
         raise TypeError("Pool is not iterable; did you mean pool.stream(...)?")
+
+
+class AsyncPool(AsyncFace):
+    """Awaitable operations on a :class:`Pool`. ``AsyncPool(**pool_args)`` owns a new pool;
+    ``pool.aio`` wraps an existing one. ``map`` / ``imap`` / ``starmap`` are ``async for``
+    iterators; ``broadcast`` is awaited."""
+
+    __slots__ = ()
+
+    def __init__(self, workers: int | None = None, *, _api: _Api | None = None, **pool_args: Any) -> None:
+        super().__init__(_api=_api if _api is not None else Pool(workers, **pool_args), _owned=_api is None)

@@ -49,7 +49,7 @@ from ._spawn import Spawner
 
 log = logging.getLogger("poolbridge.router")
 
-__all__ = ["Supervisor"]
+__all__ = ["Supervisor", "describe_pool"]
 
 # A restart normally takes a few hundred milliseconds (a fresh interpreter); a caller waiting for
 # its slot gives up after this long rather than hang on a slot that cannot come back.
@@ -375,3 +375,14 @@ def _describe(exitcode: int | None) -> str:
         except ValueError:
             return f"killed by signal {-exitcode}"
     return f"exited with code {exitcode}"
+
+
+def describe_pool(pool: Any) -> str:
+    """What ``repr`` shows of a pool: slots, their pids and generations, state, calls in flight."""
+    channels = pool._router.channels()
+    pids = [ch.pid if ch is not None else -1 for ch in channels]
+    generations = [ch.generation if ch is not None else -1 for ch in channels]
+    in_flight = sum(len(ch.pending) for ch in channels if ch is not None)
+    state = "closed" if pool.closed else "running"
+    backend = "" if pool.backend == "process" else f" backend={pool.backend}"
+    return f"workers={pool.workers} pids={pids} generations={generations}{backend} {state} in_flight={in_flight}"

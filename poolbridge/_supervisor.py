@@ -38,11 +38,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._channel import Sink
+from ._channel import Retired, Sink
 from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError, value_too_large
 from ._hashing import slot_for
 from ._monitor import Monitor
-from ._pipes import ProcessChannel, Retired
+from ._pipes import ProcessChannel
 from ._protocol import encode_frame
 from ._shm_channel import release_unsent
 from ._spawn import Spawner

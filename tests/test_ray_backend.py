@@ -360,7 +360,7 @@ def test_ray_close_lets_in_flight_calls_finish_and_ray_stays_for_other_pools(bpo
 
 
 def test_ray_init_arguments_for_a_local_start() -> None:
-    from poolbridge.backends.ray import _init_kwargs
+    from poolbridge.backends._ray_runtime import _init_kwargs
 
     kwargs = _init_kwargs({"runtime_env": {"env_vars": {"X": "1"}}}, 8)
     assert kwargs["num_cpus"] == 8 and kwargs["include_dashboard"] is False

@@ -212,7 +212,7 @@ class AsyncFace(AsyncMappingMixin):
         op, ref, fields, decode = req
         api = self._api
         pool = api._pool
-        router = pool._router
+        router = pool._supervisor
         slot, req_id, data = api._prepare(op, ref, fields)
         pool._flush_discards()
         loop = asyncio.get_running_loop()
@@ -254,7 +254,7 @@ class AsyncFace(AsyncMappingMixin):
         if channel.pending.abandon(req_id, Late(self._api._late(op, sink.decode))) is None:
             return  # the reply is already on its way to the loop
         if self._api._opts.on_timeout == "restart":
-            self._api._pool._router.kill_slot(slot)
+            self._api._pool._supervisor.kill_slot(slot)
         _settle(sink.future, None, CallTimeoutError(f"{op} did not finish within {self._api._opts.timeout}s"))
 
     # -- operations --------------------------------------------------------------------
@@ -312,7 +312,7 @@ class AsyncFace(AsyncMappingMixin):
             await asyncio.get_running_loop().run_in_executor(None, lambda: self.pool.close(cancel=cancel))
 
     async def __aenter__(self) -> AsyncFace:
-        router = self.pool._router
+        router = self.pool._supervisor
         if router.closing:
             raise router.closed_error()
         return self

@@ -259,7 +259,7 @@ class Deadlines:
                 pool = self._pool()
                 if pool is not None:
                     log.warning("slot %d: %s; restarting the worker", slot, message)
-                    pool._router.kill_slot(slot)
+                    pool._supervisor.kill_slot(slot)
             sink.fail(CallTimeoutError(message))
 
     def stop(self) -> None:
@@ -278,7 +278,7 @@ def prepare(api: _Api, op: str, ref: WireRef | None, fields: list[Any]) -> tuple
     """``(slot, req_id, frame)``. The one boundary: the session is resolved once here; the slot and
     the payload both come from that one value."""
     pool = api._pool
-    router = pool._router
+    router = pool._supervisor
     if router.closing:  # closed, or a forked child's copy of its parent's pool
         raise router.closed_error()
     session_id = resolve_session(ref.session_id if ref is not None else None, api._opts.session)
@@ -288,10 +288,10 @@ def prepare(api: _Api, op: str, ref: WireRef | None, fields: list[Any]) -> tuple
             raise SessionMismatchError(f"{ref!r} belongs to another pool; a ref is only usable in its own pool")
         if ref.slot != slot:  # only a forged ref can get here
             raise SessionMismatchError(f"{ref!r} claims slot {ref.slot}; its session maps to {slot}")
-        if ref.generation != pool._router.generation(slot):
+        if ref.generation != pool._supervisor.generation(slot):
             raise SessionLostError(
                 f"{ref!r} outlived its worker: slot {slot} is now generation "
-                f"{pool._router.generation(slot)}; the session's objects are gone"
+                f"{pool._supervisor.generation(slot)}; the session's objects are gone"
             )
     return slot, *pool._encode_request(op, session_id, fields, pool, api._opts.zero_copy)
 
@@ -305,7 +305,7 @@ def run(api: _Api, op: str, ref: WireRef | None, fields: list[Any], decode: Call
     waiter = Waiter()
     timeout = api._opts.timeout
     deadline = None if timeout is None else time.monotonic() + timeout
-    router = pool._router
+    router = pool._supervisor
     try:
         channel = router.send(slot, req_id, data, waiter, lead=True, block=api._opts.block, deadline=deadline)
     except CallTimeoutError:
@@ -343,7 +343,7 @@ def submit(api: _Api, op: str, ref: WireRef | None, fields: list[Any], decode: C
     future = PoolFuture(decode)
     timeout = api._opts.timeout
     deadline = None if timeout is None else time.monotonic() + timeout
-    channel = pool._router.send(slot, req_id, data, future, block=api._opts.block, deadline=deadline)
+    channel = pool._supervisor.send(slot, req_id, data, future, block=api._opts.block, deadline=deadline)
     future._target = (channel, req_id)
     if deadline is not None:
         pool._deadlines.add(deadline, channel, req_id, future, slot, f"{op} did not finish within {timeout}s",
@@ -405,5 +405,5 @@ def encode_request(
         for name in names:
             shm.recycle(name)  # type: ignore[union-attr]
         raise value_too_large("this request (its arguments)", len(body) + size, limit)
-    req_id = pool._router.next_id()
+    req_id = pool._supervisor.next_id()
     return req_id, pack_request(req_id, op, session_id, body, names)

@@ -24,7 +24,7 @@ def cancel_not_started(pool: Pool) -> int:
     are left to finish."""
     cancel_runs(pool)
     cancelled = 0
-    for ch in pool._router.channels():
+    for ch in pool._supervisor.channels():
         if ch is None:
             continue
         for sink in list(ch.pending.values()):

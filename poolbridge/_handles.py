@@ -221,7 +221,7 @@ class Stream(Iterator[Any]):
 def _where(api: Any, slot: int, generation: int) -> str:
     """``pid=N`` of the worker holding a handle's object, or ``lost`` if that worker is gone."""
     try:
-        channel = api._pool._router.channels()[slot]
+        channel = api._pool._supervisor.channels()[slot]
     except Exception:  # repr must not fail (a half-built or closed pool)
         return "pid=?"
     if channel is None or channel.generation != generation:

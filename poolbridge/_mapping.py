@@ -183,7 +183,7 @@ class AsyncMapIterator(AsyncIterator[Any]):
             raise
 
     def _router_ready(self) -> bool:
-        router = self._args[0]._pool._router
+        router = self._args[0]._pool._supervisor
         return all(router.ready(slot) for slot in range(router.n_slots))
 
     async def _pump_off_loop(self, run: MapRun) -> bool:

@@ -68,7 +68,7 @@ class ProcessChannel(CoalescingWriter):
         #: Set once the router has drained this channel and failed what was left.
         self.finished = threading.Event()
         self.max_in_flight = router.max_in_flight
-        self._router = router
+        self._supervisor = router
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._frames = FrameReader(router.max_frame, extended=True)

@@ -157,7 +157,7 @@ class Pool(_Api, ExecutorFace):
 
     # (__dict__ and __weakref__ come from concurrent.futures.Executor)
     __slots__ = (
-        "_deadlines", "_discards", "_finalizer", "_router", "_shm", "_unpack", "backend", "max_value_bytes", "workers",
+        "_deadlines", "_discards", "_finalizer", "_shm", "_supervisor", "_unpack", "backend", "max_value_bytes", "workers",
     )
 
     def __init__(
@@ -207,7 +207,7 @@ class Pool(_Api, ExecutorFace):
         self._unpack = make_unpacker(_ref_maker(weakref.ref(self)))  # weakly: no cycle either
         self._discards: collections.deque[tuple[list[Any], str]] = collections.deque()
         self._deadlines = Deadlines(self)
-        self._router = Supervisor(
+        self._supervisor = Supervisor(
             self.workers,
             worker_options={
                 "helpers": list(helpers),
@@ -227,10 +227,10 @@ class Pool(_Api, ExecutorFace):
             channel_factory=factory,
             max_frame=max_value_bytes,
         )
-        self._router.lifter = self._shm
+        self._supervisor.lifter = self._shm
         _live_pools.add(self)
         what = f"poolbridge.Pool(workers={self.workers}, backend={backend!r})"
-        self._finalizer = weakref.finalize(self, _collect, self._router, self._deadlines, what)
+        self._finalizer = weakref.finalize(self, _collect, self._supervisor, self._deadlines, what)
         self._finalizer.atexit = False  # at exit, _close_live_pools closes it (without a warning)
 
     _encode_request = _calls.encode_request
@@ -241,7 +241,7 @@ class Pool(_Api, ExecutorFace):
 
     def _discard(self, key: list[Any], op: str) -> None:
         # Called from __del__, possibly inside another send on this thread: only queue here.
-        if not self._router.closing:
+        if not self._supervisor.closing:
             self._discards.append((key, op))
 
     def _flush_discards(self) -> None:
@@ -252,12 +252,12 @@ class Pool(_Api, ExecutorFace):
             except IndexError:
                 return
             session_id, _, slot, generation = key
-            if generation != self._router.generation(slot):
+            if generation != self._supervisor.generation(slot):
                 continue  # that worker is gone, and the object with it
-            req_id = self._router.next_id()
+            req_id = self._supervisor.next_id()
             body = pack_plain([req_id, op, session_id, pack_plain([key])])
             try:
-                self._router.send(slot, req_id, body, DISCARD)
+                self._supervisor.send(slot, req_id, body, DISCARD)
             except (WorkerCrashedError, PoolClosedError):
                 pass
 
@@ -270,7 +270,7 @@ class Pool(_Api, ExecutorFace):
         :meth:`close` every slot reports pid -1, not alive. ``_ask_busy=False`` (the Port server): a
         worker with calls in flight is not asked at all, so the snapshot never waits behind one.
         """
-        router = self._router
+        router = self._supervisor
         if router.closing and os.getpid() != router.owner_pid:
             raise router.closed_error()
         if self._discards:
@@ -324,7 +324,7 @@ class Pool(_Api, ExecutorFace):
 
     def pids(self) -> list[int]:
         """The current worker pid of every slot, by slot (-1 for every slot once closed)."""
-        router = self._router
+        router = self._supervisor
         if router.closing:
             if os.getpid() != router.owner_pid:
                 raise router.closed_error()
@@ -337,8 +337,8 @@ class Pool(_Api, ExecutorFace):
         Returns once the workers have exited and the pool's threads and pipes are gone.
         """
         self._finalizer.detach()
-        if not self._router.closing:
-            self._router.close(cancel=cancel)
+        if not self._supervisor.closing:
+            self._supervisor.close(cancel=cancel)
             self._deadlines.stop()
             if self._shm is not None:
                 self._shm.close()
@@ -346,11 +346,11 @@ class Pool(_Api, ExecutorFace):
 
     @property
     def closed(self) -> bool:
-        return self._router.closing
+        return self._supervisor.closing
 
     def __enter__(self) -> Pool:
-        if self._router.closing:
-            raise self._router.closed_error()
+        if self._supervisor.closing:
+            raise self._supervisor.closed_error()
         return self
 
     def __exit__(self, exc_type: object, *exc_info: object) -> None:

@@ -379,7 +379,7 @@ def _describe(exitcode: int | None) -> str:
 
 def describe_pool(pool: Any) -> str:
     """What ``repr`` shows of a pool: slots, their pids and generations, state, calls in flight."""
-    channels = pool._router.channels()
+    channels = pool._supervisor.channels()
     pids = [ch.pid if ch is not None else -1 for ch in channels]
     generations = [ch.generation if ch is not None else -1 for ch in channels]
     in_flight = sum(len(ch.pending) for ch in channels if ch is not None)

@@ -155,7 +155,7 @@ class RayChannel:
         #: Set once the router has drained this channel and failed what was left.
         self.finished = threading.Event()
         self.max_in_flight = router.max_in_flight
-        self._router = router
+        self._supervisor = router
         # One lock for submission order, the dead/input-closed checks, the batch tables and the
         # once-only exit report; ``_settle`` (same lock) is notified whenever a batch settles.
         self._lock = threading.RLock()
@@ -347,7 +347,7 @@ class RayChannel:
             if self._reported or self._hold_exit:
                 return
             self._reported = True
-        if not self._router.closing and not runtime.exiting:
+        if not self._supervisor.closing and not runtime.exiting:
             log.warning("slot %d: Ray actor (generation %d) died: %s", self.slot, self.generation, reason)
         threading.Thread(target=self._report_exit, name="poolbridge-ray-reaper", daemon=True).start()
 
@@ -364,13 +364,13 @@ class RayChannel:
             self._kill_actor()  # ActorUnavailableError and friends: make the death final
             if not self._local:
                 self._gone.set()
-            self._router._channel_exited(self)
+            self._supervisor._channel_exited(self)
         except Exception:
             log.exception("slot %d: handling the actor's death failed", self.slot)
         finally:
             self.finished.set()
-            if self._router.closing:
-                _maybe_release(self._router)
+            if self._supervisor.closing:
+                _maybe_release(self._supervisor)
 
     def drain_and_close(self) -> None:
         """After the death: let replies already on their way be delivered (bounded), then stop."""
@@ -427,7 +427,7 @@ class RayChannel:
         """
         if not self._gone.wait(timeout):
             return None
-        router = self._router
+        router = self._supervisor
         channels = [ch for ch in router.channels() if isinstance(ch, RayChannel)]
         if router.closing and channels and channels[-1] is self:
             deadline = time.monotonic() + EXIT_WAIT

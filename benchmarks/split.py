@@ -32,7 +32,7 @@ from _baselines import RawEcho  # noqa: E402
 from poolbridge import Pool  # noqa: E402
 from poolbridge._hashing import slot_for  # noqa: E402
 from poolbridge._protocol import OP_CALL, encode_frame, pack_plain, pack_value, unpack_plain  # noqa: E402
-from poolbridge._replies import Waiter  # noqa: E402
+from poolbridge._calls import Waiter  # noqa: E402
 from poolbridge._session import resolve_session  # noqa: E402
 
 

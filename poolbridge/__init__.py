@@ -70,7 +70,7 @@ def __dir__() -> list[str]:
 _MISSING = object()
 
 if _typing.TYPE_CHECKING:  # the same names, for type checkers and IDEs
-    from ._aio import AsyncPool, AsyncStream
+    from ._aio import AsyncStream
     from ._errors import (
         BadRequestError,
         CallTimeoutError,
@@ -94,6 +94,6 @@ if _typing.TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from ._hashing import jump_hash, stable_hash64
     from ._helpers import SessionContext, current_session, helper
     from ._mapping import AsyncMapIterator, MapIterator
-    from ._pool import Pool, PoolStats, SlotStats
+    from ._pool import AsyncPool, Pool, PoolStats, SlotStats
     from ._resize import ResizeRecord
     from ._session import resolve_session

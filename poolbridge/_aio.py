@@ -25,16 +25,20 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._channel import Late, Sink
 from ._errors import CallTimeoutError, RefNotFoundError, SessionLostError
-from ._handles import Ref
 from ._mapping import AsyncMappingMixin
-from ._pool import Pool, PoolStats, _Api, _Req, describe_pool
-from ._protocol import WireRef
+from ._protocol import RET_REF, WireRef
+from ._supervisor import describe_pool
 
-__all__ = ["AsyncPool", "AsyncStream"]
+if TYPE_CHECKING:
+    from ._api import _Api, _Req
+    from ._handles import Ref
+    from ._pool import Pool, PoolStats
+
+__all__ = ["AsyncFace", "AsyncStream"]
 
 
 class _LoopSink(Sink):
@@ -189,16 +193,15 @@ def _settle(future: asyncio.Future[Any], value: Any, exc: BaseException | None) 
         future.set_result(value)
 
 
-class AsyncPool(AsyncMappingMixin):
-    """Awaitable operations on a :class:`Pool`. ``AsyncPool(**pool_args)`` owns a new pool;
-    ``pool.aio`` wraps an existing one. ``map`` / ``imap`` / ``starmap`` are ``async for``
-    iterators; ``broadcast`` is awaited."""
+class AsyncFace(AsyncMappingMixin):
+    """Awaitable operations on a pool or a view of one (``_api``). The public class,
+    :class:`~poolbridge.AsyncPool` (_pool.py), adds the constructor that makes a new pool."""
 
     __slots__ = ("_api", "_owned")
 
-    def __init__(self, workers: int | None = None, *, _api: _Api | None = None, **pool_args: Any) -> None:
-        self._owned = _api is None
-        self._api: _Api = _api if _api is not None else Pool(workers, **pool_args)
+    def __init__(self, *, _api: _Api, _owned: bool = False) -> None:
+        self._owned = _owned
+        self._api: _Api = _api
 
     @property
     def pool(self) -> Pool:
@@ -209,7 +212,7 @@ class AsyncPool(AsyncMappingMixin):
         op, ref, fields, decode = req
         api = self._api
         pool = api._pool
-        router = pool._router
+        router = pool._supervisor
         slot, req_id, data = api._prepare(op, ref, fields)
         pool._flush_discards()
         loop = asyncio.get_running_loop()
@@ -251,14 +254,14 @@ class AsyncPool(AsyncMappingMixin):
         if channel.pending.abandon(req_id, Late(self._api._late(op, sink.decode))) is None:
             return  # the reply is already on its way to the loop
         if self._api._opts.on_timeout == "restart":
-            self._api._pool._router.kill_slot(slot)
+            self._api._pool._supervisor.kill_slot(slot)
         _settle(sink.future, None, CallTimeoutError(f"{op} did not finish within {self._api._opts.timeout}s"))
 
     # -- operations --------------------------------------------------------------------
 
-    def options(self, **options: Any) -> AsyncPool:
+    def options(self, **options: Any) -> AsyncFace:
         """An async view whose calls use these options (see :meth:`Pool.options`)."""
-        return AsyncPool(_api=self._api.options(**options))
+        return type(self)(_api=self._api.options(**options))
 
     def session(self, session_id: str) -> AbstractContextManager[str]:
         return self._api.session(session_id)
@@ -274,8 +277,6 @@ class AsyncPool(AsyncMappingMixin):
         return self._arun(self._api._req_call(fn, args, kwargs))
 
     async def create(self, cls: Any, /, *args: Any, **kwargs: Any) -> Ref:
-        from ._protocol import RET_REF
-
         return await self._arun(self._api._req_call(cls, args, kwargs, RET_REF))  # type: ignore[no-any-return]
 
     async def getattr(self, target: str | Ref, name: str | None = None) -> Any:
@@ -296,7 +297,7 @@ class AsyncPool(AsyncMappingMixin):
 
     async def close_session(self, session_id: str | None = None) -> int:
         api = self._api if session_id is None else self._api.options(session=session_id)
-        return await AsyncPool(_api=api)._arun(api._req_close_session())  # type: ignore[no-any-return]
+        return await type(self)(_api=api)._arun(api._req_close_session())  # type: ignore[no-any-return]
 
     def stream(self, fn: Any, /, *args: Any, **kwargs: Any) -> AsyncStream:
         """``async for item in pool.stream(fn, ...)`` — the generator runs in the session's worker."""
@@ -317,8 +318,8 @@ class AsyncPool(AsyncMappingMixin):
         if self._owned:
             await asyncio.get_running_loop().run_in_executor(None, lambda: self.pool.close(cancel=cancel))
 
-    async def __aenter__(self) -> AsyncPool:
-        router = self.pool._router
+    async def __aenter__(self) -> AsyncFace:
+        router = self.pool._supervisor
         if router.closing:
             raise router.closed_error()
         return self
@@ -342,7 +343,7 @@ class AsyncPool(AsyncMappingMixin):
 class AsyncStream(AsyncIterator[Any]):
     """``async for`` over a worker-side generator, one round trip per batch, next batch prefetched."""
 
-    def __init__(self, apool: AsyncPool, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(self, apool: AsyncFace, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._apool = apool
         self._open = (fn, args, kwargs)
         self._key: WireRef | None = None

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Late", "Pending", "Sink"]
+__all__ = ["Late", "Pending", "Retired", "Sink"]
 
 
 class Sink:
@@ -81,3 +81,8 @@ class Pending(dict[int, Sink]):
         """A reader found no sink for ``req_id``: look again, after any swap in progress."""
         with self._swap:
             return self.pop(req_id, None)
+
+
+class Retired(Exception):
+    """Raised by a channel's ``send`` when the frame reached no worker (recycling, dead, or a closed
+    pipe): the supervisor sends it to the slot's next channel instead of failing it."""

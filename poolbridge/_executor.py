@@ -9,8 +9,8 @@ import concurrent.futures
 import threading
 from typing import TYPE_CHECKING, cast
 
+from ._calls import PoolFuture
 from ._mapengine import cancel_runs
-from ._replies import PoolFuture
 
 if TYPE_CHECKING:
     from ._pool import Pool
@@ -24,7 +24,7 @@ def cancel_not_started(pool: Pool) -> int:
     are left to finish."""
     cancel_runs(pool)
     cancelled = 0
-    for ch in pool._router.channels():
+    for ch in pool._supervisor.channels():
         if ch is None:
             continue
         for sink in list(ch.pending.values()):

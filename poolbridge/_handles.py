@@ -12,7 +12,7 @@ from ._errors import RefNotFoundError, SessionLostError
 from ._protocol import WireRef, check_ref_session
 
 if TYPE_CHECKING:
-    from ._pool import _Api
+    from ._api import _Api
 
 __all__ = ["Ref", "Stream"]
 
@@ -68,24 +68,16 @@ class Ref(WireRef):
 
     async def acall(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Awaitable :meth:`call` (for asyncio code)."""
-        from ._aio import AsyncPool
-
-        return await AsyncPool(_api=self._api).method(self, name, *args, **kwargs)
+        return await self._api._aio().method(self, name, *args, **kwargs)
 
     async def agetattr(self, name: str) -> Any:
-        from ._aio import AsyncPool
-
-        return await AsyncPool(_api=self._api).getattr(self, name)
+        return await self._api._aio().getattr(self, name)
 
     async def asetattr(self, name: str, value: Any) -> None:
-        from ._aio import AsyncPool
-
-        await AsyncPool(_api=self._api).setattr(self, name, value)
+        await self._api._aio().setattr(self, name, value)
 
     async def arelease(self) -> None:
-        from ._aio import AsyncPool
-
-        await AsyncPool(_api=self._api).release(self)
+        await self._api._aio().release(self)
 
     def options(self, **options: Any) -> _RefView:
         """The same ref with per-call options (``timeout``, ``ret``; a ``session`` must match)."""
@@ -229,7 +221,7 @@ class Stream(Iterator[Any]):
 def _where(api: Any, slot: int, generation: int) -> str:
     """``pid=N`` of the worker holding a handle's object, or ``lost`` if that worker is gone."""
     try:
-        channel = api._pool._router.channels()[slot]
+        channel = api._pool._supervisor.channels()[slot]
     except Exception:  # repr must not fail (a half-built or closed pool)
         return "pid=?"
     if channel is None or channel.generation != generation:

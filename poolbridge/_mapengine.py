@@ -44,12 +44,13 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ._calls import rebuild_error
 from ._protocol import OP_CALL, RET_VALUE, WireRef, pack_plain
-from ._replies import rebuild_error
 from ._session import current_context_session, slot_sessions
 
 if TYPE_CHECKING:
-    from ._pool import Pool, _Api
+    from ._api import _Api
+    from ._pool import Pool
 
 __all__ = ["Chunk", "MapRun", "cancel_runs", "length_of"]
 

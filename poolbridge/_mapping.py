@@ -18,7 +18,7 @@ from ._mapengine import Chunk, MapRun, length_of
 from ._session import slot_sessions
 
 if TYPE_CHECKING:
-    from ._pool import _Api
+    from ._api import _Api
 
 __all__ = ["AsyncMapIterator", "AsyncMappingMixin", "MapIterator", "MappingMixin", "broadcast_futures"]
 
@@ -183,7 +183,7 @@ class AsyncMapIterator(AsyncIterator[Any]):
             raise
 
     def _router_ready(self) -> bool:
-        router = self._args[0]._pool._router
+        router = self._args[0]._pool._supervisor
         return all(router.ready(slot) for slot in range(router.n_slots))
 
     async def _pump_off_loop(self, run: MapRun) -> bool:

@@ -11,7 +11,8 @@ import itertools
 import time
 from typing import Any
 
-from ._worker import active_core, error_fields, resolve_path
+from ._paths import resolve_path
+from ._worker import active_core, error_fields
 
 __all__ = ["apply_chunk"]
 

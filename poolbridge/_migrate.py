@@ -118,9 +118,6 @@ def _out(core: Any, body: bytes) -> bytes:
 
 
 def _in(core: Any, body: bytes) -> bytes:
-    from ._helpers import SessionContext
-    from ._worker import _Session
-
     n_slots, moved, lost = unpack_plain(body)
     core.n_slots = n_slots
     homes = _homes(core)
@@ -134,10 +131,7 @@ def _in(core: Any, body: bytes) -> bytes:
             failed.append([session_id, reason])
             _lost(core)[session_id] = reason
             continue
-        session = _Session(SessionContext(session_id, core.slot, core.generation))
-        session.refs = refs
-        session.ctx.state = state
-        core._sessions[session_id] = session
+        core.adopt(session_id, refs, state)
         homes[session_id] = {tuple(h) for h in old_homes}
         _lost(core).pop(session_id, None)
         if refs:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import concurrent.futures
 import logging
 import os
 import threading
@@ -17,84 +16,35 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from . import _shm
-from ._channel import Late
+from . import _calls, _shm
+from ._aio import AsyncFace
+from ._api import _Api, _Options
+from ._calls import DISCARD, Deadlines, Waiter
 from ._errors import (
-    CallTimeoutError,
     PoolClosedError,
-    SessionLostError,
-    SessionMismatchError,
     WorkerCrashedError,
-    value_too_large,
 )
 from ._executor import ExecutorFace, cancel_not_started
-from ._handles import Ref, Stream
-from ._hashing import slot_for
-from ._mapping import MappingMixin
+from ._handles import Ref
 from ._pipes import ProcessChannel
 from ._protocol import (
     OK,
-    OP_CALL,
-    OP_CLOSE_SESSION,
-    OP_GETATTR,
-    OP_HELPER,
-    OP_METHOD,
-    OP_RELEASE,
-    OP_SETATTR,
     OP_STATS,
-    OP_STREAM_CLOSE,
-    OP_STREAM_NEXT,
-    OP_STREAM_OPEN,
-    RET_AUTO,
-    RET_REF,
-    RET_VALUE,
-    WireRef,
     make_unpacker,
     pack_plain,
-    pack_request,
-    pack_value,
     unpack_plain,
 )
-from ._replies import DISCARD, FAILED, Deadlines, PoolFuture, Waiter, rebuild_error
 from ._resize import ResizeRecord
-from ._session import resolve_session, session_scope, validate_session_id
 from ._shm_send import Lifter
-from ._supervisor import DEFAULT_MAX_IN_FLIGHT, Supervisor
+from ._supervisor import DEFAULT_MAX_IN_FLIGHT, Supervisor, describe_pool
 from ._warmup import encode_initializer, encode_session_init
 
-__all__ = ["Pool", "PoolStats", "SlotStats", "describe_pool"]
+__all__ = ["AsyncPool", "Pool", "PoolStats", "SlotStats", "describe_pool"]
 
 log = logging.getLogger("poolbridge")
-
-_RET = {"auto": RET_AUTO, "ref": RET_REF, "value": RET_VALUE}
-DEFAULT_BATCH = 1024
-_Req = tuple[str, "WireRef | None", list[Any], Callable[[int, Any], Any]]
-
-
-class _Options:
-    """Per-call options. Plain slots, not a dataclass: ``options()`` sits on hot paths."""
-
-    __slots__ = ("batch", "block", "on_timeout", "ret", "session", "timeout", "zero_copy")
-
-    def __init__(self) -> None:
-        self.session: str | None = None
-        self.timeout: float | None = None
-        self.ret = RET_AUTO
-        self.batch = DEFAULT_BATCH
-        self.block = True
-        self.on_timeout = "keep"
-        self.zero_copy = False
-
-    def copy(self) -> _Options:
-        new = _Options()
-        for name in self.__slots__:
-            setattr(new, name, getattr(self, name))
-        return new
-
 
 @dataclass(frozen=True)
 class SlotStats:
@@ -134,322 +84,6 @@ class PoolStats:
     @property
     def streams(self) -> int:
         return sum(s.streams for s in self.slots)
-
-
-# -- the API, shared by Pool and its option views ---------------------------------------------
-
-
-class _Api(MappingMixin):
-    __slots__ = ("_opts", "_pool")
-
-    def __init__(self, pool: Pool, opts: _Options) -> None:
-        self._pool = pool
-        self._opts = opts
-
-    # The one boundary: session resolved once; slot and payload both come from that one value.
-    def _prepare(self, op: str, ref: WireRef | None, fields: list[Any]) -> tuple[int, int, bytes]:
-        pool = self._pool
-        router = pool._router
-        if router.closing:  # closed, or a forked child's copy of its parent's pool
-            raise router.closed_error()
-        session_id = resolve_session(ref.session_id if ref is not None else None, self._opts.session)
-        slot = slot_for(session_id, router.n_slots)
-        if ref is not None:
-            if isinstance(ref, Ref) and ref._api._pool is not pool:
-                raise SessionMismatchError(f"{ref!r} belongs to another pool; a ref is only usable in its own pool")
-            if router.route_epoch:
-                pass  # resized: a moved ref is checked by the worker holding its session (_migrate.py)
-            elif ref.slot != slot:  # only a forged ref can get here
-                raise SessionMismatchError(f"{ref!r} claims slot {ref.slot}; its session maps to {slot}")
-            elif ref.generation != pool._router.generation(slot):
-                raise SessionLostError(
-                    f"{ref!r} outlived its worker: slot {slot} is now generation "
-                    f"{pool._router.generation(slot)}; the session's objects are gone"
-                )
-        return slot, *pool._encode_request(op, session_id, fields, pool, self._opts.zero_copy)
-
-    def _run(self, op: str, ref: WireRef | None, fields: list[Any], decode: Callable[[int, Any], Any]) -> Any:
-        """Send and block for the reply, reading it ourselves when nobody else is (no thread hop)."""
-        pool = self._pool
-        slot, req_id, data = self._prepare(op, ref, fields)
-        if pool._discards:
-            pool._flush_discards()
-        waiter = Waiter()
-        timeout = self._opts.timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        router = pool._router
-        try:
-            channel = router.send(slot, req_id, data, waiter, lead=True, block=self._opts.block, deadline=deadline)
-        except CallTimeoutError:
-            # Waiting for the slot or the pipe used up the timeout. If the frame is half written
-            # (finished off the caller's thread), the worker runs the call: its reply is late.
-            ch = router.channels()[slot]
-            if ch is not None:
-                ch.pending.abandon(req_id, Late(self._late(op, decode)))
-            raise CallTimeoutError(f"{op} did not finish within {timeout}s (slot {slot})") from None
-        try:
-            replied = channel.await_reply(
-                req_id, waiter, None if deadline is None else max(0.0, deadline - time.monotonic())
-            )
-        except BaseException:  # an interrupt (Ctrl-C) or a crash report: whatever comes is late
-            channel.pending.abandon(req_id, Late(self._late(op, decode)))
-            raise
-        if not replied:
-            if channel.pending.abandon(req_id, Late(self._late(op, decode))) is not None:
-                if self._opts.on_timeout == "restart":
-                    log.warning("slot %d: call timed out after %ss; restarting the worker", slot, timeout)
-                    router.kill_slot(slot)
-                raise CallTimeoutError(f"{op} did not finish within {timeout}s (slot {slot})")
-            waiter.wait(None)  # the reply raced the timeout and is being delivered
-        status = waiter.status
-        if status == FAILED or status is None:
-            raise waiter.body
-        return decode(status, waiter.body)
-
-    def _submit(self, op: str, ref: WireRef | None, fields: list[Any], decode: Callable[[int, Any], Any]) -> Any:
-        pool = self._pool
-        slot, req_id, data = self._prepare(op, ref, fields)
-        if pool._discards:
-            pool._flush_discards()
-        future = PoolFuture(decode)
-        timeout = self._opts.timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        channel = pool._router.send(slot, req_id, data, future, block=self._opts.block, deadline=deadline)
-        future._target = (channel, req_id)
-        if deadline is not None:
-            pool._deadlines.add(deadline, channel, req_id, future, slot, f"{op} did not finish within {timeout}s",
-                                self._opts.on_timeout == "restart", Late(self._late(op, decode)))
-        return future
-
-    def _late(self, op: str, decode: Callable[[int, Any], Any]) -> Callable[[int, Any], Any]:
-        """What the reply of a call given up on is turned into, to be dropped (see ``Late``): its
-        decoded value, whose refs release themselves when dropped — except a stream's opening,
-        whose decoder would start pulling the stream: that one just closes it."""
-        return self._close_opened_stream if op == OP_STREAM_OPEN else decode
-
-    def _close_opened_stream(self, status: int, body: Any) -> None:
-        if status == OK:
-            key, items, done = unpack_plain(body)
-            self._pool._unpack(items)  # refs among the first items release themselves
-            if not done:
-                self._pool._discard(key, "stream_close")
-
-    def _value(self, status: int, body: Any) -> Any:
-        if status == OK:
-            return self._decode_body(body)
-        raise rebuild_error(body)
-
-    def _decode_body(self, body: bytes) -> Any:
-        """A value from a reply body (read-only views of big buffers with ``zero_copy``)."""
-        if self._opts.zero_copy:
-            with _shm.zero_copy_views():
-                return self._pool._unpack(body)
-        return self._pool._unpack(body)
-
-    @staticmethod
-    def _fn(fn: Any) -> Any:
-        if isinstance(fn, str) or isinstance(fn, WireRef):
-            return fn
-        if callable(fn):
-            return fn  # pickled by value (cloudpickle) by the codec
-        raise TypeError(f"expected a dotted path, a callable or a Ref, got {type(fn).__name__}")
-
-    # -- public operations -------------------------------------------------------------
-
-    def options(
-        self,
-        *,
-        session: str | None = None,
-        timeout: float | None = None,
-        ret: str | None = None,
-        batch: int | None = None,
-        block: bool | None = None,
-        on_timeout: str | None = None,
-        zero_copy: bool | None = None,
-    ) -> _Api:
-        """A view of the pool whose calls use these options (unset ones are inherited).
-
-        ``session``: the per-call session override. ``timeout``: seconds before
-        :class:`CallTimeoutError`. ``on_timeout``: ``"keep"`` (default) lets the worker finish the
-        call and drops its reply; ``"restart"`` kills the slot's worker, which fails that slot's other
-        in-flight calls with :class:`WorkerCrashedError` and loses its sessions' state. ``ret``:
-        ``"auto"`` (a value, or a Ref when the result cannot be encoded), ``"ref"``, ``"value"``.
-        ``batch``: stream batch size. ``block=False``: raise :class:`PoolBusyError` instead of waiting
-        when the slot is at its in-flight bound. ``zero_copy=True``: big bytes and bytearrays (at least
-        the pool's ``shm_threshold``) arrive as read-only memoryviews of shared memory, in the worker
-        (arguments) and here (results), instead of being copied out (README, "Large values").
-        """
-        opts = self._opts.copy()
-        if session is not None:
-            opts.session = validate_session_id(session)
-        if timeout is not None:
-            if timeout <= 0:
-                raise ValueError(f"timeout must be positive, got {timeout}")
-            opts.timeout = float(timeout)
-        if ret is not None:
-            if ret not in _RET:
-                raise ValueError(f"ret must be one of {sorted(_RET)}, got {ret!r}")
-            opts.ret = _RET[ret]
-        if batch is not None:
-            if batch < 1:
-                raise ValueError(f"batch must be at least 1, got {batch}")
-            opts.batch = int(batch)
-        if block is not None:
-            opts.block = bool(block)
-        if zero_copy is not None:
-            opts.zero_copy = bool(zero_copy)
-        if on_timeout is not None:
-            if on_timeout not in ("keep", "restart"):
-                raise ValueError(f"on_timeout must be 'keep' or 'restart', got {on_timeout!r}")
-            opts.on_timeout = on_timeout
-        return _Api(self._pool, opts)
-
-    # -- request builders: (op, target ref, fields, decode), shared by the sync and async faces --
-
-    def _req_call(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], ret: int | None = None) -> _Req:
-        ref = fn if isinstance(fn, WireRef) else None
-        return OP_CALL, ref, [self._fn(fn), list(args), kwargs, self._opts.ret if ret is None else ret], self._value
-
-    def _req_getattr(self, target: Any, name: str | None) -> _Req:
-        if isinstance(target, WireRef):
-            if not isinstance(name, str):
-                raise TypeError("getattr(ref, name) needs the attribute name")
-            return OP_GETATTR, target, [target, name, self._opts.ret], self._value
-        if not isinstance(target, str) or name is not None:
-            raise TypeError("getattr takes a dotted path, or a Ref and an attribute name")
-        return OP_GETATTR, None, [target, None, self._opts.ret], self._value
-
-    def _req_setattr(self, ref: Ref, name: str, value: Any) -> _Req:
-        return OP_SETATTR, ref, [ref, name, value], self._value
-
-    def _req_method(self, ref: Ref, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Req:
-        return OP_METHOD, ref, [ref, name, list(args), kwargs, self._opts.ret], self._value
-
-    def _req_helper(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Req:
-        return OP_HELPER, None, [name, list(args), kwargs, self._opts.ret], self._value
-
-    def _req_release(self, ref: Ref) -> _Req:
-        return OP_RELEASE, ref, [ref.key()], self._value
-
-    def _req_close_session(self) -> _Req:
-        return OP_CLOSE_SESSION, None, [], self._value
-
-    def _req_stream_open(
-        self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], make: Callable[..., Any]
-    ) -> _Req:
-        """The open request. The worker answers with the stream's whole key, so nothing about the
-        session is decided here: ``_prepare`` resolves it once, as for every op."""
-        batch = self._opts.batch
-        ref = fn if isinstance(fn, WireRef) else None  # a ref (e.g. a generator object) routes itself
-
-        def opened(status: int, body: Any) -> Any:
-            if status != OK:
-                raise rebuild_error(body)
-            key_fields, items, done = unpack_plain(body)
-            key = WireRef(*key_fields)
-            try:
-                decoded = self._decode_body(items)
-            except BaseException:
-                if not done:  # the first batch is lost: close the generator rather than leak it
-                    self._pool._discard(key.key(), "stream_close")
-                raise
-            return make(self, key, decoded, done, batch)
-
-        return OP_STREAM_OPEN, ref, [self._fn(fn), list(args), kwargs, batch], opened
-
-    def _req_stream_next(self, key: WireRef, n: int) -> _Req:
-        return OP_STREAM_NEXT, key, [key.key(), n], self._stream_items
-
-    def _req_stream_close(self, key: WireRef) -> _Req:
-        return OP_STREAM_CLOSE, key, [key.key()], self._value
-
-    # -- public operations -------------------------------------------------------------
-
-    def call(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn(*args, **kwargs)`` in the session's worker. ``fn``: dotted path, callable or Ref."""
-        if type(fn) is str:  # the hot path: _req_call's request, built without the generic builder
-            return self._run(OP_CALL, None, [fn, list(args), kwargs, self._opts.ret], self._value)
-        return self._run(*self._req_call(fn, args, kwargs))
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        """Like :meth:`call`, returning a ``concurrent.futures.Future``."""
-        if type(fn) is str:  # as in call()
-            return self._submit(OP_CALL, None, [fn, list(args), kwargs, self._opts.ret], self._value)  # type: ignore[no-any-return]
-        return self._submit(*self._req_call(fn, args, kwargs))  # type: ignore[no-any-return]
-
-    def create(self, cls: Any, /, *args: Any, **kwargs: Any) -> Ref:
-        """Call ``cls(*args, **kwargs)`` in the worker and keep the result there; returns a :class:`Ref`."""
-        return self._run(*self._req_call(cls, args, kwargs, RET_REF))  # type: ignore[no-any-return]
-
-    def getattr(self, target: str | Ref, name: str | None = None) -> Any:
-        """``pool.getattr("math.pi")`` reads a module attribute; ``pool.getattr(ref, "x")`` a ref's."""
-        return self._run(*self._req_getattr(target, name))
-
-    def setattr(self, ref: Ref, name: str, value: Any) -> None:
-        self._run(*self._req_setattr(ref, name, value))
-
-    def method(self, ref: Ref, name: str, /, *args: Any, **kwargs: Any) -> Any:
-        """Call method ``name`` of the object behind ``ref``."""
-        return self._run(*self._req_method(ref, name, args, kwargs))
-
-    def submit_method(self, ref: Ref, name: str, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        return self._submit(*self._req_method(ref, name, args, kwargs))  # type: ignore[no-any-return]
-
-    def helper(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
-        """Call a function registered with ``@poolbridge.helper`` in a module listed in ``helpers=``."""
-        return self._run(*self._req_helper(name, args, kwargs))
-
-    def release(self, ref: Ref) -> None:
-        """Drop the object behind ``ref`` in its worker (the handle is then marked released)."""
-        self._run(*self._req_release(ref))
-        ref._released = True
-
-    def stream(self, fn: Any, /, *args: Any, **kwargs: Any) -> Stream:
-        """Iterate ``fn(*args, **kwargs)`` in the session's worker; items arrive in batches."""
-        return self._run(*self._req_stream_open(fn, args, kwargs, Stream))  # type: ignore[no-any-return]
-
-    def _stream_next(self, key: WireRef, n: int) -> Any:
-        return self._submit(*self._req_stream_next(key, n))
-
-    def _stream_items(self, status: int, body: Any) -> tuple[list[Any], bool]:
-        if status != OK:
-            raise rebuild_error(body)
-        items, done = unpack_plain(body)
-        return self._decode_body(items), done
-
-    @staticmethod
-    def _stream_result(pending: concurrent.futures.Future[Any]) -> tuple[list[Any], bool]:
-        return pending.result()  # type: ignore[no-any-return]
-
-    def _stream_close(self, key: WireRef) -> None:
-        self._run(*self._req_stream_close(key))
-
-    def close_session(self, session_id: str | None = None) -> int:
-        """Drop every ref, stream and helper state of a session (default: the current one).
-
-        Returns how many refs and streams were dropped.
-        """
-        api = self if session_id is None else self.options(session=session_id)
-        return api._run(*api._req_close_session())  # type: ignore[no-any-return]
-
-    def session(self, session_id: str) -> AbstractContextManager[str]:
-        """``with pool.session("user-42"): ...`` — the context session for the block."""
-        return session_scope(session_id)
-
-    def slot_for(self, session_id: str) -> int:
-        """The worker slot ``session_id`` maps to (a pure function of the id and the worker count)."""
-        return slot_for(validate_session_id(session_id), self._pool.workers)
-
-
-def describe_pool(pool: Pool) -> str:
-    """What ``repr`` shows of a pool: slots, their pids and generations, state, calls in flight."""
-    channels = pool._router.channels()[: pool.workers]
-    pids = [ch.pid if ch is not None else -1 for ch in channels]
-    generations = [ch.generation if ch is not None else -1 for ch in channels]
-    in_flight = sum(len(ch.pending) for ch in channels if ch is not None)
-    state = "closed" if pool.closed else "running"
-    backend = "" if pool.backend == "process" else f" backend={pool.backend}"
-    return f"workers={pool.workers} pids={pids} generations={generations}{backend} {state} in_flight={in_flight}"
 
 
 # -- the pool ------------------------------------------------------------------------------------
@@ -524,7 +158,7 @@ class Pool(_Api, ExecutorFace):
 
     # (__dict__ and __weakref__ come from concurrent.futures.Executor)
     __slots__ = (
-        "_deadlines", "_discards", "_finalizer", "_router", "_shm", "_unpack", "backend", "max_value_bytes", "workers",
+        "_deadlines", "_discards", "_finalizer", "_shm", "_supervisor", "_unpack", "backend", "max_value_bytes", "workers",
     )
 
     def __init__(
@@ -574,7 +208,7 @@ class Pool(_Api, ExecutorFace):
         self._unpack = make_unpacker(_ref_maker(weakref.ref(self)))  # weakly: no cycle either
         self._discards: collections.deque[tuple[list[Any], str]] = collections.deque()
         self._deadlines = Deadlines(self)
-        self._router = Supervisor(
+        self._supervisor = Supervisor(
             self.workers,
             worker_options={
                 "helpers": list(helpers),
@@ -594,39 +228,13 @@ class Pool(_Api, ExecutorFace):
             channel_factory=factory,
             max_frame=max_value_bytes,
         )
-        self._router.lifter = self._shm
+        self._supervisor.lifter = self._shm
         _live_pools.add(self)
         what = f"poolbridge.Pool(workers={self.workers}, backend={backend!r})"
-        self._finalizer = weakref.finalize(self, _collect, self._router, self._deadlines, what)
+        self._finalizer = weakref.finalize(self, _collect, self._supervisor, self._deadlines, what)
         self._finalizer.atexit = False  # at exit, _close_live_pools closes it (without a warning)
 
-    def _encode_request(
-        self, op: str, session_id: str, fields: list[Any], owner: object = None, zero_copy: bool = False
-    ) -> tuple[int, bytes]:
-        """``(req_id, frame body)`` of a request, its big buffers in segments; raises
-        :class:`ValueTooLargeError` past ``max_value_bytes`` before anything is sent."""
-        shm = self._shm
-        if shm is None:
-            body = pack_value(fields, session_id, owner)
-            names: list[str] = []
-            size = 0
-        else:
-            if zero_copy:
-                shm.zero_copy(True)
-                try:
-                    body = pack_value(fields, session_id, owner, shm)
-                finally:
-                    shm.zero_copy(False)
-            else:
-                body = pack_value(fields, session_id, owner, shm)
-            names, size = shm.take()
-        limit = self.max_value_bytes
-        if limit is not None and len(body) + size > limit:
-            for name in names:
-                shm.recycle(name)  # type: ignore[union-attr]
-            raise value_too_large("this request (its arguments)", len(body) + size, limit)
-        req_id = self._router.next_id()
-        return req_id, pack_request(req_id, op, session_id, body, names)
+    _encode_request = _calls.encode_request
 
     @property  # a pool is its own _pool (see __init__)
     def _pool(self) -> Pool:  # type: ignore[override]
@@ -634,7 +242,7 @@ class Pool(_Api, ExecutorFace):
 
     def _discard(self, key: list[Any], op: str) -> None:
         # Called from __del__, possibly inside another send on this thread: only queue here.
-        if not self._router.closing:
+        if not self._supervisor.closing:
             self._discards.append((key, op))
 
     def _flush_discards(self) -> None:
@@ -645,12 +253,12 @@ class Pool(_Api, ExecutorFace):
             except IndexError:
                 return
             session_id, _, slot, generation = key
-            if not self._router.route_epoch and generation != self._router.generation(slot):
+            if not self._supervisor.route_epoch and generation != self._supervisor.generation(slot):
                 continue  # that worker is gone, and the object with it (resized: the worker decides)
-            req_id = self._router.next_id()
+            req_id = self._supervisor.next_id()
             body = pack_plain([req_id, op, session_id, pack_plain([key])])
             try:
-                self._router.send(slot, req_id, body, DISCARD)
+                self._supervisor.send(slot, req_id, body, DISCARD)
             except (WorkerCrashedError, PoolClosedError):
                 pass
 
@@ -663,7 +271,7 @@ class Pool(_Api, ExecutorFace):
         :meth:`close` every slot reports pid -1, not alive. ``_ask_busy=False`` (the Port server): a
         worker with calls in flight is not asked at all, so the snapshot never waits behind one.
         """
-        router = self._router
+        router = self._supervisor
         if router.closing and os.getpid() != router.owner_pid:
             raise router.closed_error()
         if self._discards:
@@ -722,24 +330,20 @@ class Pool(_Api, ExecutorFace):
         nothing changes and the record says ``refused``. ``timeout``: bound on each worker's part
         (a worker that does not answer in time is restarted, losing its sessions as in a crash).
         """
-        from ._resize import resize
-
         if self._discards:
             self._flush_discards()
-        record = resize(self._router, workers, on_unmovable=on_unmovable, timeout=timeout)
-        self.workers = self._router.n_slots
+        record = _resize.resize(self._supervisor, workers, on_unmovable=on_unmovable, timeout=timeout)
+        self.workers = self._supervisor.n_slots
         return record
 
     @property
-    def aio(self) -> Any:
+    def aio(self) -> AsyncPool:
         """The asyncio face of this pool (:class:`AsyncPool`), sharing its workers and sessions."""
-        from ._aio import AsyncPool
-
         return AsyncPool(_api=self)
 
     def pids(self) -> list[int]:
         """The current worker pid of every slot, by slot (-1 for every slot once closed)."""
-        router = self._router
+        router = self._supervisor
         if router.closing:
             if os.getpid() != router.owner_pid:
                 raise router.closed_error()
@@ -752,8 +356,8 @@ class Pool(_Api, ExecutorFace):
         Returns once the workers have exited and the pool's threads and pipes are gone.
         """
         self._finalizer.detach()
-        if not self._router.closing:
-            self._router.close(cancel=cancel)
+        if not self._supervisor.closing:
+            self._supervisor.close(cancel=cancel)
             self._deadlines.stop()
             if self._shm is not None:
                 self._shm.close()
@@ -761,11 +365,11 @@ class Pool(_Api, ExecutorFace):
 
     @property
     def closed(self) -> bool:
-        return self._router.closing
+        return self._supervisor.closing
 
     def __enter__(self) -> Pool:
-        if self._router.closing:
-            raise self._router.closed_error()
+        if self._supervisor.closing:
+            raise self._supervisor.closed_error()
         return self
 
     def __exit__(self, exc_type: object, *exc_info: object) -> None:
@@ -782,3 +386,14 @@ class Pool(_Api, ExecutorFace):
 
     def __iter__(self) -> Iterator[Any]:  # pragma: no cover - guard against `for x in pool`
         raise TypeError("Pool is not iterable; did you mean pool.stream(...)?")
+
+
+class AsyncPool(AsyncFace):
+    """Awaitable operations on a :class:`Pool`. ``AsyncPool(**pool_args)`` owns a new pool;
+    ``pool.aio`` wraps an existing one. ``map`` / ``imap`` / ``starmap`` are ``async for``
+    iterators; ``broadcast`` is awaited."""
+
+    __slots__ = ()
+
+    def __init__(self, workers: int | None = None, *, _api: _Api | None = None, **pool_args: Any) -> None:
+        super().__init__(_api=_api if _api is not None else Pool(workers, **pool_args), _owned=_api is None)

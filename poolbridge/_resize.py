@@ -37,11 +37,11 @@ from typing import Any
 
 import msgpack
 
+from ._calls import Waiter
 from ._errors import CallTimeoutError, PoolbridgeError
 from ._hashing import slot_for
 from ._migrate import OP_MIGRATE_IN, OP_MIGRATE_OUT
 from ._protocol import OK, pack_plain, unpack_plain
-from ._replies import Waiter
 
 __all__ = ["ResizeRecord", "reroute", "resize"]
 

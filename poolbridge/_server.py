@@ -120,7 +120,7 @@ class Server:
             _wire=True,
             _allow_modules=tuple(allow_modules),
         )
-        self.router = self.pool._router
+        self.router = self.pool._supervisor
         self._side_threads: list[threading.Thread] = []
         self._arrivals = itertools.count()
         # client id -> its request while in flight (for ``cancel``; ids are the client's to keep unique)

@@ -44,12 +44,12 @@ def release_unsent(frame: bytes, lifter: Any) -> None:
 class ChannelSegments:
     """The segments in flight on one channel (see the module docstring)."""
 
-    __slots__ = ("_outbound", "_prefix", "_returned", "_router")
+    __slots__ = ("_outbound", "_prefix", "_returned", "_supervisor")
 
     def __init__(self, router: Any, slot: int, generation: int) -> None:
         shm = router.worker_options.get("shm")
         self._prefix = _shm.worker_prefix(shm["prefix"], slot, generation) if shm else None
-        self._router = router  # its .lifter, the pool's, is set after the first channels are made
+        self._supervisor = router  # its .lifter, the pool's, is set after the first channels are made
         # Argument segments of requests whose replies have not been read, by request id.
         self._outbound: dict[int, list[str]] = {}
         # Result segments this process has finished reading: the worker may write them again.
@@ -109,7 +109,7 @@ class ChannelSegments:
         names = self._outbound.pop(req_id, None)
         if names is None:
             return
-        lifter = self._router.lifter
+        lifter = self._supervisor.lifter
         for name in names:
             if lifter is None:
                 _shm.unlink(name)

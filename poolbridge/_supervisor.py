@@ -39,11 +39,11 @@ from collections.abc import Callable
 from threading import get_ident
 from typing import Any
 
-from ._channel import Sink
+from ._channel import Retired, Sink
 from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError, value_too_large
 from ._hashing import slot_for
 from ._monitor import Monitor
-from ._pipes import ProcessChannel, Retired
+from ._pipes import ProcessChannel
 from ._protocol import encode_frame
 from ._resize import reroute
 from ._shm_channel import release_unsent
@@ -51,7 +51,7 @@ from ._spawn import Spawner
 
 log = logging.getLogger("poolbridge.router")
 
-__all__ = ["Supervisor"]
+__all__ = ["Supervisor", "describe_pool"]
 
 # A restart normally takes a few hundred milliseconds (a fresh interpreter); a caller waiting for
 # its slot gives up after this long rather than hang on a slot that cannot come back.
@@ -397,3 +397,14 @@ def _describe(exitcode: int | None) -> str:
         except ValueError:
             return f"killed by signal {-exitcode}"
     return f"exited with code {exitcode}"
+
+
+def describe_pool(pool: Any) -> str:
+    """What ``repr`` shows of a pool: slots, their pids and generations, state, calls in flight."""
+    channels = pool._supervisor.channels()[: pool.workers]
+    pids = [ch.pid if ch is not None else -1 for ch in channels]
+    generations = [ch.generation if ch is not None else -1 for ch in channels]
+    in_flight = sum(len(ch.pending) for ch in channels if ch is not None)
+    state = "closed" if pool.closed else "running"
+    backend = "" if pool.backend == "process" else f" backend={pool.backend}"
+    return f"workers={pool.workers} pids={pids} generations={generations}{backend} {state} in_flight={in_flight}"

@@ -13,6 +13,7 @@ import pickle
 from typing import Any
 
 from ._errors import WorkerCrashedError
+from ._paths import resolve_path
 from ._protocol import dumps_any
 
 __all__ = ["MAX_SPEC_BYTES", "SESSION_INIT_KEY", "Warmup", "encode_initializer", "encode_session_init"]
@@ -62,8 +63,6 @@ def _bounded(spec: bytes, what: str) -> bytes:
 
 def _resolve(fn: Any) -> Any:
     if isinstance(fn, str):
-        from ._worker import resolve_path  # child side; imported late: _worker imports us
-
         return resolve_path(fn)
     return fn
 

@@ -24,6 +24,7 @@ from poolbridge import (
     SessionLostError,
     WorkerCrashedError,
 )
+from poolbridge import _testing as testing
 
 M = "pb_faultmods"
 WAIT = 15.0  # bound on any single await in these tests
@@ -256,7 +257,7 @@ async def test_backpressure_does_not_block_the_event_loop(fifo):
     the loop thread at the in-flight bound, the ticker cannot tick until the workers give up on
     their fifo (5 s) — the third call then completes with the ticker having ticked 0 times.
 
-    Regression: ``AsyncPool._arun`` used to call ``pool._router.send(..., block=True)`` on the
+    Regression: ``AsyncPool._arun`` used to call ``pool._supervisor.send(..., block=True)`` on the
     loop thread; at the bound ``ProcessChannel._wait_for_space`` waited on a
     ``threading.Condition``, freezing the whole event loop until a reply arrived (a deadlock if
     that reply depends on the loop).
@@ -299,14 +300,14 @@ async def test_async_timeout_restart(pool, fifo):
     apool = pool.aio.options(session=sid)
     ref = await bounded(apool.create(f"{M}.Box", 1))
     pid = pool.pids()[0]
-    gen = pool._router.generation(0)
+    gen = testing.generation(pool, 0)
     with pytest.raises(CallTimeoutError):
         await bounded(apool.options(timeout=0.3, on_timeout="restart").call(f"{M}.wait_fifo", fifo.path, 30.0))
     # The next call, made after the timeout error, goes to the restarted worker — not into the
     # one being killed (regression, see the sync twin in test_faults_limits.py).
     assert await bounded(apool.call(f"{M}.add", 1, 1)) == 2
     assert pool.pids()[0] != pid
-    assert pool._router.generation(0) == gen + 1
+    assert testing.generation(pool, 0) == gen + 1
     with pytest.raises(SessionLostError):
         await bounded(ref.acall("get"))
 
@@ -338,7 +339,7 @@ async def test_cancelled_await_leaves_the_pool_consistent(pool, fifo):
         await task
     fifo.release(1)
     assert await bounded(apool.call(f"{M}.add", 1, 2)) == 3
-    assert all(not ch.pending for ch in pool._router.channels())
+    assert all(not ch.pending for ch in testing.channels(pool))
 
 
 async def test_async_stream_of_a_dead_generation(pool):
@@ -380,7 +381,7 @@ def test_loop_closed_with_calls_in_flight_leaves_the_pool_working(pool, fifo):
         return await bounded(pool.aio.options(session=sid).call(f"{M}.add", 3, 3))
 
     assert asyncio.run(again()) == 6
-    assert all(not ch.pending for ch in pool._router.channels())
+    assert all(not ch.pending for ch in testing.channels(pool))
 
 
 async def test_many_tasks_across_worker_kills_every_reply_accounted_for(pool):

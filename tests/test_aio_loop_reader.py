@@ -17,6 +17,7 @@ from pb_faultmods import sessions_for_slot
 
 import poolbridge
 from poolbridge import WorkerCrashedError, _aio
+from poolbridge import _testing as testing
 from poolbridge._aio import _loop_state
 
 WAIT = 15.0
@@ -56,7 +57,7 @@ def test_the_reply_is_read_and_settled_on_the_loop_thread(pool: poolbridge.Pool,
     values, watched = asyncio.run(main())
     assert values == [i + 1 for i in range(20)] * 2
     assert hand_offs == []
-    assert watched and watched <= set(pool._router.channels())  # the loop watched what it sent to
+    assert watched and watched <= set(testing.channels(pool))  # the loop watched what it sent to
 
 
 def test_sync_threads_and_the_loop_share_a_pipe_without_losing_a_reply(pool: poolbridge.Pool) -> None:
@@ -110,7 +111,7 @@ def test_a_worker_death_closes_the_loops_copy_of_its_pipe(pool: poolbridge.Pool,
         aview = pool.aio.options(session=sid)
         pid = await asyncio.wait_for(aview.call("os.getpid"), WAIT)
         state = _loop_state(asyncio.get_running_loop())
-        old = pool._router.channels()[1]
+        old = testing.channels(pool)[1]
         assert old in state.readers
         in_flight = aview.submit("pb_faultmods.wait_fifo", fifo.path, 30.0, "x")  # written now
         os.kill(pid, signal.SIGKILL)

@@ -23,7 +23,8 @@ from pb_faultmods import Fifo, pid_in, wait_until
 
 import poolbridge
 from poolbridge import CallTimeoutError, WorkerCrashedError
-from poolbridge._replies import PoolFuture
+from poolbridge import _testing as testing
+from poolbridge._calls import PoolFuture
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,7 +46,7 @@ def _unread(fd: int) -> int:
 
 
 def _queue_len(pool: poolbridge.Pool) -> int:
-    return len(pool._router.channels()[0]._queue)
+    return len(testing.channels(pool)[0]._queue)
 
 
 def test_a_burst_behind_a_busy_worker_is_queued_then_answered_in_order(pool_maker, fifo, tmp_path):
@@ -72,7 +73,7 @@ def test_a_sender_waits_for_the_pipe_instead_of_queueing_without_bound(pool_make
     out: list[Any] = []
     sender = threading.Thread(target=lambda: out.extend(api.submit(f"{F}.echo", big, i) for i in range(200)))
     sender.start()
-    ch = pool._router.channels()[0]
+    ch = testing.channels(pool)[0]
     wait_until(lambda: _unread(ch._write_fd) >= 32768, WAIT, what="requests to fill the pipe")
     assert sender.is_alive(), "400 KB of requests cannot all fit in a 64 KB pipe and a 32 KB queue"
     fifo.release()

@@ -21,6 +21,7 @@ from pb_faultmods import ProcessHygiene, pid_in, sessions_for_slot, wait_until
 
 import poolbridge
 from poolbridge import RefNotFoundError, SessionLostError, WorkerCrashedError
+from poolbridge import _testing as testing
 
 M = "pb_faultmods"
 CRASH_DEADLINE = 1.0  # "well under a second": the monitor sees the exit through a pidfd
@@ -61,7 +62,7 @@ def serves_every_slot(pool: poolbridge.Pool, tag: str = "probe") -> None:
         seen = pool.options(session=sid).call(f"{M}.whoami")  # waits for a restarting slot
         assert seen["slot"] == slot
         assert seen["pid"] == pool.pids()[slot]
-        assert seen["generation"] == pool._router.generation(slot)
+        assert seen["generation"] == testing.generation(pool, slot)
         assert seen["session"] == sid
 
 
@@ -176,7 +177,7 @@ def test_external_kill_fails_every_in_flight_call_of_that_slot_only(pool, fifo, 
     t = threading.Thread(target=sync_caller)
     t.start()
     # (not pool.stats(): that asks the worker too, and slot 0 is busy)
-    wait_until(lambda: len(pool._router.channels()[0].pending) >= 4 or sync_result, 5.0, what="sync call in flight")
+    wait_until(lambda: len(testing.channels(pool)[0].pending) >= 4 or sync_result, 5.0, what="sync call in flight")
 
     killed_at = time.monotonic()
     os.kill(pids[0], signal.SIGKILL)
@@ -207,7 +208,7 @@ def test_external_kill_fails_every_in_flight_call_of_that_slot_only(pool, fifo, 
 def test_crash_is_seen_through_the_pidfd_not_a_timeout(pool, fifo, tmp_path):
     """The blocked call would wait 60 s; the crash error arrives as soon as the process is gone."""
     assert hasattr(os, "pidfd_open")
-    assert pool._router.monitor._pidfd, "the monitor fell back to polling"
+    assert testing.supervisor(pool).monitor._pidfd, "the monitor fell back to polling"
     (sid,) = sessions_for_slot(pool, 1, 1, "pidfd")
     marker = str(tmp_path / "running")
     f = pool.options(session=sid).submit(f"{M}.mark_and_wait", marker, fifo.path, 60.0)
@@ -463,7 +464,7 @@ def test_worker_crash_with_many_threads_blocked_in_call(pool, fifo, tmp_path):
     for i in range(1, 6):
         threads.append(threading.Thread(target=caller, args=(i,)))
         threads[-1].start()
-    wait_until(lambda: pool._router.channels()[1].pending and len(pool._router.channels()[1].pending) >= 6, 5.0)
+    wait_until(lambda: testing.channels(pool)[1].pending and len(testing.channels(pool)[1].pending) >= 6, 5.0)
     os.kill(pid, signal.SIGKILL)
     for t in threads:
         t.join(5.0)
@@ -496,7 +497,7 @@ def test_a_failed_restart_is_retried(monkeypatch):
     p = poolbridge.Pool(2)
     try:
         assert p.call(f"{M}.add", 1, 1) == 2
-        router = p._router
+        router = testing.supervisor(p)
         real = router._factory
         failures = []
 

@@ -32,6 +32,7 @@ from poolbridge import (
     SessionLimitError,
     WorkerCrashedError,
 )
+from poolbridge import _testing as testing
 
 M = "pb_faultmods"
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -82,7 +83,7 @@ def test_timeout_keep_lets_the_worker_finish_and_drops_the_reply(pool_maker, fif
     assert os.path.exists(second)
     assert pool.pids() == [pid]
     assert pool.stats().slots[0].generation == 0
-    assert not pool._router.channels()[0].pending
+    assert not testing.channels(pool)[0].pending
     # a call that finishes within its timeout just returns
     assert api.options(timeout=5.0).call(f"{M}.add", 1, 2) == 3
 
@@ -166,7 +167,7 @@ def test_timeout_option_is_validated(pool_maker):
 
 def test_max_in_flight_blocks_callers_and_block_false_raises_busy(pool_maker, fifo):
     pool = pool_maker(max_in_flight=2)
-    ch = pool._router.channels()[0]
+    ch = testing.channels(pool)[0]
     f1 = pool.options(session="a").submit(f"{M}.wait_fifo", fifo.path, 60.0, "v1")
     f2 = pool.options(session="b").submit(f"{M}.wait_fifo", fifo.path, 60.0, "v2")
     assert len(ch.pending) == 2
@@ -271,7 +272,7 @@ def test_sender_waiting_for_room_survives_the_death_of_its_worker(pool_maker, fi
 
     t = threading.Thread(target=waiting_sender)
     t.start()
-    wait_until(lambda: pool._router.channels()[0]._space_waiters, 5.0, what="the sender waiting for room")
+    wait_until(lambda: testing.channels(pool)[0]._space_waiters, 5.0, what="the sender waiting for room")
     os.kill(pid, signal.SIGKILL)
     assert isinstance(blocked.exception(timeout=5.0), WorkerCrashedError)
     t.join(15.0)
@@ -504,7 +505,7 @@ def test_close_cancel_fails_in_flight_calls_promptly(pool_maker, fifo, tmp_path)
 
     t = threading.Thread(target=sync_caller)
     t.start()
-    wait_until(lambda: len(pool._router.channels()[pool.slot_for("blocked")].pending) >= 7, 5.0)
+    wait_until(lambda: len(testing.channels(pool)[pool.slot_for("blocked")].pending) >= 7, 5.0)
     started = time.monotonic()
     pool.close(cancel=True)
     assert time.monotonic() - started < 5.0
@@ -539,7 +540,7 @@ def test_close_during_a_slot_restart_leaves_no_worker_behind(pool_maker):
     """
     pool = pool_maker(workers=2)
     assert pool.call(f"{M}.add", 1, 1) == 2
-    router = pool._router
+    router = testing.supervisor(pool)
     real_factory, real_channels = router._factory, router.channels
     gate = threading.Event()
 

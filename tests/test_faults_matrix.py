@@ -27,6 +27,7 @@ from pb_faultmods import (
 
 import poolbridge
 from poolbridge import Ref, WorkerCrashedError
+from poolbridge import _testing as testing
 
 M = "pb_faultmods"
 RESULT_WAIT = 10.0
@@ -53,11 +54,11 @@ def serves_every_slot(pool: poolbridge.Pool) -> None:
         seen = pool.options(session=sid).call(f"{M}.whoami")
         assert seen["slot"] == slot and seen["session"] == sid
         assert seen["pid"] == pool.pids()[slot]
-        assert seen["generation"] == pool._router.generation(slot)
+        assert seen["generation"] == testing.generation(pool, slot)
 
 
 def nothing_pending(pool: poolbridge.Pool) -> bool:
-    return all(not ch.pending for ch in pool._router.channels())
+    return all(not ch.pending for ch in testing.channels(pool))
 
 
 _counter = iter(range(10**9))
@@ -224,7 +225,7 @@ def test_stream_fault(pool, name, fn, args, before, error, crash):
     else:  # a crash mid-stream: a prefix of the items, in order, nothing else
         assert got == list(range(len(got)))
     if crash:
-        assert pool.pids()[slot] != pids[slot] or pool._router.channels()[slot].dead
+        assert pool.pids()[slot] != pids[slot] or testing.channels(pool)[slot].dead
     else:
         assert pool.pids() == pids
         # the failed stream is gone from the worker: nothing leaked

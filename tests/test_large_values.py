@@ -20,6 +20,7 @@ from pb_largemods import digest
 
 import poolbridge
 from poolbridge import _shm
+from poolbridge import _testing as testing
 
 T = 1 << 16  # the threshold of the small-threshold pools below: large values stay cheap
 SHM = "/dev/shm"
@@ -39,7 +40,7 @@ def leaked(pool: poolbridge.Pool) -> list[str]:
     prefix = shm.prefix.lstrip("/")
     idle = {name.lstrip("/") for name in shm._idle}
     live = tuple(
-        _shm.worker_prefix(shm.prefix, slot, pool._router.generation(slot)).lstrip("/") for slot in range(pool.workers)
+        _shm.worker_prefix(shm.prefix, slot, testing.generation(pool, slot)).lstrip("/") for slot in range(pool.workers)
     )
     return [e for e in segments(prefix) if e not in idle and not e.startswith(live)]
 

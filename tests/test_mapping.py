@@ -17,6 +17,7 @@ import pytest
 
 import poolbridge
 from poolbridge import AsyncPool, Pool, WorkerCrashedError
+from poolbridge import _testing as testing
 
 WAIT = 30.0
 M = "pb_mapmods"
@@ -326,7 +327,7 @@ async def test_async_map_sends_off_the_loop_while_a_slot_is_not_ready(
             pulled_on.add(threading.get_ident())
             yield i
 
-    monkeypatch.setattr(pool._router, "ready", lambda slot: False)
+    monkeypatch.setattr(testing.supervisor(pool), "ready", lambda slot: False)
     assert [x async for x in pool.aio.imap(abs, items(), chunksize=5)] == list(range(20))
     assert threading.get_ident() not in pulled_on
 

@@ -35,6 +35,7 @@ from poolbridge import (
     SessionMismatchError,
     WorkerCrashedError,
 )
+from poolbridge import _testing as testing
 from poolbridge._errors import RemoteTraceback
 
 try:
@@ -184,7 +185,7 @@ def test_helpers_with_context_keep_per_session_state(bpool: Pool) -> None:
         "type": "SessionContext",
         "session": a,
         "slot": slot,
-        "generation": bpool._router.generation(slot),
+        "generation": testing.generation(bpool, slot),
         "is_current": True,
     }
     assert bpool.options(session=a).helper("pbh_remember", "k", "va") == 1
@@ -279,7 +280,7 @@ def test_a_killed_worker_costs_its_in_flight_calls_and_refs_and_comes_back(bpool
             gate = str(Path(tmp) / "gate")
             in_flight = [victim.submit("ray_testmods.wait_for_path", gate) for _ in range(3)]
             # (stats() would queue behind them; the stream's prefetch may be in flight too)
-            assert len(pool._router.channels()[victim_slot].pending) >= 3
+            assert len(testing.channels(pool)[victim_slot].pending) >= 3
             os.kill(old_pids[victim_slot], signal.SIGKILL)
             started = time.monotonic()
             for future in in_flight:
@@ -303,7 +304,7 @@ def test_a_killed_worker_costs_its_in_flight_calls_and_refs_and_comes_back(bpool
         assert fresh.call("add", 1) == 6
 
         # An idle worker killed (nothing in flight to fail) is noticed and restarted without a call.
-        router = pool._router
+        router = testing.supervisor(pool)
         idle = router.channels()[1]
         os.kill(idle.pid, signal.SIGKILL)
         assert idle.finished.wait(CRASH_WAIT), "the death of an idle worker was not noticed"
@@ -326,7 +327,7 @@ def test_ray_slots_are_actors_in_other_processes(bpool: Pool) -> None:
     from poolbridge.backends.ray import RayChannel
 
     assert ray.is_initialized()
-    channels = bpool._router.channels()
+    channels = testing.channels(bpool)
     assert all(isinstance(ch, RayChannel) for ch in channels)
     for pid in bpool.pids():
         assert "ray" in " ".join(psutil.Process(pid).cmdline()).lower()
@@ -336,7 +337,7 @@ def test_ray_slots_are_actors_in_other_processes(bpool: Pool) -> None:
 def test_ray_timeout_with_restart_kills_the_actor(bpool: Pool) -> None:
     (sid,) = sessions_on(bpool, 1)
     view = bpool.options(session=sid)
-    generation = bpool._router.generation(1)
+    generation = testing.generation(bpool, 1)
     box = view.create("ray_testmods.Box", 1)
     with tempfile.TemporaryDirectory() as tmp:
         gate = str(Path(tmp) / "gate")
@@ -360,7 +361,7 @@ def test_ray_close_lets_in_flight_calls_finish_and_ray_stays_for_other_pools(bpo
 
 
 def test_ray_init_arguments_for_a_local_start() -> None:
-    from poolbridge.backends.ray import _init_kwargs
+    from poolbridge.backends._ray_runtime import _init_kwargs
 
     kwargs = _init_kwargs({"runtime_env": {"env_vars": {"X": "1"}}}, 8)
     assert kwargs["num_cpus"] == 8 and kwargs["include_dashboard"] is False

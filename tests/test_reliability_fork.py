@@ -18,6 +18,7 @@ from pb_faultmods import Fifo
 
 import poolbridge
 from poolbridge import PoolClosedError
+from poolbridge import _testing as testing
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -27,10 +28,10 @@ WAIT = 30.0
 def _pipe_inodes(pool: poolbridge.Pool) -> set[int]:
     """The inodes of the pool's worker pipes and template socket (as this process holds them)."""
     inodes = set()
-    for ch in pool._router.channels():
+    for ch in testing.channels(pool):
         for fd in (ch._write_fd, ch._read_fd):
             inodes.add(os.fstat(fd).st_ino)
-    template = pool._router.spawner._template
+    template = testing.supervisor(pool).spawner._template
     if template is not None:
         inodes.add(os.fstat(template._sock.fileno()).st_ino)
     return inodes
@@ -170,7 +171,7 @@ def test_a_living_forked_child_does_not_keep_the_parents_workers_alive(pool_make
     pid, r = _in_child(lambda: {"ok": True}, hold=(hold_r, hold_w))
     try:
         assert _report(pid, r) == {"ok": True}
-        channels = pool._router.channels()
+        channels = testing.channels(pool)
         pool.close()
         assert [ch.exitcode for ch in channels] == [0, 0]  # EOF, not killed after a timeout
     finally:

@@ -15,6 +15,7 @@ from pb_faultmods import Fifo, pid_in, wait_until
 
 import poolbridge
 from poolbridge import PoolClosedError
+from poolbridge import _testing as testing
 
 WAIT = 30.0
 
@@ -85,7 +86,7 @@ def test_an_exception_leaving_with_stops_at_once(exc_type: type[BaseException], 
     """Not the plain exit's wait for calls in flight: what runs is stopped (its worker killed,
     its call failed), what has not started is cancelled (as by shutdown(cancel_futures=True))."""
     pool = poolbridge.Pool(workers=1)
-    channel = pool._router.channels()[0]
+    channel = testing.channels(pool)[0]
     marker = str(tmp_path / "running")
     with pytest.raises(exc_type), pool:
         # This call would finish by itself after 3 s (the fifo wait's own bound): a close that
@@ -109,7 +110,7 @@ def test_a_plain_with_exit_waits_for_calls_in_flight(fifo: Fifo) -> None:
 
 async def test_async_with_an_exception_stops_at_once(fifo: Fifo) -> None:
     aio = poolbridge.AsyncPool(workers=1)
-    channel = aio.pool._router.channels()[0]
+    channel = testing.channels(aio.pool)[0]
     with pytest.raises(RuntimeError):
         async with aio:
             running = aio.submit("pb_faultmods.wait_fifo", fifo.path, 3.0)

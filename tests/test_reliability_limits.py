@@ -12,6 +12,7 @@ from pb_faultmods import Fifo, wait_until
 
 import poolbridge
 from poolbridge import CallTimeoutError, FrameTooLargeError, Ref, ValueTooLargeError, WorkerCrashedError
+from poolbridge import _testing as testing
 
 WAIT = 30.0
 SMALL = 1 << 16  # a pool bound that keeps these tests cheap (Pool(max_value_bytes=...))
@@ -77,7 +78,7 @@ def test_a_reply_the_reader_cannot_read_fails_only_its_own_call(pool_maker: Any)
     """The router's reader meets a reply over its limit (here: a worker allowed larger replies):
     that one call fails, typed; the reader goes on serving the slot."""
     pool = pool_maker(workers=1, max_value_bytes=1 << 20)
-    pool._router.channels()[0]._frames.max_frame = SMALL
+    testing.channels(pool)[0]._frames.max_frame = SMALL
     with pytest.raises(FrameTooLargeError):
         pool.submit("builtins.bytes", SMALL * 2).result(timeout=WAIT)
     assert pool.submit("operator.add", 1, 2).result(timeout=WAIT) == 3

@@ -11,6 +11,7 @@ from pb_faultmods import Fifo, wait_until
 
 import poolbridge
 from poolbridge import CallTimeoutError, SessionMismatchError
+from poolbridge import _testing as testing
 
 WAIT = 30.0
 
@@ -93,7 +94,7 @@ async def test_a_cancelled_await_releases_what_its_call_made(pool_maker: Any, fi
     pool = pool_maker(workers=1)
     task = asyncio.ensure_future(pool.aio.options(session="s").create("pb_reliabilitymods.blocked_then", fifo.path, 1))
     await asyncio.sleep(0)  # let the task send its request
-    wait_until(lambda: len(pool._router.channels()[0].pending) == 1, WAIT, what="the create sent")
+    wait_until(lambda: len(testing.channels(pool)[0].pending) == 1, WAIT, what="the create sent")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

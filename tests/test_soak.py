@@ -22,6 +22,7 @@ from pb_faultmods import ProcessHygiene, sessions_for_slot, wait_until
 
 import poolbridge
 from poolbridge import WorkerCrashedError
+from poolbridge import _testing as testing
 
 M = "pb_faultmods"
 TOTAL = int(os.environ.get("POOLBRIDGE_SOAK_CALLS", "250000"))
@@ -183,7 +184,7 @@ def test_soak_every_reply_reaches_its_caller_across_random_kills() -> None:
             assert stats.slots[slot].generation == sum(1 for s, _ in kills if s == slot)
             (sid,) = sessions_for_slot(pool, slot, 1, "after-soak")
             assert pool.options(session=sid).call(f"{M}.echo", "x") == [["x"], sid]
-        assert all(not ch.pending for ch in pool._router.channels())
+        assert all(not ch.pending for ch in testing.channels(pool))
     finally:
         stop_wait = time.monotonic()
         pool.close()

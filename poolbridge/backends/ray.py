@@ -30,17 +30,13 @@ the application called ``ray.init`` itself, poolbridge neither re-initialises no
 
 from __future__ import annotations
 
-import atexit
-import gc
 import itertools
 import logging
 import os
 import queue
 import select
-import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +49,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .._channel import Pending
 from .._errors import PoolBusyError, PoolClosedError, RemoteError, WorkerCrashedError
 from .._protocol import unpack_plain
+from ._ray_actor import RemoteSlotWorker
+from ._ray_runtime import runtime
 
 if TYPE_CHECKING:
     from .._channel import Sink
@@ -83,148 +81,6 @@ _UNSUPPORTED = ("max_calls", "max_rss")
 #: when one returns (the actor runs one at a time anyway, so this costs no parallelism).
 MAX_OUTSTANDING = 2
 MAX_BATCH = 512
-
-
-# -- the actor ------------------------------------------------------------------------------------
-
-
-class _SlotWorker:
-    """The body of one slot's actor: a :class:`WorkerCore` plus the idle-session sweeper."""
-
-    def __init__(self, slot: int, n_slots: int, generation: int, options: dict[str, Any]) -> None:
-        from .._worker import WorkerCore
-
-        logging.basicConfig(level=options.get("log_level", logging.WARNING))
-        self._core = WorkerCore(
-            slot,
-            n_slots,
-            generation,
-            helpers=tuple(options.get("helpers") or ()),
-            wire=bool(options.get("wire", False)),
-            max_refs_per_session=options.get("max_refs_per_session"),
-            session_ttl=options.get("session_ttl"),
-            initializer=options.get("initializer"),
-            session_init=options.get("session_init"),
-            allow_modules=tuple(options.get("allow_modules") or ()),
-        )
-        # Ray runs the methods on its own thread; the sweeper is ours. The lock keeps them apart.
-        self._lock = threading.Lock()
-        self._tick = threading.Event()  # never set: the sweeper's timer
-        if options.get("session_ttl") is not None:
-            threading.Thread(target=self._sweeper, name="poolbridge-sweeper", daemon=True).start()
-
-    def ping(self) -> tuple[int, str]:
-        """This actor's process id and Ray node id."""
-        return os.getpid(), ray.get_runtime_context().get_node_id()
-
-    def handle(self, body: bytes) -> bytes:
-        with self._lock:
-            return self._core.handle(body)
-
-    def handle_many(self, bodies: list[bytes]) -> list[bytes]:
-        """Requests that queued up while the actor was busy, run in order: one Ray task, not N."""
-        with self._lock:
-            handle = self._core.handle
-            return [handle(body) for body in bodies]
-
-    def _sweeper(self) -> None:
-        core = self._core
-        while True:
-            wait = core.next_sweep_in()
-            if wait is None:
-                return
-            if wait > 0:
-                self._tick.wait(wait)  # a timer; the sweep re-checks under the lock
-            with self._lock:
-                if core.next_sweep_in() == 0.0:
-                    core.sweep()
-
-
-_RemoteSlotWorker: Any = ray.remote(_SlotWorker)
-
-
-# -- Ray itself: started on demand, shut down with the last pool that needed it ------------------
-
-
-class _Runtime:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owned = False
-        self._routers: dict[int, weakref.ref[Supervisor]] = {}
-        self._exit_hook = False
-        self.exiting = False
-        self.node_id: str | None = None
-
-    def acquire(self, router: Supervisor, ray_init: dict[str, Any]) -> None:
-        with self._lock:
-            if id(router) in self._routers:
-                if not ray.is_initialized():  # shut down under us (ray.shutdown(), interpreter exit)
-                    raise PoolClosedError("Ray was shut down; this pool's slots cannot be restarted")
-                return
-            if not self._exit_hook:
-                # Registered after Ray's own atexit hook, so it runs first: pools close in order
-                # while Ray is still up, instead of seeing every actor die and restarting them.
-                atexit.register(self._close_all)
-                self._exit_hook = True
-            if not ray.is_initialized():
-                kwargs = _init_kwargs(ray_init, router.n_slots)
-                started = time.monotonic()
-                ray.init(**kwargs)
-                self._owned = True
-                log.info("started Ray (%s) in %.1fs", kwargs.get("address", "local"), time.monotonic() - started)
-            elif ray_init:
-                log.info("Ray is already initialised; ray_init=%r is not used", sorted(ray_init))
-            self.node_id = ray.get_runtime_context().get_node_id()
-            self._routers[id(router)] = weakref.ref(router)
-
-    def _close_all(self) -> None:
-        self.exiting = True
-        with self._lock:
-            routers = [r() for r in self._routers.values()]
-        for router in routers:
-            if router is not None and not router.closing:
-                try:
-                    router.close(cancel=True)
-                except Exception:
-                    log.exception("closing a Ray pool at exit failed")
-
-    def release(self, router: Supervisor) -> None:
-        with self._lock:
-            if id(router) not in self._routers:
-                return
-            del self._routers[id(router)]
-            if self._owned and not self._routers:
-                self._owned = False
-                if ray.is_initialized():
-                    log.info("shutting down the Ray instance poolbridge started")
-                    # Garbage that still holds Ray objects (actor handles, object refs, in
-                    # reference cycles) must be freed while Ray is up: freed after the shutdown,
-                    # they reach into a torn-down core worker.
-                    gc.collect()
-                    ray.shutdown()
-
-    @property
-    def owned(self) -> bool:
-        return self._owned
-
-
-_runtime = _Runtime()
-
-
-def _init_kwargs(ray_init: dict[str, Any], n_slots: int) -> dict[str, Any]:
-    """``ray.init`` arguments: the user's, plus sane defaults when starting a local instance."""
-    kwargs = dict(ray_init)
-    if kwargs.get("address") is not None or os.environ.get("RAY_ADDRESS"):
-        return kwargs  # joining a cluster: its resources and code shipping are the user's choice
-    kwargs.setdefault("num_cpus", max(2, n_slots))
-    kwargs.setdefault("include_dashboard", False)
-    # Actors must import poolbridge, helper modules and dotted paths exactly as this process does.
-    runtime_env = dict(kwargs.get("runtime_env") or {})
-    env_vars = dict(runtime_env.get("env_vars") or {})
-    env_vars.setdefault("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))
-    runtime_env["env_vars"] = env_vars
-    kwargs["runtime_env"] = runtime_env
-    return kwargs
 
 
 # -- noticing that a local actor's process exited ---------------------------------------------------
@@ -299,7 +155,7 @@ class RayChannel:
         #: Set once the router has drained this channel and failed what was left.
         self.finished = threading.Event()
         self.max_in_flight = router.max_in_flight
-        self._router = router
+        self._supervisor = router
         # One lock for submission order, the dead/input-closed checks, the batch tables and the
         # once-only exit report; ``_settle`` (same lock) is notified whenever a batch settles.
         self._lock = threading.RLock()
@@ -324,7 +180,7 @@ class RayChannel:
         self._start_error: BaseException | None = None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         options = {k: v for k, v in router.worker_options.items() if k not in _UNSUPPORTED}
-        self._actor = _RemoteSlotWorker.options(**_ACTOR_OPTIONS).remote(slot, router.n_slots, generation, options)
+        self._actor = RemoteSlotWorker.options(**_ACTOR_OPTIONS).remote(slot, router.n_slots, generation, options)
         self._delivery = threading.Thread(
             target=self._deliver_loop, name=f"poolbridge-ray-{slot}.{generation}", daemon=True
         )
@@ -356,7 +212,7 @@ class RayChannel:
             self._died(f"the actor failed to start: {exc}")
             return
         self._pid = pid
-        self._local = node_id == _runtime.node_id
+        self._local = node_id == runtime.node_id
         self._up.set()
         if not (self._local and _pid_watcher.watch(pid, self._process_exited)):
             self._local = False
@@ -491,7 +347,7 @@ class RayChannel:
             if self._reported or self._hold_exit:
                 return
             self._reported = True
-        if not self._router.closing and not _runtime.exiting:
+        if not self._supervisor.closing and not runtime.exiting:
             log.warning("slot %d: Ray actor (generation %d) died: %s", self.slot, self.generation, reason)
         threading.Thread(target=self._report_exit, name="poolbridge-ray-reaper", daemon=True).start()
 
@@ -508,13 +364,13 @@ class RayChannel:
             self._kill_actor()  # ActorUnavailableError and friends: make the death final
             if not self._local:
                 self._gone.set()
-            self._router._channel_exited(self)
+            self._supervisor._channel_exited(self)
         except Exception:
             log.exception("slot %d: handling the actor's death failed", self.slot)
         finally:
             self.finished.set()
-            if self._router.closing:
-                _maybe_release(self._router)
+            if self._supervisor.closing:
+                _maybe_release(self._supervisor)
 
     def drain_and_close(self) -> None:
         """After the death: let replies already on their way be delivered (bounded), then stop."""
@@ -571,7 +427,7 @@ class RayChannel:
         """
         if not self._gone.wait(timeout):
             return None
-        router = self._router
+        router = self._supervisor
         channels = [ch for ch in router.channels() if isinstance(ch, RayChannel)]
         if router.closing and channels and channels[-1] is self:
             deadline = time.monotonic() + EXIT_WAIT
@@ -595,7 +451,7 @@ def _maybe_release(router: Supervisor) -> None:
     channels = [ch for ch in router.channels() if isinstance(ch, RayChannel)]
     if not all(ch._gone.is_set() and ch.finished.is_set() for ch in channels):
         return
-    _runtime.release(router)
+    runtime.release(router)
 
 
 # -- the factory -------------------------------------------------------------------------------------
@@ -613,7 +469,7 @@ def ray_channel_factory(ray_init: dict[str, Any]) -> Callable[[Supervisor, int, 
     starting: dict[int, list[RayChannel]] = {}
 
     def factory(router: Supervisor, slot: int, generation: int) -> RayChannel:
-        _runtime.acquire(router, ray_init)
+        runtime.acquire(router, ray_init)
         if generation > 0:
             return RayChannel(router, slot, generation)
         if any(router.worker_options.get(k) is not None for k in _UNSUPPORTED):
@@ -635,7 +491,7 @@ def ray_channel_factory(ray_init: dict[str, Any]) -> Callable[[Supervisor, int, 
                 ch.finished.set()
                 ch._queue.put(_STOP)
                 if len(batch) == 1:
-                    _runtime.release(router)
+                    runtime.release(router)
                 raise WorkerCrashedError(
                     f"worker slot {started.slot} failed to start as a Ray actor: {_first_line(error)}",
                     slot=started.slot,

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import _calls, _shm
+from . import _calls, _resize, _shm
 from ._aio import AsyncFace
 from ._api import _Api, _Options
 from ._calls import DISCARD, Deadlines, Waiter

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import _calls
 from ._aio import AsyncFace
-from ._calls import rebuild_error
 from ._handles import Ref, Stream
 from ._hashing import slot_for
 from ._mapping import MappingMixin
@@ -35,6 +34,7 @@ from ._protocol import (
     unpack_plain,
 )
 from ._session import session_scope, validate_session_id
+from ._wire import rebuild_error
 
 if TYPE_CHECKING:
     from ._pool import Pool

@@ -35,8 +35,8 @@ channel's background reader) or a failure (the worker died, the pool closed, the
   stays pending until its reply, and whose ``cancel()`` reaches the worker;
 * :class:`Discard` — fire-and-forget releases (dropped handles).
 
-:func:`rebuild_error` turns an error reply back into the exception it stands for, and
-:class:`Deadlines` times out submitted calls (one thread per pool).
+:class:`Deadlines` times out submitted calls (one thread per pool). Envelopes and errors are
+encoded and decoded in _wire.py.
 """
 
 
@@ -51,23 +51,20 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import cloudpickle
-
 from . import _shm
 from ._channel import Late, Sink
 from ._errors import (
-    ERRORS_BY_CODE,
     CallTimeoutError,
-    RemoteError,
-    RemoteTraceback,
     SessionLostError,
     SessionMismatchError,
     value_too_large,
 )
 from ._handles import Ref
 from ._hashing import slot_for
-from ._protocol import OK, OP_STREAM_OPEN, WireRef, pack_request, pack_value, unpack_plain
+from ._protocol import OK, OP_STREAM_OPEN, WireRef, pack_value, unpack_plain
 from ._session import resolve_session
+from ._wire import encode_request as wire_request
+from ._wire import rebuild_error
 
 if TYPE_CHECKING:
     from ._api import _Api
@@ -193,23 +190,6 @@ class Discard(Sink):
 
 
 DISCARD = Discard()
-
-
-def rebuild_error(body: bytes) -> BaseException:
-    """The exception an error reply stands for: the original type where it can be rebuilt."""
-    code, type_name, message, tb, pickled = unpack_plain(body)
-    exc: Any = None
-    if pickled is not None:
-        try:
-            exc = cloudpickle.loads(pickled)
-        except Exception:
-            exc = None
-    if not isinstance(exc, BaseException):
-        cls = ERRORS_BY_CODE.get(code)
-        exc = cls(message) if cls is not None else RemoteError(type_name, message, tb)
-    exc.__cause__ = RemoteTraceback(tb)
-    rebuilt: BaseException = exc
-    return rebuilt
 
 
 class Deadlines:
@@ -408,4 +388,4 @@ def encode_request(
             shm.recycle(name)  # type: ignore[union-attr]
         raise value_too_large("this request (its arguments)", len(body) + size, limit)
     req_id = pool._supervisor.next_id()
-    return req_id, pack_request(req_id, op, session_id, body, names)
+    return req_id, wire_request(req_id, op, session_id, body, names)

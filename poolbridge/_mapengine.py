@@ -44,9 +44,9 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._calls import rebuild_error
 from ._protocol import OP_CALL, RET_VALUE, WireRef, pack_plain
 from ._session import current_context_session, slot_sessions
+from ._wire import rebuild_error
 
 if TYPE_CHECKING:
     from ._api import _Api

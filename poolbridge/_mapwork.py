@@ -12,7 +12,8 @@ import time
 from typing import Any
 
 from ._paths import resolve_path
-from ._worker import active_core, error_fields
+from ._wire import error_fields
+from ._worker import active_core
 
 __all__ = ["apply_chunk"]
 

@@ -34,9 +34,10 @@ from ._cancel import CancelBoard
 from ._channel import Pending
 from ._coalesce import CoalescingWriter
 from ._errors import WorkerCrashedError
-from ._protocol import OK_SHM, RETIRING, FrameReader, OversizedFrame, unpack_plain
+from ._protocol import OK_SHM, RETIRING, FrameReader, OversizedFrame
 from ._shm_channel import ChannelSegments
 from ._spawn import ForkedProcess, forget_process, spawn_worker
+from ._wire import decode_reply
 
 if TYPE_CHECKING:
     from ._supervisor import Supervisor
@@ -131,7 +132,7 @@ class ProcessChannel(CoalescingWriter):
         segments = self._segments
         for frame in frames:
             try:
-                req_id, status, body = unpack_plain(frame)
+                req_id, status, body = decode_reply(frame)
                 if segments or status == OK_SHM:
                     status, body = segments.reply(req_id, status, body)
             except Exception:

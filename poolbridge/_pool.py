@@ -34,13 +34,13 @@ from ._protocol import (
     OK,
     OP_STATS,
     make_unpacker,
-    pack_plain,
     unpack_plain,
 )
 from ._resize import ResizeRecord
 from ._shm_send import Lifter
 from ._supervisor import DEFAULT_MAX_IN_FLIGHT, Supervisor, describe_pool
 from ._warmup import encode_initializer, encode_session_init
+from ._wire import encode_control
 
 __all__ = ["AsyncPool", "Pool", "PoolStats", "SlotStats", "describe_pool"]
 
@@ -158,7 +158,8 @@ class Pool(_Api, ExecutorFace):
 
     # (__dict__ and __weakref__ come from concurrent.futures.Executor)
     __slots__ = (
-        "_deadlines", "_discards", "_finalizer", "_shm", "_supervisor", "_unpack", "backend", "max_value_bytes", "workers",
+        "_deadlines", "_discards", "_finalizer", "_shm", "_supervisor", "_unpack", "backend", "max_value_bytes",
+        "workers",
     )
 
     def __init__(
@@ -256,7 +257,7 @@ class Pool(_Api, ExecutorFace):
             if not self._supervisor.route_epoch and generation != self._supervisor.generation(slot):
                 continue  # that worker is gone, and the object with it (resized: the worker decides)
             req_id = self._supervisor.next_id()
-            body = pack_plain([req_id, op, session_id, pack_plain([key])])
+            body = encode_control(req_id, op, session_id, [key])
             try:
                 self._supervisor.send(slot, req_id, body, DISCARD)
             except (WorkerCrashedError, PoolClosedError):
@@ -285,7 +286,7 @@ class Pool(_Api, ExecutorFace):
                 asked.append((slot, None, req_id, waiter, ch))
                 continue
             try:
-                ch = router.send(slot, req_id, pack_plain([req_id, OP_STATS, None, b""]), waiter)
+                ch = router.send(slot, req_id, encode_control(req_id, OP_STATS, None), waiter)
             except (WorkerCrashedError, PoolClosedError):
                 ch = None
             asked.append((slot, ch, req_id, waiter, ch))

@@ -74,6 +74,7 @@ from ._protocol import (
 )
 from ._session import resolve_session, validate_session_id
 from ._supervisor import DEFAULT_MAX_IN_FLIGHT
+from ._wire import PORT_SERVER_OPS
 
 log = logging.getLogger("poolbridge.server")
 
@@ -141,12 +142,9 @@ class Server:
         os.set_blocking(self._wake_w, False)  # written from a signal handler: must never block
         self._stopping = False
         self.serving = False  # the loop runs: SIGTERM now means stop(), not an exception
+        # The Port ops the server answers itself (the wire's table, _wire.PORT_SERVER_OPS): _op_<name>.
         self._local_ops: dict[str, Callable[[dict[Any, Any], Any], None]] = {
-            "ping": self._op_ping,
-            "stats": self._op_stats,
-            "slot_for": self._op_slot_for,
-            "cancel": self._op_cancel,
-            "resize": self._op_resize,
+            op: getattr(self, f"_op_{op}") for op in PORT_SERVER_OPS
         }
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import itertools
 import logging
 import os
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -30,43 +29,28 @@ from ._allow import AllowList
 from ._errors import (
     BadRequestError,
     HelperNotFoundError,
-    PoolbridgeError,
     RefNotFoundError,
     SessionLimitError,
     value_too_large,
 )
 from ._paths import split_path
 from ._protocol import (
-    ERROR,
     EXT_REF,
     INT_TAG,
     OK,
     OK_SHM,
-    OP_CALL,
-    OP_CLOSE_SESSION,
-    OP_GETATTR,
-    OP_HELPER,
-    OP_METHOD,
-    OP_PING,
-    OP_RELEASE,
-    OP_SETATTR,
-    OP_STATS,
-    OP_STREAM_CLOSE,
-    OP_STREAM_NEXT,
-    OP_STREAM_OPEN,
     RET_AUTO,
     RET_REF,
     RET_VALUE,
     WireRef,
     default_lifter,
-    dumps_any,
     make_unpacker,
     pack_plain,
     pack_value,
-    unpack_plain,
 )
 from ._store import SessionStore, _Session, _StreamState
 from ._warmup import Warmup
+from ._wire import EXISTING_SESSION_OPS, OPS, SESSIONLESS_OPS, decode_request, encode_error, encode_reply
 
 log = logging.getLogger("poolbridge.worker")
 
@@ -76,15 +60,6 @@ _active: list[WorkerCore | None] = [None]
 def active_core() -> WorkerCore | None:
     """The worker core of this process, if this process is a worker."""
     return _active[0]
-
-_SESSIONLESS_OPS = frozenset({OP_STATS, OP_PING})
-# Ops that only act on what a session already holds (a ref or stream of it, or the session
-# itself): for a session this worker does not know they fail or do nothing, and never create it —
-# a release queued by a dropped handle must not bring back a session closed meanwhile.
-_EXISTING_SESSION_OPS = frozenset(
-    {OP_RELEASE, OP_STREAM_NEXT, OP_STREAM_CLOSE, OP_CLOSE_SESSION, OP_METHOD, OP_SETATTR}
-)
-
 
 class WorkerCore(SessionStore):
     """The transport-free worker: ``handle(request frame body) -> reply frame body``."""
@@ -125,21 +100,10 @@ class WorkerCore(SessionStore):
         _active[0] = self
         self._warmup = Warmup(slot, initializer, session_init)  # after helpers: it may use them
         self._init_error = self._warmup.error
-        self._ops: dict[str, Callable[..., bytes]] = {
-            OP_CALL: self._op_call,
-            OP_GETATTR: self._op_getattr,
-            OP_SETATTR: self._op_setattr,
-            OP_METHOD: self._op_method,
-            OP_HELPER: self._op_helper,
-            OP_STREAM_OPEN: self._op_stream_open,
-            OP_STREAM_NEXT: self._op_stream_next,
-            OP_STREAM_CLOSE: self._op_stream_close,
-            OP_RELEASE: self._op_release,
-            OP_CLOSE_SESSION: self._op_close_session,
-            OP_STATS: self._op_stats,
-            OP_PING: self._op_ping,
-        }
-        self._admin_ops = _migrate.ops(self)  # resize: sessions in and out (_migrate.py)
+        # One handler per op of the wire's table (_wire.OPS): _op_<name>.
+        self._ops: dict[str, Callable[..., bytes]] = {op: getattr(self, f"_op_{op}") for op in OPS}
+        # Not in the table: the router's resize control ops, [n_slots, ...] bodies (_migrate.py).
+        self._admin_ops = _migrate.ops(self)
 
     # -- the request cycle -----------------------------------------------------------------
 
@@ -150,7 +114,7 @@ class WorkerCore(SessionStore):
             try:
                 # A fifth element lists the request's segments (the router unlinks them); a sixth,
                 # segments of earlier results the router has finished reading (see _shm.py).
-                req_id, op, session_id, body, *more = unpack_plain(frame)
+                req_id, op, session_id, body, *more = decode_request(frame)
                 if len(more) > 1 and lifter is not None:
                     for name in more[1]:
                         lifter.recycle(name)
@@ -159,11 +123,11 @@ class WorkerCore(SessionStore):
             handler = self._ops.get(op)
             if handler is None:
                 if op in _migrate.MIGRATE_OPS:
-                    return pack_plain([req_id, OK, self._admin_ops[op](body)])
+                    return encode_reply(req_id, OK, self._admin_ops[op](body))
                 raise BadRequestError(f"unknown op {op!r}")
-            if op in _SESSIONLESS_OPS:
-                return pack_plain([req_id, OK, handler()])
-            session = self._enter(session_id, op not in _EXISTING_SESSION_OPS)
+            if op in SESSIONLESS_OPS:
+                return encode_reply(req_id, OK, handler())
+            session = self._enter(session_id, op not in EXISTING_SESSION_OPS)
             try:
                 fields = self._unpack(body)
                 self.calls += 1
@@ -181,8 +145,8 @@ class WorkerCore(SessionStore):
                         lifter.drop(name)  # type: ignore[union-attr]
                     raise value_too_large("the reply", size, self.max_value_bytes)
                 if names or held:
-                    return pack_plain([req_id, OK_SHM, [result, names, held]])
-                return pack_plain([req_id, OK, result])
+                    return encode_reply(req_id, OK_SHM, [result, names, held])
+                return encode_reply(req_id, OK, result)
             finally:
                 self._session = None
                 _helpers._current[0] = None
@@ -192,7 +156,7 @@ class WorkerCore(SessionStore):
             if lifter is not None:
                 lifter.discard()  # segments made for a reply that is not sent
                 _shm.held()
-            return pack_plain([req_id, ERROR, pack_plain(error_fields(exc, port=self.wire))])
+            return encode_error(req_id, exc, port=self.wire)
 
     def _new_ref(self, session: _Session, obj: Any) -> bytes:
         key = self._store(session, session.refs, obj)
@@ -477,32 +441,3 @@ def _rss() -> int:
         return int(psutil.Process().memory_info().rss)
     except Exception:  # pragma: no cover - psutil is a dependency, but stats must never fail
         return 0
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def error_fields(exc: BaseException, port: bool = False) -> list[Any]:
-    """``[code, type, message, traceback, pickled exception or nil]`` for an error reply.
-
-    ``port``: for a Port client, poolbridge's own errors are named as the server names them (the
-    class name) with an empty traceback, and a user error's traceback starts at the user's code:
-    no frame of poolbridge's internals is shown either way.
-    """
-    code = exc.code if isinstance(exc, PoolbridgeError) else "remote_error"
-    cls = type(exc)
-    type_name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    if port and isinstance(exc, PoolbridgeError):
-        type_name, tb = cls.__name__, ""
-    elif port:
-        frames = exc.__traceback__
-        while frames is not None and frames.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-            frames = frames.tb_next
-        tb = "".join(traceback.format_exception(cls, exc, frames))
-    else:
-        tb = "".join(traceback.format_exception(exc))
-    try:
-        pickled: bytes | None = dumps_any(exc)
-    except Exception:
-        pickled = None
-    return [code, type_name, str(exc), tb, pickled]

@@ -22,17 +22,15 @@ from typing import Any
 
 from ._frames import write_frame
 from ._protocol import (
-    ERROR,
-    RETIRING,
     FrameReader,
     OversizedFrame,
     default_lifter,
     encode_frame,
-    pack_plain,
     unpack_plain,
     write_all,
 )
-from ._worker import WorkerCore, error_fields
+from ._wire import RETIRING_NOTICE, encode_error
+from ._worker import WorkerCore
 
 log = logging.getLogger("poolbridge.worker")
 
@@ -65,7 +63,7 @@ def _answer(handle: Callable[[bytes], bytes], frame: bytes | bytearray | Oversiz
     ever left without an answer."""
     if not isinstance(frame, OversizedFrame):
         return handle(frame)  # type: ignore[arg-type]
-    return pack_plain([frame.leading_id(), ERROR, pack_plain(error_fields(frame.error(limit or 0)))])
+    return encode_error(frame.leading_id(), frame.error(limit or 0))
 
 
 def main() -> None:
@@ -148,6 +146,6 @@ def worker_main(read_fd: int, write_fd: int, options: dict[str, Any]) -> None:
             out.append(encode_frame(_answer(handle, frame, core.max_value_bytes)))
         if check_retire and core.wants_retire():
             # Ask to be replaced; keep serving until the router closes our input (EOF below).
-            out.append(encode_frame(pack_plain([None, RETIRING, b""])))
+            out.append(encode_frame(RETIRING_NOTICE))
         if out:
             write_all(write_fd, b"".join(out))

@@ -17,7 +17,8 @@ PACKAGE = pathlib.Path(poolbridge.__file__).parent
 # Modules that run in worker processes (and the codec both sides share). None of them may import,
 # directly or through another module, anything of the parent side below.
 CHILD_SIDE = (
-    "_worker_main", "_worker_template", "_worker", "_store", "_paths", "_warmup", "_mapwork", "backends._ray_actor",
+    "_worker_main", "_worker_template", "_worker", "_store", "_paths", "_warmup", "_mapwork", "_wire", "_protocol",
+    "backends._ray_actor",
 )
 PARENT_SIDE = frozenset({
     "_pool", "_aio", "_api", "_calls", "_handles", "_mapping", "_mapengine", "_executor",

@@ -83,7 +83,8 @@ def _examples() -> list[tuple[dict[str, Any], dict[str, Any]]]:
 
 
 #: Examples whose reply depends on what ran before, on pids or on refs (their shape is tested elsewhere).
-_STATEFUL = ("__poolbridge_", '"pid"', "close_session", "os._exit", "time.sleep", "last_reply_ms")
+# (a resize changes the server for the examples after it, and its notice comes before its reply)
+_STATEFUL = ("__poolbridge_", '"pid"', "close_session", "os._exit", "time.sleep", "last_reply_ms", '"resize"')
 
 
 def test_every_self_contained_example_replays_exactly(server: Server) -> None:
@@ -105,7 +106,7 @@ def test_the_error_code_table_is_every_code_the_server_sends() -> None:
 
 def test_the_op_headings_are_the_server_s_ops() -> None:
     headings = set(re.findall(r"^### `(\w+)`", _section("## Operations"), re.M))
-    assert headings == set(WORKER_OPS) | {"ping", "stats", "slot_for", "cancel"}
+    assert headings == set(WORKER_OPS) | {"ping", "stats", "slot_for", "cancel", "resize"}
 
 
 def _json_after(marker: str) -> Any:

@@ -48,7 +48,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .._channel import Pending
 from .._errors import PoolBusyError, PoolClosedError, RemoteError, WorkerCrashedError
-from .._protocol import unpack_plain
+from .._wire import decode_reply
 from ._ray_actor import RemoteSlotWorker
 from ._ray_runtime import runtime
 
@@ -316,7 +316,7 @@ class RayChannel:
             return
         pending = self.pending
         for reply in [result] if isinstance(result, bytes) else result:
-            rid, status, body = unpack_plain(reply)
+            rid, status, body = decode_reply(reply)
             sink = pending.pop(rid, None)
             if sink is None:
                 sink = pending.unmatched(rid)  # given up meanwhile: its Late sink, or unknown

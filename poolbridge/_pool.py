@@ -325,7 +325,7 @@ class Pool(_Api, ExecutorFace):
         Only the sessions whose slot changes move (jump hash: growing n -> n+1 moves about 1/(n+1)
         of them); their refs and helper state are pickled out of the old worker and loaded into the
         new one, keeping their ids, so the refs callers hold keep working. A moving session's calls
-        wait for its move, then run on its new worker in order; other sessions never wait. What
+        wait for its move, then run on its new worker in order; other sessions are never held. What
         cannot move (an unpicklable object, a live stream) is lost and listed in the record, its refs
         raising :class:`SessionLostError` with the reason — or, with ``on_unmovable="refuse"``,
         nothing changes and the record says ``refused``. ``timeout``: bound on each worker's part

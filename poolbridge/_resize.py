@@ -12,7 +12,8 @@
 
 *Which sessions move*: those whose ``jump_hash`` slot differs between the two counts. Growing, a
 session either stays or goes to a new slot; shrinking, only the removed slots' sessions move.
-Every other session is never touched and never waits: a send is held only if its session moves.
+Every other session is never touched nor held: a send is held only if its session moves (a worker
+still runs one request at a time, so a call can queue behind its worker's migrate_out/in).
 
 *Sends*: once any resize has happened, ``Supervisor.send`` reads each request's session from its
 frame and routes it by the current count (:func:`reroute`), so a slot computed before a resize is

@@ -65,7 +65,11 @@ def test_mp_pool_ready(benchmark: Any, method: str) -> None:
             # its own template).
             multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
 
-    benchmark.pedantic(ready, rounds=ROUNDS, teardown=close)
+    try:
+        benchmark.pedantic(ready, rounds=ROUNDS, teardown=close)
+    finally:  # --benchmark-disable runs the target once and no teardown
+        while pools:
+            close()
 
 
 @pytest.mark.benchmark(group="startup")

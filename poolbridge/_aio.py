@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+from ._calls import give_up
 from ._channel import Late, Sink
 from ._errors import CallTimeoutError, RefNotFoundError, SessionLostError
 from ._mapping import AsyncMappingMixin
@@ -251,10 +252,8 @@ class AsyncFace(AsyncMappingMixin):
             sink.future.add_done_callback(lambda _: handle.cancel())
 
     def _expire(self, sink: _LoopSink, channel: Any, req_id: int, slot: int, op: str) -> None:
-        if channel.pending.abandon(req_id, Late(self._api._late(op, sink.decode))) is None:
+        if not give_up(self._api, channel, req_id, slot, op, sink.decode):
             return  # the reply is already on its way to the loop
-        if self._api._opts.on_timeout == "restart":
-            self._api._pool._supervisor.kill_slot(slot)
         _settle(sink.future, None, CallTimeoutError(f"{op} did not finish within {self._api._opts.timeout}s"))
 
     # -- operations --------------------------------------------------------------------

@@ -18,8 +18,10 @@
       PoolFuture (submit: the channel's background reader), _aio._LoopSink (AsyncPool: the event
       loop reads), _portsinks (the Port server) ─▶ decode: value, or rebuild_error(body) raised
 
-    deadline: run waits with a timeout; submit hands the deadline to Deadlines (one thread per pool);
-      AsyncPool arms loop.call_at — all three abandon the request in its pending table (Late).
+    deadline: one per call, fixed at send (it also bounds waiting for the slot and for room); run
+      waits for its reply until then, submit hands it to Deadlines (one thread per pool), AsyncPool
+      arms loop.call_later; at expiry give_up() (Deadlines: the same steps) abandons the request
+      in its pending table (a late reply goes to a Late sink) and restarts the slot if asked.
     death: _monitor (pidfd) ─▶ _supervisor: drain the channel, fail its pending sinks with
       WorkerCrashedError, restart the slot (generation + 1).
 
@@ -305,16 +307,26 @@ def run(api: _Api, op: str, ref: WireRef | None, fields: list[Any], decode: Call
         channel.pending.abandon(req_id, Late(api._late(op, decode)))
         raise
     if not replied:
-        if channel.pending.abandon(req_id, Late(api._late(op, decode))) is not None:
-            if api._opts.on_timeout == "restart":
-                log.warning("slot %d: call timed out after %ss; restarting the worker", slot, timeout)
-                router.kill_slot(slot)
+        if give_up(api, channel, req_id, slot, op, decode):
             raise CallTimeoutError(f"{op} did not finish within {timeout}s (slot {slot})")
         waiter.wait(None)  # the reply raced the timeout and is being delivered
     status = waiter.status
     if status == FAILED or status is None:
         raise waiter.body
     return decode(status, waiter.body)
+
+
+def give_up(api: _Api, channel: Any, req_id: int, slot: int, op: str, decode: Callable[[int, Any], Any]) -> bool:
+    """A call's deadline has passed (``run``, and the asyncio face's timer; ``Deadlines`` does the
+    same for submitted calls): take the request out of its channel's pending table — a reply that
+    comes later goes to a :class:`Late` sink and is dropped — and with ``on_timeout="restart"``
+    kill the slot's worker. False: the reply won the race and is being delivered."""
+    if channel.pending.abandon(req_id, Late(api._late(op, decode))) is None:
+        return False
+    if api._opts.on_timeout == "restart":
+        log.warning("slot %d: call timed out after %ss; restarting the worker", slot, api._opts.timeout)
+        api._pool._supervisor.kill_slot(slot)
+    return True
 
 
 def submit(api: _Api, op: str, ref: WireRef | None, fields: list[Any], decode: Callable[[int, Any], Any]) -> Any:

@@ -1,15 +1,19 @@
 """Parent side: the channel contract — where the reply to one request goes (:class:`Sink`) and a
-channel's table of unanswered requests (:class:`Pending`). Shared by every channel (the process
-channel in _pipes.py, the Ray channel in backends/ray.py) and by the faces that make sinks.
+channel's table of unanswered requests (:class:`Pending`), the wait for room under the in-flight
+bound (:func:`wait_for_room`) and :class:`Retired`. Shared by every channel (the process channel in
+_pipes.py, the Ray channel in backends/ray.py) and by the faces that make sinks.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Late", "Pending", "Retired", "Sink"]
+from ._errors import CallTimeoutError, PoolBusyError
+
+__all__ = ["Late", "Pending", "Retired", "Sink", "wait_for_room"]
 
 
 class Sink:
@@ -86,3 +90,30 @@ class Pending(dict[int, Sink]):
 class Retired(Exception):
     """Raised by a channel's ``send`` when the frame reached no worker (recycling, dead, or a closed
     pipe): the supervisor sends it to the slot's next channel instead of failing it."""
+
+
+def wait_for_room(ch: Any, cond: threading.Condition, block: bool, deadline: float | None) -> None:
+    """Backpressure, for every channel: wait until ``ch.pending`` is below ``ch.max_in_flight`` (or
+    the channel is dead). ``cond`` is notified whenever replies settle; ``block=False`` raises
+    :class:`PoolBusyError` at once, and ``deadline`` (monotonic) ends the wait with
+    :class:`CallTimeoutError`.
+
+    Approximate by design: several threads may pass the check at once, so the bound can be exceeded
+    by the number of concurrently sending threads, never by more.
+    """
+    if not block:
+        raise PoolBusyError(f"slot {ch.slot} has {len(ch.pending)} calls in flight (max {ch.max_in_flight})")
+    with cond:
+        ch._space_waiters += 1
+        try:
+            while len(ch.pending) >= ch.max_in_flight and not ch.dead:
+                wait = 1.0
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise CallTimeoutError(
+                            f"slot {ch.slot} stayed at its in-flight bound until the call's timeout ran out"
+                        )
+                cond.wait(wait)
+        finally:
+            ch._space_waiters -= 1

@@ -21,8 +21,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ._channel import Pending, Retired
-from ._errors import CallTimeoutError, PoolBusyError, WorkerCrashedError
+from ._channel import Pending, Retired, wait_for_room
+from ._errors import CallTimeoutError, WorkerCrashedError
 
 if TYPE_CHECKING:
     from ._cancel import CancelBoard
@@ -73,24 +73,7 @@ class CoalescingWriter:
     _space_waiters: int
 
     def _wait_for_space(self, block: bool, deadline: float | None = None) -> None:
-        # Approximate by design: several threads may pass the check at once, so the bound can be
-        # exceeded by the number of concurrently sending threads, never by more.
-        if not block:
-            raise PoolBusyError(f"slot {self.slot} has {len(self.pending)} calls in flight (max {self.max_in_flight})")
-        with self._space:
-            self._space_waiters += 1
-            try:
-                while len(self.pending) >= self.max_in_flight and not self.dead:
-                    wait = 1.0
-                    if deadline is not None:
-                        wait = min(wait, deadline - time.monotonic())
-                        if wait <= 0:
-                            raise CallTimeoutError(
-                                f"slot {self.slot} stayed at its in-flight bound until the call's timeout ran out"
-                            )
-                    self._space.wait(wait)
-            finally:
-                self._space_waiters -= 1
+        wait_for_room(self, self._space, block, deadline)
 
     def _close_fd(self) -> None:
         raise NotImplementedError

@@ -25,13 +25,27 @@ log = logging.getLogger("poolbridge.router")
 __all__ = ["Monitor"]
 
 
+class _PidExit:
+    """A process watched for a callback (``Monitor.watch_pid``), not for a channel."""
+
+    __slots__ = ("on_exit",)
+
+    def __init__(self, on_exit: Callable[[], None]) -> None:
+        self.on_exit = on_exit
+
+
+def _polled_exit(watched: ProcessChannel | _PidExit | None) -> bool:
+    # Polling (no pidfds) only ever watches channels: watch_pid needs pidfds.
+    return watched is not None and not isinstance(watched, _PidExit) and watched.process.poll() is not None
+
+
 class Monitor:
     """One thread per router that learns of worker exits from pidfds (polling where unavailable)."""
 
     def __init__(self, on_exit: Callable[[ProcessChannel], None]) -> None:
         self._on_exit = on_exit
         self._lock = threading.Lock()
-        self._watched: dict[int, ProcessChannel] = {}  # pidfd (or pid) -> channel
+        self._watched: dict[int, ProcessChannel | _PidExit] = {}  # pidfd (or pid) -> channel
         self._reapers: list[threading.Thread] = []
         self._wake_r, self._wake_w = os.pipe()
         self._stopped = False
@@ -57,6 +71,24 @@ class Monitor:
             self._watched[key] = ch
         os.write(self._wake_w, b"w")
 
+    def watch_pid(self, pid: int, on_exit: Callable[[], None]) -> bool:
+        """Call ``on_exit()`` (on a reaper thread) once process ``pid`` exits: a process that is no
+        channel's worker (a local Ray actor). False, and nothing watched, without pidfds."""
+        if not self._pidfd:
+            return False
+        try:
+            key = os.pidfd_open(pid)
+        except OSError:  # already gone (or no such process here)
+            self._exited(_PidExit(on_exit))
+            return True
+        with self._lock:
+            if self._stopped:  # closed meanwhile (a Ray actor's first ping settles late)
+                os.close(key)
+                return False
+            self._watched[key] = _PidExit(on_exit)
+            os.write(self._wake_w, b"w")
+        return True
+
     def _run(self) -> None:
         while not self._stopped:
             with self._lock:
@@ -65,7 +97,7 @@ class Monitor:
                 ready, _, _ = select.select([self._wake_r, *keys], [], [])
             else:
                 ready, _, _ = select.select([self._wake_r], [], [], 0.05)
-                ready = ready + [k for k in keys if self._watched[k].process.poll() is not None]
+                ready = ready + [k for k in keys if _polled_exit(self._watched.get(k))]
             if self._wake_r in ready:
                 os.read(self._wake_r, 4096)
             for key in ready:
@@ -78,10 +110,13 @@ class Monitor:
                 if ch is not None:
                     self._exited(ch)
 
-    def _exited(self, ch: ProcessChannel) -> None:
+    def _exited(self, ch: ProcessChannel | _PidExit) -> None:
         # Handled on its own thread: draining and restarting must not delay noticing another
         # worker's death.
-        reaper = threading.Thread(target=self._on_exit, args=(ch,), name="poolbridge-reaper", daemon=True)
+        if isinstance(ch, _PidExit):
+            reaper = threading.Thread(target=ch.on_exit, name="poolbridge-reaper", daemon=True)
+        else:
+            reaper = threading.Thread(target=self._on_exit, args=(ch,), name="poolbridge-reaper", daemon=True)
         with self._lock:
             self._reapers = [t for t in self._reapers if t.is_alive()]
             self._reapers.append(reaper)

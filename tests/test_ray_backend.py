@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import make_pool
-from pb_faultmods import is_resource_tracker
+from pb_faultmods import is_resource_tracker, wait_until
 from pb_testmods import sessions_on_slot
 
 import poolbridge
@@ -263,6 +263,20 @@ async def test_the_asyncio_face(bpool: Pool) -> None:
     seen = await asyncio.gather(*(apool.options(session=sid).call("ray_testmods.where") for _ in range(20)))
     for item in seen:
         check_routed(bpool, item, sid)
+
+
+def test_a_call_waiting_at_the_in_flight_bound_gives_up_at_its_deadline(bpool: Pool, tmp_path: Path) -> None:
+    """The channel contract on both backends: waiting for room honours the call's timeout (the Ray
+    channel used to wait for room without looking at the deadline)."""
+    gate = tmp_path / f"gate-{bpool.backend}"
+    with _new_pool(bpool.backend, workers=1, max_in_flight=1) as pool:
+        blocked = pool.options(session="bound").submit("pb_testmods.wait_for_path", str(gate), 30.0)
+        wait_until(lambda: testing.in_flight(pool, 0) >= 1, CRASH_WAIT, what="the first call sent")
+        with pytest.raises(CallTimeoutError):
+            pool.options(session="bound", timeout=0.3).call("operator.add", 1, 2)
+        gate.touch()
+        assert blocked.result(timeout=CRASH_WAIT) is True
+        assert pool.options(session="bound").call("operator.add", 1, 2) == 3
 
 
 def test_a_killed_worker_costs_its_in_flight_calls_and_refs_and_comes_back(bpool: Pool) -> None:

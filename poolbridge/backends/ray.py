@@ -8,6 +8,10 @@ Everything above the channel — session resolution, hashing, refs, streams, err
                                                                                   │ WorkerCore.handle
     sink.deliver ◀── delivery thread ◀── queue ◀── ObjectRef done-callback ◀──────┘ (reply bytes)
 
+*Sending.* The channel contract of the process channel (_channel.py): a request sent to an actor
+already gone raises ``Retired`` (it reached no one; the supervisor sends it to the next generation),
+and waiting at the in-flight bound honours the call's deadline.
+
 *Order.* An actor runs one method at a time, in the order one caller submitted them (``max_concurrency``
 is 1 and no concurrency groups are used), which is exactly the worker's sequential per-slot order.
 
@@ -16,12 +20,13 @@ channel unpacks replies and hands them to their sinks, so no Ray API and no user
 callbacks) ever runs on Ray's own callback thread.
 
 *Death.* Ray reports a dead actor on every call in flight (``RayActorError``); a local actor's process
-is also watched through a pidfd, so an idle actor killed by a signal is noticed (and its slot restarted)
-at once. Either way the router is told exactly once (``router._channel_exited``) on a separate thread:
-it drains replies that already arrived, fails the rest with :class:`WorkerCrashedError` and starts a
-new actor with ``generation + 1`` — refs of the old generation then raise :class:`SessionLostError`.
-Actors are created with ``max_restarts=0``: a Ray-side restart would bring back an empty store under
-the same generation, turning "session lost" into "ref not found".
+is also watched by the supervisor's exit monitor (_monitor.py, a pidfd), so an idle actor killed by a
+signal is noticed (and its slot restarted) at once. Either way the supervisor is told exactly once
+(``Supervisor._channel_exited``) on a separate thread: it drains replies that already arrived, fails the
+rest with :class:`WorkerCrashedError` and starts a new actor with ``generation + 1`` — refs of the old
+generation then raise :class:`SessionLostError`. Actors are created with ``max_restarts=0``: a Ray-side
+restart would bring back an empty store under the same generation, turning "session lost" into "ref not
+found".
 
 *Ray itself.* If Ray is not initialised when the first Ray pool starts, poolbridge starts a local
 instance (or connects to ``ray_init["address"]``) and shuts it down when the last Ray pool closes. If
@@ -32,9 +37,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import queue
-import select
 import threading
 import time
 from collections.abc import Callable
@@ -46,8 +49,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra installed
     raise ImportError("backend='ray' needs Ray: pip install 'poolbridge[ray]'") from exc
 
-from .._channel import Pending
-from .._errors import PoolBusyError, PoolClosedError, RemoteError, WorkerCrashedError
+from .._channel import Pending, Retired, wait_for_room
+from .._errors import PoolClosedError, RemoteError, WorkerCrashedError
 from .._wire import decode_reply
 from ._ray_actor import RemoteSlotWorker
 from ._ray_runtime import runtime
@@ -81,60 +84,6 @@ _UNSUPPORTED = ("max_calls", "max_rss")
 #: when one returns (the actor runs one at a time anyway, so this costs no parallelism).
 MAX_OUTSTANDING = 2
 MAX_BATCH = 512
-
-
-# -- noticing that a local actor's process exited ---------------------------------------------------
-
-
-class _PidWatcher:
-    """One thread that learns of local actor process exits from pidfds; runs while it has work."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._watched: dict[int, Callable[[], None]] = {}  # pidfd -> callback
-        self._wake_r, self._wake_w = os.pipe()
-        self._thread: threading.Thread | None = None
-
-    def watch(self, pid: int, on_exit: Callable[[], None]) -> bool:
-        if not hasattr(os, "pidfd_open"):
-            return False
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:  # already gone (or no such process here)
-            on_exit()
-            return True
-        with self._lock:
-            self._watched[fd] = on_exit
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="poolbridge-ray-pidwatch", daemon=True)
-                self._thread.start()
-        os.write(self._wake_w, b"w")
-        return True
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                if not self._watched:
-                    self._thread = None
-                    return
-                fds = list(self._watched)
-            ready, _, _ = select.select([self._wake_r, *fds], [], [], 5.0)
-            if self._wake_r in ready:
-                os.read(self._wake_r, 4096)
-            for fd in ready:
-                if fd == self._wake_r:
-                    continue
-                with self._lock:
-                    callback = self._watched.pop(fd, None)
-                os.close(fd)
-                if callback is not None:
-                    try:
-                        callback()
-                    except Exception:
-                        log.exception("pid watcher callback failed")
-
-
-_pid_watcher = _PidWatcher()
 
 
 # -- the channel -----------------------------------------------------------------------------------
@@ -214,7 +163,7 @@ class RayChannel:
         self._pid = pid
         self._local = node_id == runtime.node_id
         self._up.set()
-        if not (self._local and _pid_watcher.watch(pid, self._process_exited)):
+        if not (self._local and self._supervisor.monitor.watch_pid(pid, self._process_exited)):
             self._local = False
 
     def _process_exited(self) -> None:
@@ -224,17 +173,17 @@ class RayChannel:
     # -- sending ---------------------------------------------------------------------------
 
     def send(self, req_id: int, data: bytes, sink: Sink, block: bool = True, deadline: float | None = None) -> None:
-        """Submit one framed request to the actor. Raises :class:`WorkerCrashedError` if it is gone."""
+        """Submit one framed request to the actor. Raises :class:`Retired` if the actor is gone: the
+        request reached no one, and the supervisor sends it to the slot's next generation (as it
+        does for a process channel)."""
         if len(self.pending) >= self.max_in_flight:
-            self._wait_for_space(block)
+            self._wait_for_space(block, deadline)
         body = data[4:]  # the actor takes the frame body, as WorkerCore.handle does
         with self._lock:
             if self._input_closed:
                 raise PoolClosedError("the pool is closed")
             if self.dead:
-                raise WorkerCrashedError(
-                    f"worker slot {self.slot} (Ray actor, generation {self.generation}) is gone", slot=self.slot
-                )
+                raise Retired
             self.pending[req_id] = sink
             if len(self._inflight) < MAX_OUTSTANDING:
                 self._submit([(req_id, body)])
@@ -252,17 +201,8 @@ class RayChannel:
         put = self._queue.put
         ref.future().add_done_callback(lambda future: put((batch, future)))
 
-    def _wait_for_space(self, block: bool) -> None:
-        # Approximate by design, like ProcessChannel: concurrent senders may overshoot by their number.
-        if not block:
-            raise PoolBusyError(f"slot {self.slot} has {len(self.pending)} calls in flight (max {self.max_in_flight})")
-        with self._settle:
-            self._space_waiters += 1
-            try:
-                while len(self.pending) >= self.max_in_flight and not self.dead:
-                    self._settle.wait(1.0)
-            finally:
-                self._space_waiters -= 1
+    def _wait_for_space(self, block: bool, deadline: float | None = None) -> None:
+        wait_for_room(self, self._settle, block, deadline)
 
     def wake_reader(self) -> None:
         """Nothing to do: replies are delivered by this channel's delivery thread."""

@@ -9,11 +9,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from ._errors import CallTimeoutError, PoolBusyError
 
-__all__ = ["Late", "Pending", "Retired", "Sink", "wait_for_room"]
+__all__ = ["Channel", "Late", "Pending", "Retired", "Sink", "wait_for_room"]
 
 
 class Sink:
@@ -117,3 +117,47 @@ def wait_for_room(ch: Any, cond: threading.Condition, block: bool, deadline: flo
                 cond.wait(wait)
         finally:
             ch._space_waiters -= 1
+
+
+class Channel(Protocol):
+    """What the supervisor and the call engine need of one generation of one slot. Implemented by
+    the process channel (_pipes.py) and the Ray channel (backends/ray.py); mypy checks both.
+
+    ``send`` registers the sink in ``pending`` and sends the frame, or raises :class:`Retired`
+    when the frame reached no worker (the supervisor then sends it to the next generation),
+    :class:`PoolBusyError` / :class:`CallTimeoutError` from :func:`wait_for_room`. Replies and
+    failures reach sinks through ``pending`` only (see :class:`Pending`). After the worker is gone
+    the supervisor calls ``drain_and_close``, fails what is left in ``pending`` and sets ``finished``.
+    """
+
+    slot: int
+    generation: int
+    pending: Pending
+    dead: bool
+    retiring: bool
+    exitcode: int | None
+    max_in_flight: int
+    finished: threading.Event
+
+    @property
+    def pid(self) -> int: ...
+
+    def send(self, req_id: int, data: bytes, sink: Sink, block: bool = True, deadline: float | None = None) -> None:
+        """Send one framed request; its reply goes to ``sink``."""
+
+    def await_reply(self, req_id: int, waiter: Any, timeout: float | None) -> bool:
+        """Block until ``waiter`` has its reply (reading it, where the channel lets callers read).
+        False when ``timeout`` passed first."""
+
+    def wake_reader(self) -> None:
+        """A reply nobody blocks for is owed: make sure something reads it."""
+
+    def drain_and_close(self) -> None:
+        """The worker is gone: deliver what it answered, then release the transport."""
+
+    def close_input(self) -> None:
+        """No more requests: the worker finishes what it has, then exits."""
+
+    def kill(self) -> None: ...
+
+    def wait_exit(self, timeout: float) -> int | None: ...

@@ -56,7 +56,7 @@ from ._ray_actor import RemoteSlotWorker
 from ._ray_runtime import runtime
 
 if TYPE_CHECKING:
-    from .._channel import Sink
+    from .._channel import Channel, Sink
     from .._supervisor import Supervisor
 
 __all__ = ["RayChannel", "ray_channel_factory"]
@@ -441,3 +441,9 @@ def ray_channel_factory(ray_init: dict[str, Any]) -> Callable[[Supervisor, int, 
         return ch
 
     return factory
+
+
+if TYPE_CHECKING:
+
+    def _is_a_channel(ch: RayChannel) -> Channel:  # mypy: RayChannel implements the channel contract
+        return ch

@@ -68,8 +68,8 @@ class PortReply(Sink):
     number: held requests are sent in that order.
     """
 
-    __slots__ = ("channel", "data", "deadline", "done", "held", "kind", "order", "req_id", "restart", "rid",
-                 "seq", "server", "slot")
+    __slots__ = ("channel", "data", "deadline", "done", "held", "kind", "order", "req_id", "restart", "retried",
+                 "rid", "seq", "server", "slot")
     cancellable = True  # the channel numbers it (seq), so ``cancel`` and timeouts can reach the worker
     cancel_on_timeout = True  # a request timed out before it started never runs
 
@@ -87,6 +87,7 @@ class PortReply(Sink):
         self.restart = False
         self.done = False  # answered (or answering): nothing more is written for it
         self.held = False  # in the server's held queue of its slot
+        self.retried = False  # a dead worker never started it: sent again, with the segments its frame names
 
     def deliver(self, status: int, body: Any) -> None:
         server = self.server
@@ -122,6 +123,7 @@ class PortReply(Sink):
         if isinstance(exc, WorkerCrashedError):
             ran = sent and self._ran()
             if not ran and retry and not server.pool.closed:
+                self.retried = True
                 server._hold(self.slot, self)  # no worker started it: the slot's next worker runs it
                 return
             reply["error"]["ran"] = ran

@@ -212,7 +212,12 @@ class Supervisor:
                 except Retired:
                     continue  # the slot is being recycled: channel() waits for its next generation
         except BaseException:
-            release_unsent(data, self.lifter)  # never sent: nobody else will free its segments
+            # Never sent: nobody else will free its segments — unless the request is one a dead
+            # worker never started, which the Port server sends again (``retried``): its frame, and
+            # the segments it names, go with it. (The monitor may have failed and re-held it while
+            # this send was finding the worker gone.)
+            if not getattr(sink, "retried", False):
+                release_unsent(data, self.lifter)
             raise
         if not lead:
             ch.wake_reader()

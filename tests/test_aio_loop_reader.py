@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,12 +23,8 @@ WAIT = 15.0
 
 
 @pytest.fixture
-def pool() -> Iterator[poolbridge.Pool]:
-    p = poolbridge.Pool(2, helpers=["pb_faultmods"])
-    try:
-        yield p
-    finally:
-        p.close()
+def pool(pool_maker: Any) -> poolbridge.Pool:
+    return pool_maker(workers=2, helpers=["pb_faultmods"])  # type: ignore[no-any-return]
 
 
 def _open_fds() -> set[int]:

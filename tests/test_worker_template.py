@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -22,12 +21,8 @@ WAIT = 15.0
 
 
 @pytest.fixture
-def pool() -> Iterator[poolbridge.Pool]:
-    p = poolbridge.Pool(2, helpers=[M])
-    try:
-        yield p
-    finally:
-        p.close()
+def pool(pool_maker: Any) -> poolbridge.Pool:
+    return pool_maker(workers=2, helpers=[M])  # type: ignore[no-any-return]
 
 
 def _template_of(pool: poolbridge.Pool) -> psutil.Process:

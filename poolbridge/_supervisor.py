@@ -132,7 +132,7 @@ class Supervisor:
         """
         s = self._slots[slot]
         ch = s.channel
-        if ch is not None and not ch.dead and not ch.retiring:
+        if _serving(ch):
             return ch
         now = time.monotonic()
         if deadline is not None and now >= deadline:
@@ -144,7 +144,7 @@ class Supervisor:
                 if self.closing:
                     raise self.closed_error()
                 ch = s.channel
-                if ch is not None and not ch.dead and not ch.retiring:
+                if _serving(ch):
                     return ch
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
@@ -156,13 +156,7 @@ class Supervisor:
     def ready(self, slot: int) -> bool:
         """Would a send to ``slot`` go through without waiting (live, not recycling, below the bound)?"""
         ch = self._slots[slot].channel
-        return (
-            ch is not None
-            and not ch.dead
-            and not getattr(ch, "retiring", False)
-            and len(ch.pending) < ch.max_in_flight
-            and not self.closing
-        )
+        return _serving(ch) and len(ch.pending) < ch.max_in_flight and not self.closing
 
     def generation(self, slot: int) -> int:
         ch = self._slots[slot].channel
@@ -389,6 +383,11 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _serving(ch: Any) -> bool:
+    """A channel that takes new requests: there, not dead, not being recycled."""
+    return ch is not None and not ch.dead and not getattr(ch, "retiring", False)
 
 
 def _describe(exitcode: int | None) -> str:

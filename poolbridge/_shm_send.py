@@ -106,7 +106,9 @@ class Lifter:
 
     def near_top(self, obj: Any) -> bool:
         """A cheap look for a big buffer in ``obj`` or in the containers right inside it (a call's
-        arguments sit two levels down: ``[fn, [args], {kwargs}, ret]``)."""
+        arguments sit two levels down: ``[fn, [args], {kwargs}, ret]``). It looks at no more
+        elements than :meth:`lift` would walk (``_SCAN_BUDGET``): a buffer past them is not lifted
+        anyway, and a long list of results (a map's chunk) costs no per-item Python loop."""
         threshold = self.threshold
         t = type(obj)
         if t in _KINDS:
@@ -115,7 +117,9 @@ class Lifter:
             obj = obj.values()
         elif t is not list and t is not tuple:
             return False
-        for item in obj:
+        budget = _SCAN_BUDGET
+        for item in itertools.islice(obj, budget):
+            budget -= 1
             t = type(item)
             if t in _SCALARS:
                 continue
@@ -127,7 +131,8 @@ class Lifter:
                 item = item.values()
             elif t is not list and t is not tuple:
                 continue
-            for inner in item:
+            for inner in itertools.islice(item, max(budget, 0)):
+                budget -= 1
                 t = type(inner)
                 if t in _KINDS and (inner.nbytes if t is memoryview else len(inner)) >= threshold:
                     return True

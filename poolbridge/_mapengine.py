@@ -40,11 +40,12 @@ import functools
 import importlib
 import itertools
 import math
+import pickle
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._protocol import OP_CALL, RET_VALUE, WireRef, pack_plain
+from ._protocol import OP_CALL, RET_VALUE, WireRef, dumps_builtins, pack_plain
 from ._session import current_context_session, slot_sessions
 from ._wire import rebuild_error
 
@@ -165,6 +166,11 @@ class MapRun:
             self._fixed_view = api
         self._items = items
         self._star = star
+        # Chunks as one pickle of builtins while they are (see _payload); a big one only when
+        # no zero-copy views are asked for (the pickle would hide the buffers to view).
+        self._pickling = True
+        self._big = not api._opts.zero_copy
+        self._threshold = pool._shm.threshold if pool._shm is not None else None
         self._ordered = ordered
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be at least 1, got {chunksize}")
@@ -228,8 +234,6 @@ class MapRun:
                 self._exhausted = True
             if not got:
                 break
-            if self._star:
-                got = [list(args) for args in got]
             start = self._next_index
             self._next_index += len(got)
             self._held += len(got)
@@ -252,7 +256,6 @@ class MapRun:
                 self._exhausted = True
                 break
             if self._star:
-                batch = [list(args) for args in batch]
                 keys = list(itertools.starmap(key_of, batch))
             else:
                 keys = list(map(key_of, batch))
@@ -288,9 +291,20 @@ class MapRun:
         chunk = Chunk(indices, slot)
         self._in_flight[id(chunk)] = chunk
         # Always a value (whatever the view's ret=): the chunk's results come back as a list.
-        chunk.future = view._submit(OP_CALL, None, [CHUNK_FN, [self._fn, items, self._star], {}, RET_VALUE],
-                                    view._value)
+        fields = [CHUNK_FN, [self._fn, self._payload(items), self._star, self._big], {}, RET_VALUE]
+        chunk.future = view._submit(OP_CALL, None, fields, functools.partial(_chunk_value, view._value))
         chunk.future.add_done_callback(functools.partial(_done, self._on_done, chunk))
+
+    def _payload(self, items: list[Any]) -> Any:
+        """A chunk's items as sent: one pickle when they are builtin values (and the pickle is
+        below the shared-memory threshold, or no zero-copy views are asked for), else the list,
+        for the value codec (argument tuples of ``starmap`` as lists: no ext type per item)."""
+        if self._pickling:
+            packed = dumps_builtins(items)
+            if packed is not None and (self._big or self._threshold is None or len(packed) < self._threshold):
+                return packed
+            self._pickling = False  # the next chunks are most likely of the same kinds
+        return [list(args) for args in items] if self._star else items
 
     def _view(self, key: Any) -> Any:
         view = self._views.get(key)
@@ -403,3 +417,12 @@ class _Failed:
 
 def _done(hook: Callable[[Chunk], Any], chunk: Chunk, _future: Any) -> None:
     hook(chunk)
+
+
+def _chunk_value(value: Callable[[int, Any], Any], status: int, body: Any) -> Any:
+    """A chunk's reply, its results unpickled when they came as one pickle (in the thread that
+    read the reply, not the consumer's)."""
+    out = value(status, body)
+    if type(out[0]) is not list:
+        out[0] = pickle.loads(out[0])
+    return out

@@ -28,6 +28,7 @@ Frames of 4 GiB and more use an extended header (_frames.py).
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import threading
@@ -191,6 +192,33 @@ def dumps_any(obj: Any) -> bytes:
     import cloudpickle
 
     return cloudpickle.dumps(obj, protocol=5)  # type: ignore[no-any-return]
+
+
+class _NotBuiltin(Exception):
+    pass
+
+
+class _BuiltinsPickler(pickle.Pickler):
+    """Pickles builtin values only. ``reducer_override`` is not called for None, bool and exact
+    int, float, bytes, str, list, tuple, dict, set, frozenset; anything else — a ref, a
+    memoryview, an instance of a class — stops the pickle. Protocol 4: a bytearray is then
+    pickled through its type, which stops it too (it arrives as bytes on this wire)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        raise _NotBuiltin
+
+
+def dumps_builtins(obj: Any) -> bytes | None:
+    """A pickle of ``obj`` if it holds only builtin values (see :class:`_BuiltinsPickler`), else
+    None. A map's chunk of items or of results travels as one such pickle when it can: a list of
+    plain values pickles and loads in C at about half the cost of msgpack with ext types, and the
+    values come out as the value codec would give them."""
+    out = io.BytesIO()
+    try:
+        _BuiltinsPickler(out, 4).dump(obj)
+    except Exception:  # _NotBuiltin, or too deep: the codec says what is wrong, if anything
+        return None
+    return out.getvalue()
 
 
 def check_ref_session(ref: WireRef) -> None:

@@ -8,6 +8,7 @@ at their item. No sleeps: ordering is checked from the workers' own records.
 from __future__ import annotations
 
 import collections
+import fractions
 import itertools
 import sys
 import types
@@ -192,6 +193,32 @@ def test_error_of_the_session_function_or_input(pool: Pool) -> None:
         list(pool.imap(abs, range(5), session=lambda i: str(1 // (i - 3))))
 
 
+def test_chunks_keep_the_value_codecs_types(pool: Pool) -> None:
+    # A chunk of builtin values travels as one pickle, anything else through the value codec:
+    # what the function and the caller see is the same either way, as for a call.
+    plain = [1, 2.5, "s", b"b", None, True, (1, (2,)), {"k": [1], 2: "two"}, {1, 2}, frozenset({3}), 1 << 80, [()]]
+    back = list(pool.map(f"{M}.echo", plain))
+    assert back == plain and [type(v) for v in back] == [type(v) for v in plain]
+    assert list(pool.map(f"{M}.type_name", plain)) == [type(v).__name__ for v in plain]
+    assert [r[:2] for r in pool.starmap(f"{M}.keyed_add", [("k", 1, 2)] * 3)] == [("k", 3)] * 3
+    # bytearray and memoryview arrive as bytes, both ways; other types by the codec's pickle
+    others = [bytearray(b"ab"), memoryview(b"cd"), fractions.Fraction(1, 3)]
+    assert list(pool.map(f"{M}.type_name", others)) == ["bytes", "bytes", "Fraction"]
+    assert [type(v) for v in pool.map(f"{M}.echo", others)] == [bytes, bytes, fractions.Fraction]
+    assert [type(v) for v in pool.map("builtins.bytearray", [b"ab", b""])] == [bytes, bytes]
+
+
+def test_big_chunks_and_zero_copy(pool_maker: Callable[..., Pool]) -> None:
+    small = pool_maker(shm_threshold=1024)
+    items = [b"x" * 300] * 8 + [b"y" * 2000]  # a chunk over the threshold; one item over it too
+    assert list(small.map(f"{M}.echo", items, chunksize=9)) == items
+    assert list(small.map(f"{M}.type_name", items, chunksize=9)) == ["bytes"] * 9
+    # zero_copy: an item from the threshold on arrives as a view of its segment, as in a call
+    seen = list(small.options(zero_copy=True).map(f"{M}.type_name", items, chunksize=9))
+    assert seen == ["bytes"] * 8 + ["memoryview"]
+    assert [type(v) for v in small.options(zero_copy=True).map(f"{M}.echo", [b"z" * 3000])] == [memoryview]
+
+
 def test_imap_unordered_returns_everything(pool: Pool) -> None:
     got = pool.imap(abs, range(-100, 100), ordered=False, chunksize=7)
     assert sorted(got) == sorted(abs(i) for i in range(-100, 100))
@@ -370,3 +397,20 @@ def test_reprs_say_slots_pids_generations_sessions(pool: Pool) -> None:
         assert "session='repr-s'" in text and f"pid={pid}" in text and "generation=0" in text
     assert "MapIterator" in repr(pool.map(abs, [1]))
     assert isinstance(poolbridge.Pool.aio, property)
+
+
+def test_a_port_worker_never_unpickles_a_chunk_nor_pickles_its_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In-process worker cores: apply_chunk as a Port worker (wire=True) and an embedded one run it.
+    import pickle
+
+    from poolbridge import _helpers, _mapwork, _worker
+
+    monkeypatch.setattr(_worker, "_active", [None])
+    monkeypatch.setattr(_helpers, "_current", [None])
+    _worker.WorkerCore(0, 1, 0, wire=True)
+    with pytest.raises(TypeError, match="list of items"):
+        _mapwork.apply_chunk(f"{M}.echo", pickle.dumps([1, 2]), False)
+    assert _mapwork.apply_chunk(f"{M}.echo", [1, 2], False)[0] == [1, 2]
+    _worker.WorkerCore(0, 1, 0)
+    out = _mapwork.apply_chunk(f"{M}.echo", pickle.dumps([1, 2]), False)[0]
+    assert pickle.loads(out) == [1, 2]

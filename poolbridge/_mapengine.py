@@ -116,6 +116,8 @@ def length_of(iterables: tuple[Iterable[Any], ...]) -> int | None:
         return None
 
 
+_drain: Callable[[Iterable[Any]], None] = collections.deque(maxlen=0).extend  # runs an iterator to its end, in C
+
 _runs: weakref.WeakKeyDictionary[Pool, weakref.WeakSet[MapRun]] = weakref.WeakKeyDictionary()
 
 
@@ -194,7 +196,8 @@ class MapRun:
         # Completed results not yet yielded: runs of consecutive items by their first index
         # (ordered, one key), single items by index (ordered, keyed), or in completion order.
         self._segments: dict[int, tuple[list[Any], BaseException | None]] = {}
-        self._results: dict[int, Any] = {}  # a value, or a _Failed
+        self._results: dict[int, Any] = {}
+        self._failed: dict[int, BaseException] = {}  # (keyed) the item whose function raised
         self._ready: collections.deque[tuple[list[Any], BaseException | None]] = collections.deque()
         self._head = 0
         self._exhausted = False
@@ -219,7 +222,7 @@ class MapRun:
             self._pump_keyed()
         if self._in_flight:
             return True
-        if self.finished or self._head in self._results or self._segments or self._ready:
+        if self.finished or self._head in self._results or self._head in self._failed or self._segments or self._ready:
             return False
         raise AssertionError(f"map stalled: {self._held} items held, none in flight")  # pragma: no cover
 
@@ -262,15 +265,7 @@ class MapRun:
             start = self._next_index
             self._next_index += len(batch)
             self._held += len(batch)
-            chunk = self._chunk
-            for index, key, item in zip(range(start, self._next_index), keys, batch, strict=True):
-                buf = buffers.get(key)
-                if buf is None:
-                    buf = buffers[key] = ([], [])
-                buf[0].append(index)
-                buf[1].append(item)
-                if len(buf[0]) >= chunk:
-                    send(key, *buffers.pop(key))
+            self._group(keys, range(start, self._next_index), batch)
         if self._exhausted:
             for key in list(buffers):
                 send(key, *buffers.pop(key))
@@ -278,6 +273,44 @@ class MapRun:
             oldest = next(iter(buffers))
             if not self._in_flight or (self._ordered and buffers[oldest][0][0] == self._head):
                 send(oldest, *buffers.pop(oldest))
+
+    def _group(self, keys: list[Any], indices: range, batch: list[Any]) -> None:
+        """Add a batch to the per-key buffers, sending each chunk that fills up. The batch is
+        grouped by key in C (no Python per item); then, per key, its buffer is topped up to the
+        chunk size and sent, full chunks go as they are, and the rest is the key's new buffer.
+        Buffers stay in the order of their first item (the liveness rules read the oldest)."""
+        by_key: collections.defaultdict[Any, list[int]] = collections.defaultdict(list)
+        items_by_key: collections.defaultdict[Any, list[Any]] = collections.defaultdict(list)
+        _drain(map(list.append, map(by_key.__getitem__, keys), indices))
+        _drain(map(list.append, map(items_by_key.__getitem__, keys), batch))
+        buffers = self._buffers
+        chunk = self._chunk
+        send = self._send
+        fresh: list[Any] = []  # keys whose buffer starts in this batch
+        for key, idx in by_key.items():
+            items = items_by_key[key]
+            buf = buffers.get(key)
+            if buf is not None:
+                need = chunk - len(buf[0])
+                if len(idx) < need:
+                    buf[0].extend(idx)
+                    buf[1].extend(items)
+                    continue
+                del buffers[key]
+                buf[0].extend(idx[:need])
+                buf[1].extend(items[:need])
+                send(key, *buf)
+                idx, items = idx[need:], items[need:]
+            full = len(idx) - len(idx) % chunk
+            for i in range(0, full, chunk):
+                send(key, idx[i : i + chunk], items[i : i + chunk])
+            if full < len(idx):
+                buffers[key] = (idx[full:], items[full:])
+                fresh.append(key)
+        if len(fresh) > 1:  # created in key order: put them in the order of their first item
+            fresh.sort(key=lambda k: buffers[k][0][0])
+            for key in fresh:
+                buffers[key] = buffers.pop(key)
 
     def _send(self, key: Any, indices: range | list[int], items: list[Any]) -> None:
         if self._spread:
@@ -343,7 +376,7 @@ class MapRun:
         else:
             self._results.update(zip(chunk.indices, values, strict=False))
             if error is not None:
-                self._results[chunk.indices[len(values)]] = _Failed(error)
+                self._failed[chunk.indices[len(values)]] = error
 
     def _adapt(self, n: int, seconds: float) -> None:
         if self._fixed_chunk is not None or n == 0:
@@ -364,17 +397,12 @@ class MapRun:
                 return None
             segment = found
         else:
-            pop = self._results.pop
-            values: list[Any] = []
-            append = values.append
-            error = None
-            head = self._head
-            while (value := pop(head, _Failed)) is not _Failed:
-                if type(value) is _Failed:
-                    error = value.error
-                    break
-                append(value)
-                head += 1
+            # The run of results from the head on (found and taken in C), and the error of the
+            # item after it if that one raised.
+            results = self._results
+            end = next(itertools.filterfalse(results.__contains__, itertools.count(self._head)))
+            values = list(map(results.pop, range(self._head, end)))
+            error = self._failed.pop(end, None)
             if not values and error is None:
                 return None
             segment = (values, error)
@@ -402,17 +430,9 @@ class MapRun:
         self._buffers.clear()
         self._segments.clear()
         self._results.clear()
+        self._failed.clear()
         self._ready.clear()
         self._progress.close()
-
-
-class _Failed:
-    """An item's exception among the results of a keyed map (the class itself marks "absent")."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
 
 
 def _done(hook: Callable[[Chunk], Any], chunk: Chunk, _future: Any) -> None:

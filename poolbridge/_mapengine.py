@@ -40,6 +40,7 @@ import functools
 import importlib
 import itertools
 import math
+import operator
 import pickle
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -194,9 +195,11 @@ class MapRun:
         self._buffers: dict[Any, tuple[list[int], list[Any]]] = {}
         self._in_flight: dict[int, Chunk] = {}  # id(chunk) -> chunk
         # Completed results not yet yielded: runs of consecutive items by their first index
-        # (ordered, one key), single items by index (ordered, keyed), or in completion order.
+        # (ordered, one key), or in completion order (unordered). Ordered and keyed, ``_slots``
+        # holds a place for every item from the head to the last pulled, filled in as chunks
+        # complete; the items before the oldest one not done are ready (see _keyed_end).
         self._segments: dict[int, tuple[list[Any], BaseException | None]] = {}
-        self._results: dict[int, Any] = {}
+        self._slots: list[Any] = []
         self._failed: dict[int, BaseException] = {}  # (keyed) the item whose function raised
         self._ready: collections.deque[tuple[list[Any], BaseException | None]] = collections.deque()
         self._head = 0
@@ -222,7 +225,9 @@ class MapRun:
             self._pump_keyed()
         if self._in_flight:
             return True
-        if self.finished or self._head in self._results or self._head in self._failed or self._segments or self._ready:
+        if self.finished or self._segments or self._ready or self._head in self._failed or (
+            self._slots and self._keyed_end() > self._head
+        ):
             return False
         raise AssertionError(f"map stalled: {self._held} items held, none in flight")  # pragma: no cover
 
@@ -265,6 +270,8 @@ class MapRun:
             start = self._next_index
             self._next_index += len(batch)
             self._held += len(batch)
+            if self._ordered:
+                self._slots.extend(itertools.repeat(None, len(batch)))
             self._group(keys, range(start, self._next_index), batch)
         if self._exhausted:
             for key in list(buffers):
@@ -373,8 +380,9 @@ class MapRun:
             self._ready.append((values, error))
         elif type(chunk.indices) is range:
             self._segments[chunk.indices.start] = (values, error)
-        else:
-            self._results.update(zip(chunk.indices, values, strict=False))
+        else:  # each value to its item's place (in C)
+            places = map(operator.sub, chunk.indices, itertools.repeat(self._head))
+            _drain(map(self._slots.__setitem__, places, values))
             if error is not None:
                 self._failed[chunk.indices[len(values)]] = error
 
@@ -397,18 +405,31 @@ class MapRun:
                 return None
             segment = found
         else:
-            # The run of results from the head on (found and taken in C), and the error of the
-            # item after it if that one raised.
-            results = self._results
-            end = next(itertools.filterfalse(results.__contains__, itertools.count(self._head)))
-            values = list(map(results.pop, range(self._head, end)))
+            # The results from the head to the oldest item not done, and that item's error if
+            # it is one that raised.
+            end = self._keyed_end()
             error = self._failed.pop(end, None)
-            if not values and error is None:
+            n = end - self._head
+            if n == 0 and error is None:
                 return None
+            values = self._slots[:n]
+            del self._slots[: n + (error is not None)]
             segment = (values, error)
         self._head += len(segment[0]) + (segment[1] is not None)
         self._held -= len(segment[0]) + (segment[1] is not None)
         return segment
+
+    def _keyed_end(self) -> int:
+        """(Ordered, keyed) the oldest item not done: the first of a buffer or of a chunk in
+        flight, an item that raised, or the next to pull."""
+        end = self._next_index
+        if self._buffers:
+            end = min(end, min(buf[0][0] for buf in self._buffers.values()))
+        if self._in_flight:
+            end = min(end, min(chunk.indices[0] for chunk in self._in_flight.values()))
+        if self._failed:
+            end = min(end, min(self._failed))
+        return end
 
     @property
     def finished(self) -> bool:
@@ -429,7 +450,7 @@ class MapRun:
         self.closed = True
         self._buffers.clear()
         self._segments.clear()
-        self._results.clear()
+        self._slots.clear()
         self._failed.clear()
         self._ready.clear()
         self._progress.close()

@@ -142,9 +142,11 @@ def test_map_of_a_sized_input_uses_len_for_its_chunks(pool: Pool) -> None:
 # -- errors and closing ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("keyed", [False, True])
 @pytest.mark.parametrize("chunksize", [1, 7, 100])
-def test_error_is_raised_at_its_item(pool: Pool, chunksize: int) -> None:
-    it = pool.map(f"{M}.fail_on", range(40), chunksize=chunksize)
+def test_error_is_raised_at_its_item(pool: Pool, chunksize: int, keyed: bool) -> None:
+    session = (lambda x: f"err-{x % 3}") if keyed else None
+    it = pool.map(f"{M}.fail_on", range(40), chunksize=chunksize, session=session)
     got = []
     with pytest.raises(KeyError, match="thirteen") as info:
         for value in it:

@@ -27,6 +27,11 @@ order). Input is pulled only inside ``next()``, so an infinite iterator costs fl
 *Liveness* is guaranteed by two rules applied before every wait: in order, the buffer holding the
 next item to yield is sent at once; and nothing in flight means the oldest buffer is sent.
 
+*Transport.* A chunk's items, and its results, travel as one pickle when they are builtin values
+(:func:`~poolbridge._protocol.dumps_builtins`): pickling a list of plain values costs about half
+of msgpack's per item, both ways. Anything else goes item by item through the value codec (refs,
+big buffers, bytearray), so what the function and the consumer see is the same either way.
+
 *Chunk size.* Given, or from the input's length (``len / (4 x workers)``, as ``multiprocessing``),
 or adaptive for an unsized input: the worker reports how long each chunk took, and the next chunks
 aim at ``_TARGET_SECONDS`` each (from 1 item up to ``_MAX_CHUNK``).

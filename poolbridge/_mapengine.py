@@ -303,7 +303,7 @@ class MapRun:
             items = items_by_key[key]
             buf = buffers.get(key)
             if buf is not None:
-                need = chunk - len(buf[0])
+                need = max(0, chunk - len(buf[0]))  # (0: the chunk size has shrunk since)
                 if len(idx) < need:
                     buf[0].extend(idx)
                     buf[1].extend(items)

@@ -416,3 +416,27 @@ def test_a_port_worker_never_unpickles_a_chunk_nor_pickles_its_results(monkeypat
     _worker.WorkerCore(0, 1, 0)
     out = _mapwork.apply_chunk(f"{M}.echo", pickle.dumps([1, 2]), False)[0]
     assert pickle.loads(out) == [1, 2]
+
+
+def test_grouping_a_batch_by_key_into_chunks() -> None:
+    # MapRun._group alone (white box): buffers topped up to the chunk size, full chunks sent in
+    # each key's order, the rest buffered in the order of their first item; a chunk size that
+    # shrank meanwhile sends the over-full buffer at once.
+    from poolbridge._mapengine import MapRun
+
+    run = MapRun.__new__(MapRun)
+    sent: list[tuple[str, list[int], list[str]]] = []
+    run._send = lambda key, idx, items: sent.append((key, list(idx), list(items)))  # type: ignore[method-assign]
+    run._buffers = {"b": ([0], ["b0"])}
+    run._chunk = 3
+    keys = ["a", "b", "a", "c", "a", "a", "b"]
+    run._group(keys, range(1, 8), [f"{k}{i}" for i, k in zip(range(1, 8), keys, strict=True)])
+    assert sent == [("a", [1, 3, 5], ["a1", "a3", "a5"]), ("b", [0, 2, 7], ["b0", "b2", "b7"])]
+    assert run._buffers == {"c": ([4], ["c4"]), "a": ([6], ["a6"])}
+    assert list(run._buffers) == ["c", "a"]  # by first item
+    sent.clear()
+    run._chunk = 1
+    run._buffers = {"a": ([0, 1], ["a0", "a1"])}
+    run._group(["a", "a", "a"], range(2, 5), ["a2", "a3", "a4"])
+    assert [idx for _, idx, _ in sent] == [[0, 1], [2], [3], [4]]
+    assert run._buffers == {}

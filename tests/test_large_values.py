@@ -211,6 +211,24 @@ def test_mutation_after_send_is_not_seen(small: poolbridge.Pool, fifo: Fifo, tmp
     assert f2.result(LIMIT)[2] == sha(np.zeros(T))
 
 
+def test_a_buffer_nested_deep_keeps_its_segment_until_read(pool_maker: Callable[..., poolbridge.Pool], fifo: Fifo,
+                                                           tmp_path: Any) -> None:
+    """A big buffer three levels down (found after packing, not by the quick look) travels in a
+    segment its request names: a value sent meanwhile never gets that segment and overwrites it."""
+    p = pool_maker(shm_threshold=T)
+    marker = str(tmp_path / "running")
+    blocker = p.submit("pb_largemods.mark_wait_digest", marker, fifo.path, b"b")
+    wait_until(lambda: os.path.exists(marker), LIMIT, what="the blocking call started")
+    first, second = [[b"1" * (3 * T)]], [[b"2" * (3 * T)]]
+    queued = p.submit("pb_testmods.identity", first)  # waits in the pipe, not yet read by the worker
+    later = p.submit("pb_testmods.identity", second)  # the same size: a warm segment would fit it
+    fifo.release()
+    blocker.result(LIMIT)
+    assert queued.result(LIMIT) == first
+    assert later.result(LIMIT) == second
+    no_segments_left(p)
+
+
 # -- the bound ------------------------------------------------------------------------------------
 
 

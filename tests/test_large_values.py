@@ -365,3 +365,17 @@ def test_router_sigkill_leaves_no_segment(tmp_path: Any, fifo: Fifo) -> None:
 def test_digest_helper_matches_hashlib() -> None:
     raw = b"abc"
     assert digest(raw) == ["bytes", 3, hashlib.sha256(raw).hexdigest()]
+
+
+def test_the_quick_look_for_a_big_buffer_is_bounded() -> None:
+    # Lifter.near_top (parent and worker, on every message) looks at _SCAN_BUDGET elements at most,
+    # as lift() walks no more: a map chunk's long list of results is not scanned item by item.
+    from poolbridge._shm_send import _SCAN_BUDGET, Lifter
+
+    look = Lifter("/pb-test-", 100).near_top
+    big = b"x" * 200
+    assert look(big) and look(["f", [1, big], {}, 2]) and look(["f", [], {"k": big}, 2])
+    assert not look(["f", [1, 2], {}, 2])
+    assert look([[0] * (_SCAN_BUDGET - 1) + [big]]) and not look([[0] * _SCAN_BUDGET + [big]])
+    assert look([[0] * (_SCAN_BUDGET - 1), [big]]) and not look([[0] * _SCAN_BUDGET, [big]])
+    assert not look([0] * _SCAN_BUDGET + [big])

@@ -10,9 +10,20 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._api import _Api
+    from ._shm_send import Lifter
     from ._supervisor import Supervisor
 
-__all__ = ["channel", "channels", "generation", "idle", "in_flight", "kill_worker", "supervisor"]
+__all__ = [
+    "channel",
+    "channels",
+    "generation",
+    "idle",
+    "in_flight",
+    "kill_worker",
+    "shm",
+    "shm_prefix",
+    "supervisor",
+]
 
 
 def supervisor(pool: _Api) -> Supervisor:
@@ -48,3 +59,15 @@ def idle(pool: _Api) -> bool:
 def kill_worker(pool: _Api, slot: int) -> None:
     """Kill ``slot``'s worker as a crash would (its calls fail, the slot restarts)."""
     supervisor(pool).kill_slot(slot)
+
+
+def shm(pool: _Api) -> Lifter | None:
+    """The pool's shared-memory sender (None: large values go inline, e.g. on Ray)."""
+    api: Any = getattr(pool, "_api", pool)
+    return api._pool._shm  # type: ignore[no-any-return]
+
+
+def shm_prefix(pool: _Api) -> str | None:
+    """The name prefix of every shared-memory segment of the pool (None without shared memory)."""
+    lifter = shm(pool)
+    return None if lifter is None else lifter.prefix

@@ -27,6 +27,8 @@ from poolbridge import Pool, Ref, RefNotFoundError, SessionMismatchError
 
 WAIT = 60.0
 
+pytestmark = pytest.mark.backends  # every test with the module's ``pool``, on each backend
+
 
 def token() -> str:
     return uuid.uuid4().hex

@@ -128,13 +128,21 @@ class _RaySession:
 _ray = _RaySession()
 
 
+def ray_processes() -> set[int]:
+    """Pids of the session's Ray and of its shared pool's actors (empty when Ray is not running):
+    for per-test process checks, which must not count Ray's own comings and goings."""
+    return _ray.processes()
+
+
 def _leaked_resources(fds: dict[int, str], threads: dict[int, str], settle: float | None = None) -> list[str]:
     """File descriptors and threads that were not there before, after a bounded settle time:
     closing is synchronous, but a thread that was told to stop may take a moment to end."""
     deadline = time.monotonic() + (LEAK_SETTLE if settle is None else settle)
     while True:
         gc.collect()  # a pool nobody closed but nobody references either (it warns, too)
-        new_fds = {fd: target for fd, target in _fds().items() if fds.get(fd) != target and not _ray.owns_fd(fd, target)}
+        new_fds = {
+            fd: target for fd, target in _fds().items() if fds.get(fd) != target and not _ray.owns_fd(fd, target)
+        }
         new_fds.pop(resource_tracker_fd(), None)  # type: ignore[arg-type]  # the stdlib's, shared by every pool
         new_threads = {ident: name for ident, name in _threads().items() if ident not in threads}
         if _ray.ran:  # Ray's own threads come and go: only ours count, less the shared Ray pool's
@@ -192,7 +200,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def _module_runs_on_ray(request: pytest.FixtureRequest) -> bool:
     prefix = request.node.nodeid + "::"
     return any(
-        item.nodeid.startswith(prefix) and getattr(item, "callspec", None) and item.callspec.params.get("backend") == "ray"
+        item.nodeid.startswith(prefix)
+        and getattr(item, "callspec", None)
+        and item.callspec.params.get("backend") == "ray"
         for item in request.session.items
     )
 
@@ -208,8 +218,9 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def ray_pool() -> Iterator[poolbridge.Pool]:
-    """The Ray pool of the whole session (2 actors, ``pb_helpers``). Creating it starts Ray (poolbridge
-    does, with ``RAY_INIT``); closing it, the last Ray pool, shuts Ray down again."""
+    """The Ray pool of the whole session (2 actors, helpers ``pb_helpers`` and ``pb_faultmods``).
+    Creating it starts Ray (poolbridge does, with ``RAY_INIT``); closing it, the last Ray pool, shuts
+    Ray down again."""
     try:
         import ray
     except ImportError:
@@ -218,7 +229,7 @@ def ray_pool() -> Iterator[poolbridge.Pool]:
         pytest.skip("Ray is not installed (pip install 'poolbridge[ray]')")
     assert not ray.is_initialized(), "the tests start their own Ray"
     children, fds = {p.pid for p in _children()}, _fds()
-    pool = make_pool(backend="ray", ray_init=RAY_INIT)
+    pool = make_pool(backend="ray", ray_init=RAY_INIT, helpers=["pb_helpers", "pb_faultmods"])
     _ray.ran, _ray.pool = True, pool
     _ray.heads = {p.pid for p in psutil.Process().children() if p.pid not in children}
     _ray.fds = {fd: target for fd, target in _fds().items() if fds.get(fd) != target}

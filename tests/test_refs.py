@@ -667,6 +667,32 @@ def test_a_ref_shared_by_many_threads_is_used_in_one_worker(pool: Pool) -> None:
     ref.release()
 
 
+def test_a_sessions_operations_run_in_order_under_concurrent_senders(pool: Pool) -> None:
+    """Each of 8 threads submits 60 operations on its own session's ref: every session sees them in
+    its submission order, whatever the other senders do (on Ray, requests queued behind a busy actor
+    go as one batch call: in order too)."""
+    results: dict[str, list[Any]] = {}
+    errors: list[BaseException] = []
+
+    def run(sid: str) -> None:
+        try:
+            counter = pool.options(session=sid).create("pb_testmods.Counter", 0)
+            futures = [counter.submit("incr") for _ in range(60)]
+            results[sid] = [f.result(timeout=WAIT) for f in futures] + [counter.call("incr", 0)]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(f"ord-{token()[:6]}-{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors and len(results) == 8, errors[:3]
+    for values in results.values():
+        assert values == [*range(1, 61), 60]
+
+
 async def test_a_refused_async_release_leaves_the_ref_live(pool: Pool) -> None:
     """A release refused before sending (session mismatch) must not mark the handle released:
     the object is still there, and dropping the handle must still release it."""

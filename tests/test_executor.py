@@ -158,6 +158,26 @@ def _start_blocked(p: Pool, fifo: Fifo, tmp_path: Any) -> cf.Future[Any]:
     return running
 
 
+@pytest.mark.backends
+def test_a_cancelled_future_never_runs_and_an_uncancelled_one_does(pool: Pool, fifo: Fifo, tmp_path: Any) -> None:
+    """``Future.cancel()`` on each backend: True only for a call that will never run, False for one
+    that may have started (it then runs, once). On the process backend every call queued behind a
+    running one can be cancelled; on Ray those already handed to the actor cannot (docs/ray.md)."""
+    sid = f"cancel-{tmp_path.name}"
+    token = f"{sid}-seq"
+    api = pool.options(session=sid)
+    running = api.submit(f"{F}.mark_and_wait", str(tmp_path / "running"), fifo.path)
+    wait_until(lambda: pid_in(str(tmp_path / "running")), WAIT, what="the blocking call to start")
+    queued = [api.submit("pb_testmods.log_seq", token, i) for i in range(20)]
+    cancelled = {i for i, f in enumerate(queued) if f.cancel()}
+    assert len(cancelled) >= 18, "calls queued behind a running one could not be cancelled"
+    fifo.release()
+    assert running.result(WAIT) == "released"
+    for i, f in enumerate(queued):
+        assert f.cancelled() if i in cancelled else f.result(WAIT) == i
+    assert api.call("pb_testmods.pop_events", token) == [i for i in range(20) if i not in cancelled]
+
+
 def test_cancel_futures(pool_maker: Callable[..., Pool], fifo: Fifo, tmp_path: Any) -> None:
     # One worker, blocked on the fifo: every call queued behind it has not started and is
     # cancelled; the running one finishes (as in CPython's test_cancel_futures).

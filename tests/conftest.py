@@ -6,8 +6,10 @@
   "ray" (``@pytest.mark.backends("ray")``: Ray only), with the same body: its ``pool`` and
   ``pool_maker`` are that backend's. The Ray ``pool`` is one pool for the whole test session
   (``ray_pool``): poolbridge starts a small local Ray for it (``RAY_INIT``) and shuts Ray down when
-  it closes, at the end of the session. Ray runs are skipped, with the reason, where Ray is not
-  installed — except under ``CI``, which installs ``.[ray]``: there a missing Ray is an error.
+  it closes, at the end of the session. The Ray runs are moved to the end of the session, so every
+  other test runs (and checks its processes, fds and threads) without Ray's. Ray runs are skipped,
+  with the reason, where Ray is not installed — except under ``CI``, which installs ``.[ray]``:
+  there a missing Ray is an error.
 * Process hygiene: after every test module, and after the whole session, no child process of the
   test process may be left (bounded wait for orderly exits first), and the test process has the
   file descriptors and threads it had before (a leaked pipe or thread fails the suite, naming it).
@@ -25,7 +27,7 @@ from typing import Any
 import psutil
 import pytest
 from hypothesis import settings
-from pb_faultmods import Fifo, resource_tracker_fd, resource_tracker_pid
+from pb_faultmods import Fifo, ProcessHygiene, resource_tracker_fd, resource_tracker_pid
 
 import poolbridge
 from poolbridge import _testing as testing
@@ -84,6 +86,7 @@ class _RaySession:
         self.heads: set[int] = set()  # Ray's processes started under us (gcs_server, raylet, ...)
         self.fds: dict[int, str] = {}  # fds that appeared while Ray started
         self.ran = False
+        self.next_test_on_ray = False  # the test about to be set up runs on backend="ray"
 
     def processes(self) -> set[int]:
         """Pids of Ray's own processes and of the shared pool's actors (a pool's actor is a leak once
@@ -134,6 +137,9 @@ def ray_processes() -> set[int]:
     return _ray.processes()
 
 
+ProcessHygiene.ignored = staticmethod(ray_processes)  # type: ignore[method-assign]
+
+
 def _leaked_resources(fds: dict[int, str], threads: dict[int, str], settle: float | None = None) -> list[str]:
     """File descriptors and threads that were not there before, after a bounded settle time:
     closing is synchronous, but a thread that was told to stop may take a moment to end."""
@@ -171,7 +177,7 @@ def _no_leaks_after_suite() -> Iterator[None]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _no_leaks_after_module(request: pytest.FixtureRequest) -> Iterator[None]:
-    if _module_runs_on_ray(request):
+    if _ray.next_test_on_ray:
         request.getfixturevalue("ray_pool")  # Ray and the shared pool first: they outlive this module
     before = {p.pid for p in _children()}
     fds, threads = _fds(), _threads()
@@ -197,14 +203,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", names, indirect=True, scope="module")
 
 
-def _module_runs_on_ray(request: pytest.FixtureRequest) -> bool:
-    prefix = request.node.nodeid + "::"
-    return any(
-        item.nodeid.startswith(prefix)
-        and getattr(item, "callspec", None)
-        and item.callspec.params.get("backend") == "ray"
-        for item in request.session.items
-    )
+def _on_ray(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("backend") == "ray"
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own grouping by module-scoped parameters
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The Ray runs last (in their order): Ray, once started, runs until the session ends, and no
+    other test should see its processes, fds and threads come and go."""
+    items[:] = [item for item in items if not _on_ray(item)] + [item for item in items if _on_ray(item)]
+
+
+@pytest.hookimpl(tryfirst=True)  # before the fixtures of ``item`` are set up
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _ray.next_test_on_ray = _on_ray(item)
 
 
 @pytest.fixture(scope="module")

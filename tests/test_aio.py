@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import ray_processes
 from pb_faultmods import ProcessHygiene, gone, sessions_for_slot, wait_until
 
 import poolbridge
@@ -47,7 +46,7 @@ def _hygiene(request: pytest.FixtureRequest) -> Iterator[None]:
     shared = request.getfixturevalue("pool") if "pool" in request.fixturenames else None
 
     def allowed() -> set[int]:
-        return (set(shared.pids()) if shared is not None and not shared.closed else set()) | ray_processes()
+        return set(shared.pids()) if shared is not None and not shared.closed else set()
 
     with ProcessHygiene(allowed):
         yield

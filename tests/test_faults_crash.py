@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-from conftest import expect_routed, ray_processes
+from conftest import expect_routed
 from pb_faultmods import ProcessHygiene, pid_in, sessions_for_slot, wait_until
 
 import poolbridge
@@ -43,7 +43,7 @@ _POOLS: list[poolbridge.Pool] = []
 @pytest.fixture(autouse=True)
 def _hygiene(request: pytest.FixtureRequest) -> Iterator[None]:
     def allowed() -> set[int]:
-        pids: set[int] = ray_processes()
+        pids: set[int] = set()
         for p in _POOLS:
             if not p.closed:
                 pids.update(p.pids())
@@ -209,7 +209,7 @@ def test_external_kill_fails_every_in_flight_call_of_that_slot_only(pool, fifo, 
 def test_crash_is_seen_through_the_pidfd_not_a_timeout(pool, fifo, tmp_path):
     """The blocked call would wait 60 s; the crash error arrives as soon as the process is gone."""
     assert hasattr(os, "pidfd_open")
-    assert testing.supervisor(pool).monitor._pidfd, "the monitor fell back to polling"
+    assert testing.watches_by_pidfd(pool), "the monitor fell back to polling"
     (sid,) = sessions_for_slot(pool, 1, 1, "pidfd")
     marker = str(tmp_path / "running")
     f = pool.options(session=sid).submit(f"{M}.mark_and_wait", marker, fifo.path, 60.0)
@@ -547,17 +547,18 @@ def test_a_failed_restart_is_retried(monkeypatch):
     p = poolbridge.Pool(2)
     try:
         assert p.call(f"{M}.add", 1, 1) == 2
-        router = testing.supervisor(p)
-        real = router._factory
         failures = []
 
-        def flaky_factory(r, slot, generation):
-            if generation == 1 and not failures:
-                failures.append(slot)
-                raise OSError(11, "Resource temporarily unavailable (injected)")
-            return real(r, slot, generation)
+        def flaky(real):
+            def flaky_factory(r, slot, generation):
+                if generation == 1 and not failures:
+                    failures.append(slot)
+                    raise OSError(11, "Resource temporarily unavailable (injected)")
+                return real(r, slot, generation)
 
-        router._factory = flaky_factory
+            return flaky_factory
+
+        testing.replace_channel_factory(p, flaky)
         (sid,) = sessions_for_slot(p, 0, 1, "flaky-restart")
         with pytest.raises(WorkerCrashedError):
             p.options(session=sid).call(f"{M}.die", "sigkill")

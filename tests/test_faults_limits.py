@@ -21,7 +21,6 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import ray_processes
 from pb_faultmods import Fifo, ProcessHygiene, is_resource_tracker, pid_in, wait_until
 
 import poolbridge
@@ -43,7 +42,7 @@ BLOB = 200 * MB
 
 @pytest.fixture(autouse=True)
 def _hygiene() -> Iterator[None]:
-    with ProcessHygiene(ray_processes):  # Ray's own processes come and go (tests on backend="ray")
+    with ProcessHygiene():
         yield
 
 
@@ -538,13 +537,16 @@ def test_close_during_a_slot_restart_leaves_no_worker_behind(pool_maker):
     pool = pool_maker(workers=2)
     assert pool.call(f"{M}.add", 1, 1) == 2
     router = testing.supervisor(pool)
-    real_factory, real_channels = router._factory, router.channels
+    real_channels = router.channels
     gate = threading.Event()
 
-    def held_factory(r: Any, slot: int, generation: int) -> Any:
-        if generation > 0:
-            gate.wait(10.0)
-        return real_factory(r, slot, generation)
+    def held(real_factory: testing.Factory) -> testing.Factory:
+        def held_factory(r: Any, slot: int, generation: int) -> Any:
+            if generation > 0:
+                gate.wait(10.0)
+            return real_factory(r, slot, generation)
+
+        return held_factory
 
     def channels() -> list[Any]:
         snapshot = real_channels()
@@ -552,7 +554,7 @@ def test_close_during_a_slot_restart_leaves_no_worker_behind(pool_maker):
             gate.set()  # close() has its snapshot: now let the restart finish
         return snapshot
 
-    router._factory = held_factory
+    testing.replace_channel_factory(router, held)
     router.channels = channels  # type: ignore[method-assign]
     old = pool.pids()
     os.kill(old[0], signal.SIGKILL)

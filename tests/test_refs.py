@@ -185,6 +185,7 @@ MISMATCH_OPS: dict[str, Callable[[Any, Ref], Any]] = {
 }
 
 
+@pytest.mark.backends("process")  # the router's encoder refuses it: the same code on Ray, nothing sent
 @pytest.mark.parametrize("same_slot", [True, False], ids=["B-same-slot", "B-other-slot"])
 @pytest.mark.parametrize("op", sorted(MISMATCH_OPS))
 def test_override_disagreeing_with_ref_raises_before_sending(
@@ -236,6 +237,7 @@ ARG_WRAPS: dict[str, Callable[[Ref], tuple[list[Any], dict[str, Any]]]] = {
 SESSION_B_MODES = ["override", "context", "auto", "ref-target"]
 
 
+@pytest.mark.backends("process")  # the router's encoder refuses it: the same code on Ray, nothing sent
 @pytest.mark.parametrize("mode", SESSION_B_MODES)
 @pytest.mark.parametrize("wrap", sorted(ARG_WRAPS))
 def test_ref_of_session_a_as_argument_in_session_b_raises_before_sending(

@@ -251,11 +251,16 @@ def pack_value(
         shm = default_lifter[0]
         if shm is None:
             return packed if packed is not None else _pack_value(obj, session, owner, None)
+    big_near_top = packed is None and shm.near_top(obj)
+    if packed is None and not big_near_top:
+        packed = pack_simple(obj)  # plain data makes no segment: the usual small value ends here
+        if packed is not None and len(packed) < shm.threshold:
+            return packed
     mark = shm.mark()
     try:
+        if big_near_top:  # the usual way to pass or return a big buffer: lift it at once
+            return _pack_value(shm.lift(obj), session, owner, shm)
         if packed is None:
-            if shm.near_top(obj):  # the usual way to pass or return a big buffer: lift it at once
-                return _pack_value(shm.lift(obj), session, owner, shm)
             packed = _pack_value(obj, session, owner, shm)  # pickle-5 buffers are lifted meanwhile
         if len(packed) < shm.threshold:
             return packed  # no buffer of the threshold's size can hide in fewer bytes

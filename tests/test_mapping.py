@@ -218,6 +218,8 @@ def test_big_chunks_and_zero_copy(pool_maker: Callable[..., Pool]) -> None:
     items = [b"x" * 300] * 8 + [b"y" * 2000]  # a chunk over the threshold; one item over it too
     assert list(small.map(f"{M}.echo", items, chunksize=9)) == items
     assert list(small.map(f"{M}.type_name", items, chunksize=9)) == ["bytes"] * 9
+    if small._shm is None:
+        return  # (Ray: no segments, hence no views)
     # zero_copy: an item from the threshold on arrives as a view of its segment, as in a call
     seen = list(small.options(zero_copy=True).map(f"{M}.type_name", items, chunksize=9))
     assert seen == ["bytes"] * 8 + ["memoryview"]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from typing import Any
 
 import psutil
@@ -107,3 +109,18 @@ def test_a_worker_forked_after_its_requester_gave_up_is_killed(monkeypatch: pyte
         template.close()
         for fd in (req_r, req_w, rep_r, rep_w):
             os.close(fd)
+
+
+def test_the_template_imports_nothing_heavy() -> None:
+    # Every module the template imports, each pool pays for before its first worker exists
+    # (_worker_template.py): what only the router or rare paths need stays out.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+
+    def modules(code: str) -> set[str]:
+        out = subprocess.run([sys.executable, "-c", f"{code}import sys; print(*sys.modules)"], env=env,
+                             capture_output=True, text=True, check=True, timeout=60)
+        return set(out.stdout.split())
+
+    imported = modules("import poolbridge._worker_template; ") - modules("")
+    heavy = {"concurrent.futures.process", "multiprocessing.connection", "_hashlib", "hmac", "asyncio", "cloudpickle"}
+    assert not imported & heavy

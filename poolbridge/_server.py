@@ -56,6 +56,7 @@ from ._portsinks import Output, PortReply
 from ._portwire import (
     REF_TAG,
     STREAM_TAG,
+    TAG_MARK,
     PortRef,
     RequestCancelledError,
     ValueDecoder,
@@ -71,6 +72,8 @@ from ._protocol import (
     MAX_FRAME_DEFAULT,
     FrameReader,
     OversizedFrame,
+    pack_request,
+    pack_value,
 )
 from ._session import resolve_session, validate_session_id
 from ._supervisor import DEFAULT_MAX_IN_FLIGHT
@@ -122,6 +125,9 @@ class Server:
             _allow_modules=tuple(allow_modules),
         )
         self.router = self.pool._supervisor
+        # A request frame shorter than the shared-memory threshold holds no value to lift (_shm.py).
+        shm = self.pool._shm
+        self._lift_at = shm.threshold if shm is not None else float("inf")
         self._side_threads: list[threading.Thread] = []
         self._arrivals = itertools.count()
         # client id -> its request while in flight (for ``cancel``; ids are the client's to keep unique)
@@ -174,6 +180,8 @@ class Server:
             reader = FrameReader(self.max_frame)
             handle = self.handle_frame
             read_channel = self._read_channel
+            out = self.out
+            out.batch_on()  # replies made on this thread go out once per turn (out.flush below)
             self.serving = True
             while not self._stopping:
                 for fd, _events in poller.poll():
@@ -186,7 +194,7 @@ class Server:
                             return
                         for frame in frames:
                             handle(frame)
-                        if self.out.broken:
+                        if out.broken:
                             return
                     elif fd == wake_r:
                         try:
@@ -195,9 +203,11 @@ class Server:
                             pass
                     else:
                         read_channel(fd)
+                out.flush()
             log.info("SIGTERM: shutting down")
         finally:
             self.serving = False
+            self.out.batch_off()
 
     def stop(self) -> None:
         """Make :meth:`run` return soon. Safe from a signal handler (and from any thread)."""
@@ -262,8 +272,9 @@ class Server:
                 raise
             if type(req) is not dict:
                 raise BadRequestError(f"a request must be a map, got {type(req).__name__}")
-            req_id = valid_id(req.get("id"))
-            if req_id is None:
+            req_id = req.get("id")
+            if type(req_id) is not int and type(req_id) is not str:  # valid_id, inline (per request)
+                req_id = None
                 raise BadRequestError("a request needs an 'id' (integer or string)")
             op = req.get("op")
             translate = WORKER_OPS.get(op) if type(op) is str else None
@@ -275,15 +286,26 @@ class Server:
                 return
             refs: list[PortRef] = []
             wop, target, fields, kind = translate(req, refs)
-            session = self._session(req, target, op)
+            session = req.get("session")
+            if target is not None or type(session) is not str or not 0 < len(session) <= 64:
+                session = self._session(req, target, op)  # (the common case inline: a valid id, no ref)
             slot = self.router.slot_for(session)
             if target is not None:
                 self._check_ref(target, session, slot)
             for ref in refs:
                 self._check_ref(ref, session, slot)
-            timeout, restart = timeout_of(req)
-            # Big binaries and strings go to the worker through shared memory (_shm.py).
-            rid, data = self.pool._encode_request(wop, session, fields)
+            if "timeout" in req or "on_timeout" in req:
+                timeout, restart = timeout_of(req)
+            else:
+                timeout = None
+            if len(frame) < self._lift_at and TAG_MARK not in frame:
+                # No ref to pack as an extension, no value big enough for shared memory: the
+                # request body is the fields as plain msgpack (what _encode_request would make).
+                rid = self.router.next_id()
+                data = pack_request(rid, wop, session, pack_value(fields), ())
+            else:
+                # Big binaries and strings go to the worker through shared memory (_shm.py).
+                rid, data = self.pool._encode_request(wop, session, fields)
             reply = PortReply(self, req_id, kind, slot, rid, data)
             if timeout is not None:
                 reply.deadline = time.monotonic() + timeout

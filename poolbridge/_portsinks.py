@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from threading import get_ident
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from ._channel import Sink
@@ -37,6 +37,7 @@ _BATCH_BYTES = 1 << 16  # the loop writes its batch once it holds this much
 # An ok reply, {"id": id, "status": "ok", "value": value}, around its id and value (_portwire.ok_reply).
 _OK_HEAD = b"\x83" + pack_plain("id")
 _OK_MIDDLE = pack_plain("status") + pack_plain("ok") + pack_plain("value")
+_OK_FIXED = len(_OK_HEAD) + len(_OK_MIDDLE)
 # The first byte of every msgpack extension type (ext 8/16/32, fixext 1-16). A value without any
 # of these bytes holds no extension; one with them may still hold none (the byte inside a number
 # or a string): it then takes the decoding path.
@@ -71,10 +72,17 @@ class Output:
 
     def write_ok(self, req_id: Any, value: bytes) -> None:
         """Write ``ok_reply(req_id, <value>)`` given the value's msgpack bytes (not decoded)."""
-        if len(value) > _PORT_FRAME_MAX - 64:  # (too big: the error reply, through write)
+        id_bytes = pack_plain(req_id)
+        size = _OK_FIXED + len(id_bytes) + len(value)
+        if size < _BATCH_FRAME and self._batcher == get_ident():  # (the loop's usual reply, inline)
+            self._batch += (HEADER.pack(size), _OK_HEAD, id_bytes, _OK_MIDDLE, value)
+            self._batch_bytes += size
+            if self._batch_bytes >= _BATCH_BYTES:
+                self.flush()
+        elif size > _PORT_FRAME_MAX:  # too big: the error reply, through write
             self.write(ok_reply(req_id, unpack_plain(value)))
-            return
-        self._send(b"".join((_OK_HEAD, pack_plain(req_id), _OK_MIDDLE, value)))
+        else:
+            self._send(b"".join((_OK_HEAD, id_bytes, _OK_MIDDLE, value)))
 
     def write(self, reply: dict[str, Any]) -> None:
         try:
@@ -91,7 +99,7 @@ class Output:
     def _send(self, data: bytes) -> None:
         """Write the frame of body ``data``: batched on the loop thread, at once elsewhere."""
         if self._batcher == get_ident() and len(data) < _BATCH_FRAME:
-            self._batch.append(HEADER.pack(len(data)) + data)
+            self._batch += (HEADER.pack(len(data)), data)
             self._batch_bytes += len(data)
             if self._batch_bytes >= _BATCH_BYTES:
                 self.flush()
@@ -109,7 +117,7 @@ class Output:
 
     def _take(self) -> bytes:
         batch = self._batch
-        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        data = b"".join(batch)  # (header and body of each frame)
         batch.clear()
         self._batch_bytes = 0
         return data
@@ -165,8 +173,11 @@ class PortReply(Sink):
 
     def deliver(self, status: int, body: Any) -> None:
         server = self.server
-        self._finish()
-        server._last_reply[self.slot] = (time.monotonic(), self.channel)
+        self.done = True  # (_finish, inline: once per reply)
+        self.data = b""
+        if server._inflight.get(self.req_id) is self:
+            server._inflight.pop(self.req_id, None)
+        server._last_reply[self.slot] = (monotonic(), self.channel)
         if status == OK and self.kind == KIND_VALUE and type(body) is bytes and not _EXT_BYTE.search(body):
             # No extension type in the value (no ref, no segment): its msgpack is the wire value
             # as is — decoding and packing it again would give the same bytes.

@@ -72,6 +72,7 @@ from ._protocol import (
     MAX_FRAME_DEFAULT,
     FrameReader,
     OversizedFrame,
+    encode_frame,
     pack_request,
     pack_value,
 )
@@ -86,6 +87,8 @@ __all__ = ["PROTOCOL_VERSION", "REF_TAG", "STREAM_TAG", "Server"]
 PROTOCOL_VERSION = 2
 
 _POLLIN = select.POLLIN
+#: Request bodies up to this size are sent in batches (a reader may write them: see _coalesce.py).
+_BATCHABLE = select.PIPE_BUF - 16
 
 
 class Server:
@@ -147,6 +150,7 @@ class Server:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)  # written from a signal handler: must never block
         self._stopping = False
+        self._outbox: list[PortReply] | None = None  # the loop's requests not sent yet (while it runs)
         self.serving = False  # the loop runs: SIGTERM now means stop(), not an exception
         # The Port ops the server answers itself (the wire's table, _wire.PORT_SERVER_OPS): _op_<name>.
         self._local_ops: dict[str, Callable[[dict[Any, Any], Any], None]] = {
@@ -182,6 +186,8 @@ class Server:
             read_channel = self._read_channel
             out = self.out
             out.batch_on()  # replies made on this thread go out once per turn (out.flush below)
+            if self.pool.backend == "process":
+                self._outbox = []  # requests read together are sent together (_send_outbox)
             self.serving = True
             while not self._stopping:
                 for fd, _events in poller.poll():
@@ -194,6 +200,7 @@ class Server:
                             return
                         for frame in frames:
                             handle(frame)
+                        self._send_outbox()
                         if out.broken:
                             return
                     elif fd == wake_r:
@@ -207,6 +214,8 @@ class Server:
             log.info("SIGTERM: shutting down")
         finally:
             self.serving = False
+            self._send_outbox()
+            self._outbox = None
             self.out.batch_off()
 
     def stop(self) -> None:
@@ -282,6 +291,7 @@ class Server:
                 local = self._local_ops.get(op) if type(op) is str else None
                 if local is None:
                     raise BadRequestError(f"unknown op {op!r:.40}")
+                self._send_outbox()  # (a cancel finds the requests before it sent)
                 local(req, req_id)
                 return
             refs: list[PortRef] = []
@@ -298,7 +308,8 @@ class Server:
                 timeout, restart = timeout_of(req)
             else:
                 timeout = None
-            if len(frame) < self._lift_at and TAG_MARK not in frame:
+            plain = len(frame) < self._lift_at and TAG_MARK not in frame
+            if plain:
                 # No ref to pack as an extension, no value big enough for shared memory: the
                 # request body is the fields as plain msgpack (what _encode_request would make).
                 rid = self.router.next_id()
@@ -311,9 +322,14 @@ class Server:
                 reply.deadline = time.monotonic() + timeout
                 reply.restart = restart
             self._inflight[req_id] = reply
-            if self.router.route_epoch and (key := move_key(self.router, self._held, slot, session)) is not None:
-                self._hold(key, reply)  # its session is moving in a resize (_portresize.py)
+            if plain and self._outbox is not None and not self.router.route_epoch and len(data) <= _BATCHABLE:
+                self._outbox.append(reply)  # sent with the others of this read (_send_outbox)
                 return
+            self._send_outbox()  # the requests before it first: a slot gets them in arrival order
+            if self.router.route_epoch:
+                if (key := move_key(self.router, self._held, slot, session)) is not None:
+                    self._hold(key, reply)  # its session is moving in a resize (_portresize.py)
+                    return
             self._dispatch(slot, reply)
         except Exception as exc:
             if not isinstance(exc, PoolbridgeError):
@@ -390,6 +406,40 @@ class Server:
                     self._watch(ch)  # a new channel (restart), or one another reader had taken over
                 return
         self._hold(slot, reply)
+
+    def _send_outbox(self) -> None:
+        """Send the requests the loop read in one go: per slot, one ``send_many`` (one lock, one
+        look at the slot) instead of a send each; a slot that cannot take them so (restarting,
+        busy, requests held for it, a resize) gets them one by one through :meth:`_dispatch`."""
+        outbox = self._outbox
+        if not outbox:
+            return
+        self._outbox = []
+        by_slot: dict[int, list[PortReply]] = {}
+        for reply in outbox:
+            group = by_slot.get(reply.slot)
+            if group is None:
+                by_slot[reply.slot] = [reply]
+            else:
+                group.append(reply)
+        router = self.router
+        for slot, replies in by_slot.items():
+            ch, sent = None, 0
+            try:
+                if slot not in self._held:
+                    ch, sent = router.send_many(slot, [(r.rid, encode_frame(r.data), r) for r in replies])
+                if sent:
+                    for reply in replies[:sent]:
+                        self._sent(reply, ch)
+                    if self._watched.get(ch.read_fd) is not ch:
+                        self._watch(ch)
+            except Exception as exc:  # never leave a request unanswered
+                log.exception("sending %d requests to slot %d failed in the server", len(replies) - sent, slot)
+                for reply in replies[sent:]:
+                    reply.fail(exc, sent=False)
+                continue
+            for reply in replies[sent:]:
+                self._dispatch(slot, reply)
 
     def _sent(self, reply: PortReply, ch: Any) -> None:
         reply.channel = ch

@@ -6,30 +6,33 @@ speaks the public, map-based Port protocol (docs/protocol.md) to an Elixir (or a
     client ──{packet,4} msgpack map──▶ ┌ the loop thread: poll(port in, wake pipe, reply fds) ┐
                                        │  port in  → handle_frame: decode, validate, resolve  │
                                        │    the session once, check every ref, translate      │
-                                       │    (_portops) → router.send(slot, lead=True) ────────┼─▶ worker[slot]
-    client ◀── reply map ◀──  Output ◀─┤  reply fd → channel.try_read → PortReply.deliver ◀───┼── worker[slot]
-      (completion order)               └──────────────────────────────────────────────────────┘
+                                       │    (_portops) → outbox → per slot, one send_many ────┼─▶ worker[slot]
+    client ◀── reply maps ◀─ Output ◀──┤  reply fd → channel.try_read → PortReply.deliver ◀───┼── worker[slot]
+      (completion order,               │    (an ok value is spliced in as the worker sent it) │
+       one write per loop turn)        └──────────────────────────────────────────────────────┘
 
 One thread does the common-case I/O: it polls the protocol input and the reply pipes of the
-channels it sent to, so a tiny call costs no thread hand-off on either side. Requests are sent with
-``lead=True`` (the channel's background reader stays parked); a reply fd is read by taking the
-channel's read lock *without blocking*: if someone else holds it (the background reader woken for
-a request sent off this thread, the monitor draining a dead worker), that reader reads everything
-pending, so the loop stops polling the fd until it next sends there. Requests for a slot that is
-restarting are *held* and sent off the loop, in arrival order (later ones for that slot queue
-behind them), with ``lead=False``: the new channel's background reader reads their replies. A
-request a dead worker never started is held again and re-sent to the new generation. On the Ray
-backend channels have no reply fd: their delivery threads deliver every reply.
+channels it sent to, so a tiny call costs no thread hand-off on either side. Work is batched per
+wake-up of the loop, never held past it: the plain requests of one read go to each slot together
+(_portsend.py), and the replies the loop produces in one turn go out in one write before it polls
+again. Requests are sent with ``lead=True`` (the channel's background reader stays parked); a
+reply fd is read by taking the channel's read lock *without blocking*: if someone else holds it
+(the background reader woken for a request sent off this thread, the monitor draining a dead
+worker), that reader reads everything pending, so the loop stops polling the fd until it next
+sends there. Requests for a slot that is restarting are *held* and sent off the loop, in arrival
+order (later ones for that slot queue behind them), with ``lead=False``: the new channel's
+background reader reads their replies. A request a dead worker never started is held again and
+re-sent to the new generation. On the Ray backend channels have no reply fd: their delivery
+threads deliver every reply.
 
 ``ping``, ``stats``, ``slot_for`` and ``cancel`` are answered from the router's own state; every
 other op is translated by _portops.py and run by the session's worker, which enforces the
-allow-list (_allow.py). Replies are written under one output lock (crash, timeout and stats
-replies come from other threads). Nothing the client sends is ever unpickled.
+allow-list (_allow.py). Replies are written whole under one output lock (crash, timeout and stats
+replies come from other threads, at once). Nothing the client sends is ever unpickled.
 """
 
 from __future__ import annotations
 
-import bisect
 import concurrent.futures
 import itertools
 import logging
@@ -43,7 +46,6 @@ from typing import Any
 
 from ._errors import (
     BadRequestError,
-    CallTimeoutError,
     PoolbridgeError,
     PoolClosedError,
     SessionLostError,
@@ -52,6 +54,7 @@ from ._errors import (
 from ._pool import Pool
 from ._portops import WORKER_OPS
 from ._portresize import move_key, run_resize
+from ._portsend import PortSender
 from ._portsinks import Output, PortReply
 from ._portwire import (
     REF_TAG,
@@ -72,7 +75,6 @@ from ._protocol import (
     MAX_FRAME_DEFAULT,
     FrameReader,
     OversizedFrame,
-    encode_frame,
     pack_request,
     pack_value,
 )
@@ -91,7 +93,7 @@ _POLLIN = select.POLLIN
 _BATCHABLE = select.PIPE_BUF - 16
 
 
-class Server:
+class Server(PortSender):
     """Serve one Port client on ``(in_fd, out_fd)`` with a pool of ``workers`` processes."""
 
     def __init__(
@@ -313,7 +315,7 @@ class Server:
                 # No ref to pack as an extension, no value big enough for shared memory: the
                 # request body is the fields as plain msgpack (what _encode_request would make).
                 rid = self.router.next_id()
-                data = pack_request(rid, wop, session, pack_value(fields), ())
+                data = pack_request(rid, wop, session, pack_value(fields), [])
             else:
                 # Big binaries and strings go to the worker through shared memory (_shm.py).
                 rid, data = self.pool._encode_request(wop, session, fields)
@@ -376,125 +378,6 @@ class Server:
                 f"ref {ref.ref_id} of session {ref.session_id!r} outlived its worker: slot {slot} is now "
                 f"generation {generation}; the session's objects are gone"
             )
-
-    # -- sending -----------------------------------------------------------------------------
-
-    def _dispatch(self, slot: int, reply: PortReply) -> None:
-        """Send one worker request from the loop; its reply is read by the loop.
-
-        Requests reach a slot in the order they arrived: while any wait for the slot (it is
-        restarting, or was busy), later ones queue behind them instead of overtaking.
-        """
-        router = self.router
-        # A slot is added to _held by this thread, or by the monitor re-holding a dead worker's
-        # unstarted requests — only while that channel is dead, when ready() is False anyway.
-        if slot not in self._held and router.ready(slot):
-            # block=False: the loop never waits on one busy slot (that would stall every other
-            # slot's requests behind it); past max_in_flight the request gets `busy` instead.
-            # deadline=now: if the worker died since ready(), do not wait for its restart here.
-            lead = self.pool.backend == "process"  # lead=True: the loop reads the reply
-            try:
-                ch = router.send(slot, reply.rid, reply.data, reply, lead=lead, block=False, deadline=time.monotonic())
-            except CallTimeoutError:
-                pass  # nothing was sent: hold it below, like any request for a restarting slot
-            except BaseException as exc:  # busy, closed, or the worker was found gone
-                reply.fail(exc, sent=False)
-                return
-            else:
-                self._sent(reply, ch)
-                if lead and self._watched.get(ch.read_fd) is not ch:
-                    self._watch(ch)  # a new channel (restart), or one another reader had taken over
-                return
-        self._hold(slot, reply)
-
-    def _send_outbox(self) -> None:
-        """Send the requests the loop read in one go: per slot, one ``send_many`` (one lock, one
-        look at the slot) instead of a send each; a slot that cannot take them so (restarting,
-        busy, requests held for it, a resize) gets them one by one through :meth:`_dispatch`."""
-        outbox = self._outbox
-        if not outbox:
-            return
-        self._outbox = []
-        by_slot: dict[int, list[PortReply]] = {}
-        for reply in outbox:
-            group = by_slot.get(reply.slot)
-            if group is None:
-                by_slot[reply.slot] = [reply]
-            else:
-                group.append(reply)
-        router = self.router
-        for slot, replies in by_slot.items():
-            ch, sent = None, 0
-            try:
-                if slot not in self._held:
-                    ch, sent = router.send_many(slot, [(r.rid, encode_frame(r.data), r) for r in replies])
-                if sent:
-                    for reply in replies[:sent]:
-                        self._sent(reply, ch)
-                    if self._watched.get(ch.read_fd) is not ch:
-                        self._watch(ch)
-            except Exception as exc:  # never leave a request unanswered
-                log.exception("sending %d requests to slot %d failed in the server", len(replies) - sent, slot)
-                for reply in replies[sent:]:
-                    reply.fail(exc, sent=False)
-                continue
-            for reply in replies[sent:]:
-                self._dispatch(slot, reply)
-
-    def _sent(self, reply: PortReply, ch: Any) -> None:
-        reply.channel = ch
-        if reply.deadline is not None:
-            self.pool._deadlines.add(reply.deadline, ch, reply.rid, reply, reply.slot,
-                                     f"request {reply.req_id!r} did not finish within its timeout", reply.restart)
-
-    def _hold(self, slot: int, reply: PortReply) -> None:
-        """Queue ``reply`` for ``slot`` (in arrival order); a restart-wait thread sends the queue."""
-        with self._held_lock:
-            reply.held = True
-            held = self._held.get(slot)
-            if held is not None:
-                bisect.insort(held, reply, key=lambda r: r.order)
-                return
-            self._held[slot] = [reply]
-        try:
-            self._restart_waits.submit(self._send_held, slot)
-        except RuntimeError:  # shutting down: close() answers what is held
-            pass
-
-    def _send_held(self, key: int) -> None:
-        """Send a slot's held requests in arrival order, then let the loop send directly again.
-        ``key``: the slot, or ``-1 - slot`` for requests of sessions moving to it (_portresize.py)."""
-        router = self.router
-        slot = key if key >= 0 else -1 - key
-        while True:
-            with self._held_lock:
-                held = self._held.get(key)
-                if not held:
-                    self._held.pop(key, None)
-                    return
-                head = held[0]
-            failed: BaseException | None = None
-            try:
-                # Wait (bounded) for the slot before taking the head: a dead worker's unstarted
-                # requests are re-held (in order, ahead of later ones) before its restart ends.
-                if key >= 0:  # (a moving session's request waits for its move in send)
-                    router.channel(slot, head.deadline)
-            except BaseException as exc:  # its timeout ran out, the pool closed, the slot did not come back
-                failed = exc
-            with self._held_lock:
-                held = self._held.get(key)
-                if not held or held[0] is not head:
-                    continue  # cancelled meanwhile, or an older one was re-held ahead of it
-                held.pop(0)
-                head.held = False
-            if failed is not None:
-                head.fail(failed, sent=False, retry=False)
-                continue
-            try:
-                # lead=False: this thread does not read; the channel's background reader does.
-                self._sent(head, router.send(slot, head.rid, head.data, head, block=False, deadline=head.deadline))
-            except BaseException as exc:
-                head.fail(exc, sent=False)
 
     # -- ops the server answers itself ---------------------------------------------------------
 

@@ -291,7 +291,9 @@ def run(api: _Api, op: str, ref: WireRef | None, fields: list[Any], decode: Call
     deadline = None if timeout is None else time.monotonic() + timeout
     router = pool._supervisor
     try:
-        channel = router.send(slot, req_id, data, waiter, lead=True, block=api._opts.block, deadline=deadline)
+        channel = None if deadline is not None else router.send_now(slot, req_id, data, waiter)
+        if channel is None:
+            channel = router.send(slot, req_id, data, waiter, lead=True, block=api._opts.block, deadline=deadline)
     except CallTimeoutError:
         # Waiting for the slot or the pipe used up the timeout. If the frame is half written
         # (finished off the caller's thread), the worker runs the call: its reply is late.

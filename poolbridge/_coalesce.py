@@ -175,6 +175,48 @@ class CoalescingWriter:
             self._flush_some()  # the rest goes as replies come (the reader writes it) or now
         return queued
 
+    def write_now(self, req_id: int, data: bytes, sink: Sink) -> bool:
+        """The fast lane of a blocking call: write ``data`` (one whole frame) at once when nothing
+        stands in its way — the write lock free, nothing queued, fewer than ``_WINDOW`` unanswered,
+        room below the in-flight bound, a frame small enough for one all-or-nothing write. False:
+        nothing was sent and nothing changed (``send`` then takes the general path, which also
+        decides what a full pipe or a gone worker means)."""
+        if (
+            len(data) > _ATOMIC
+            or self._queue
+            or self._written - self._answered - self._cancelled >= _WINDOW
+            or len(self.pending) >= self.max_in_flight
+        ):
+            return False
+        lock = self._write_lock
+        if not lock.acquire(False):
+            return False
+        try:
+            if self.retiring or self.dead or self._broken or self._write_fd < 0 or self._queue:
+                return False
+            pending = self.pending
+            frame = self._segments.queued(req_id, data)
+            if len(frame) > _ATOMIC:  # segments handed back with it made it too big for one write
+                self._segments.unqueued(req_id, frame)
+                return False
+            if sink.cancellable:
+                sink.seq = self._seq + 1  # type: ignore[attr-defined]
+            pending[req_id] = sink
+            try:
+                os.write(self._write_fd, frame)  # all or nothing (at most PIPE_BUF bytes)
+            except OSError:  # a full pipe, or the worker gone: the general path sorts it out
+                self._segments.unqueued(req_id, frame)
+                if pending.pop(req_id, None) is None:  # the monitor failed it with the crash already
+                    raise WorkerCrashedError(
+                        f"worker slot {self.slot} (pid {self.pid}) is gone", slot=self.slot, pid=self.pid
+                    ) from None
+                return False
+            self._seq += 1
+            self._written += 1
+            return True
+        finally:
+            lock.release()
+
     def _unanswered(self) -> int:
         return self._written - self._answered - self._cancelled
 

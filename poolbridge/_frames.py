@@ -138,6 +138,18 @@ class FrameReader:
                 return None
             self._skip -= n
             return []
+        if self._start == self._end:  # nothing buffered: the usual case of a request or a reply
+            data = os.read(fd, len(self._buf))
+            n = len(data)
+            if n >= 4:
+                (size,) = HEADER.unpack_from(data)
+                if size == n - 4 and (self.max_frame is None or size <= self.max_frame):
+                    return [data[4:]]  # exactly one whole frame: no trip through the buffer
+            elif not n:
+                return None
+            self._buf[:n] = data
+            self._start, self._end = 0, n
+            return self._parse()
         self._make_room()
         n = os.readv(fd, [self._view[self._end :]])
         if not n:

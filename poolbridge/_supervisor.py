@@ -202,6 +202,25 @@ class Supervisor:
         finally:
             self.senders.pop(tid, None)
 
+    def send_now(self, slot: int, req_id: int, body: bytes, sink: Sink) -> Any:
+        """The fast lane of a blocking call without a timeout: the channel it was written to, or
+        None when it could not be written at once (nothing sent: use :meth:`send`). Only the
+        common case qualifies — a live, idle channel of a pool neither closing nor resized."""
+        if self.closing or self.route_epoch or (self.max_frame is not None and len(body) > self.max_frame):
+            return None
+        ch = self._slots[slot].channel
+        write_now = getattr(ch, "write_now", None)  # process channels (Ray's have no pipe to write)
+        if write_now is None:
+            return None
+        tid = get_ident()
+        self.senders[tid] = 0  # as in send(): a resize beginning now waits for this frame
+        try:
+            if self.route_epoch or not write_now(req_id, encode_frame(body), sink):
+                return None
+        finally:
+            self.senders.pop(tid, None)
+        return ch
+
     def _send(
         self, slot: int, req_id: int, body: bytes, sink: Sink, lead: bool, block: bool, deadline: float | None
     ) -> Any:

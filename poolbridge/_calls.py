@@ -63,7 +63,7 @@ from ._errors import (
 )
 from ._handles import Ref
 from ._hashing import slot_for
-from ._protocol import OK, OP_STREAM_OPEN, WireRef, pack_value, unpack_plain
+from ._protocol import OK, OP_STREAM_OPEN, WireRef, pack_simple, pack_value, unpack_plain
 from ._session import resolve_session
 from ._wire import encode_request as wire_request
 from ._wire import rebuild_error
@@ -74,30 +74,47 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("poolbridge")
 
+_NO_SEGMENTS: list[str] = []  # never changed: a request without segments
+
 FAILED = -1  # a Waiter's status when it holds an exception instead of a reply
 
 
 class Waiter(Sink):
     """A reply slot for a caller that blocks: a pre-acquired lock the reader releases."""
 
-    __slots__ = ("_lock", "body", "status")
+    __slots__ = ("_lock", "body", "released", "status")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.status: int | None = None
         self.body: Any = None
+        self.released = False
 
     def deliver(self, status: int, body: Any) -> None:
         self.status = status
         self.body = body
         self._lock.release()
+        self.released = True  # (after the release: see reuse())
+
+    def reuse(self) -> Waiter | None:
+        """This waiter, ready for another call, once its reply is in and its lock released (the
+        caller may see ``status`` a moment before ``deliver`` releases the lock); else None."""
+        if not self.released:
+            return None
+        self._lock.acquire(False)  # acquired again, unless a wait() already took it
+        self.status = self.body = None
+        self.released = False
+        return self
 
     def fail(self, exc: BaseException) -> None:
         self.deliver(FAILED, exc)
 
     def wait(self, timeout: float | None) -> bool:
         return self._lock.acquire(True, -1 if timeout is None else timeout)
+
+
+_spare = threading.local()  # .waiter: this thread's Waiter of its last finished call, for the next
 
 
 _PENDING = concurrent.futures._base.PENDING
@@ -277,7 +294,8 @@ def prepare(api: _Api, op: str, ref: WireRef | None, fields: list[Any]) -> tuple
                 f"{ref!r} outlived its worker: slot {slot} is now generation "
                 f"{pool._supervisor.generation(slot)}; the session's objects are gone"
             )
-    return slot, *pool._encode_request(op, session_id, fields, pool, api._opts.zero_copy)
+    req_id, data = encode_request(pool, op, session_id, fields, pool, api._opts.zero_copy)
+    return slot, req_id, data
 
 
 def run(api: _Api, op: str, ref: WireRef | None, fields: list[Any], decode: Callable[[int, Any], Any]) -> Any:
@@ -286,14 +304,15 @@ def run(api: _Api, op: str, ref: WireRef | None, fields: list[Any], decode: Call
     slot, req_id, data = api._prepare(op, ref, fields)
     if pool._discards:
         pool._flush_discards()
-    waiter = Waiter()
+    waiter = getattr(_spare, "waiter", None) or Waiter()
+    _spare.waiter = None
     timeout = api._opts.timeout
     deadline = None if timeout is None else time.monotonic() + timeout
     router = pool._supervisor
     try:
-        channel = None if deadline is not None else router.send_now(slot, req_id, data, waiter)
-        if channel is None:
-            channel = router.send(slot, req_id, data, waiter, lead=True, block=api._opts.block, deadline=deadline)
+        # The fast lane (no timeout, an idle channel): written at once, then read by this thread.
+        fast = None if deadline is not None else router.send_now(slot, req_id, data, waiter)
+        channel = fast or router.send(slot, req_id, data, waiter, lead=True, block=api._opts.block, deadline=deadline)
     except CallTimeoutError:
         # Waiting for the slot or the pipe used up the timeout. If the frame is half written
         # (finished off the caller's thread), the worker runs the call: its reply is late.
@@ -302,7 +321,7 @@ def run(api: _Api, op: str, ref: WireRef | None, fields: list[Any], decode: Call
             ch.pending.abandon(req_id, Late(api._late(op, decode)))
         raise CallTimeoutError(f"{op} did not finish within {timeout}s (slot {slot})") from None
     try:
-        replied = channel.await_reply(
+        replied = (fast is not None and fast.read_own_reply(waiter)) or channel.await_reply(
             req_id, waiter, None if deadline is None else max(0.0, deadline - time.monotonic())
         )
     except BaseException:  # an interrupt (Ctrl-C) or a crash report: whatever comes is late
@@ -313,9 +332,13 @@ def run(api: _Api, op: str, ref: WireRef | None, fields: list[Any], decode: Call
             raise CallTimeoutError(f"{op} did not finish within {timeout}s (slot {slot})")
         waiter.wait(None)  # the reply raced the timeout and is being delivered
     status = waiter.status
+    body = waiter.body
     if status == FAILED or status is None:
-        raise waiter.body
-    return decode(status, waiter.body)
+        raise body
+    # Delivered once, by whoever popped it from the pending table: nobody holds it now, so this
+    # thread's next call may use it.
+    _spare.waiter = waiter.reuse()
+    return decode(status, body)
 
 
 def give_up(api: _Api, channel: Any, req_id: int, slot: int, op: str, decode: Callable[[int, Any], Any]) -> bool:
@@ -382,12 +405,22 @@ def encode_request(
     """``(req_id, frame body)`` of a request, its big buffers in segments; raises
     :class:`ValueTooLargeError` past ``max_value_bytes`` before anything is sent."""
     shm = pool._shm
+    limit = pool.max_value_bytes
+    simple = None
+    if shm is not None and not zero_copy and not shm.near_top(fields):
+        # The usual request: small plain data, so no segment can be made for it.
+        simple = pack_simple(fields)
+        if simple is not None and len(simple) < shm.threshold and (limit is None or len(simple) <= limit):
+            req_id = pool._supervisor.next_id()
+            return req_id, wire_request(req_id, op, session_id, simple, _NO_SEGMENTS)
     if shm is None:
         body = pack_value(fields, session_id, owner)
         names: list[str] = []
         size = 0
     else:
-        if zero_copy:
+        if simple is not None:  # big plain data: is there a big buffer deeper inside?
+            body = pack_value(fields, session_id, owner, shm, simple)
+        elif zero_copy:
             shm.zero_copy(True)
             try:
                 body = pack_value(fields, session_id, owner, shm)
@@ -396,7 +429,6 @@ def encode_request(
         else:
             body = pack_value(fields, session_id, owner, shm)
         names, size = shm.take()
-    limit = pool.max_value_bytes
     if limit is not None and len(body) + size > limit:
         for name in names:
             shm.recycle(name)  # type: ignore[union-attr]

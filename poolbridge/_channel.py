@@ -152,6 +152,11 @@ class Channel(Protocol):
     def wake_reader(self) -> None:
         """A reply nobody blocks for is owed: make sure something reads it."""
 
+    def try_cancel(self, req_id: int, seq: int) -> bool:
+        """Cancel a sent request the worker has not started (``seq``: its frame number on this
+        channel, where the channel numbers them). True: it will never run, and its entry left
+        ``pending``; False: it may have started, its reply (or failure) still comes."""
+
     def drain_and_close(self) -> None:
         """The worker is gone: deliver what it answered, then release the transport."""
 

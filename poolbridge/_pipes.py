@@ -134,7 +134,7 @@ class ProcessChannel(CoalescingWriter):
         for frame in frames:
             try:
                 req_id, status, body = decode_reply(frame)
-                if segments or status == OK_SHM:
+                if segments.outbound or status == OK_SHM:
                     status, body = segments.reply(req_id, status, body)
             except Exception:
                 self._undeliverable(frame)
@@ -233,6 +233,33 @@ class ProcessChannel(CoalescingWriter):
         finally:
             self._read_lock.release()
 
+    def read_own_reply(self, waiter: Any) -> bool:
+        """The fast lane's read (after ``write_now``): when nobody else reads this pipe, read and
+        deliver until ``waiter`` has its reply. False: another reader holds the pipe, or the worker
+        is gone — :meth:`await_reply` then waits as usual."""
+        lock = self._read_lock
+        if not lock.acquire(False):
+            return False
+        try:
+            read_from = self._frames.read_from
+            while waiter.status is None:
+                if self.dead:
+                    return False
+                frames = read_from(self._read_fd)
+                if frames:
+                    self._deliver(frames)
+                elif frames is None:
+                    self.eof = True
+                    self.kill()  # as in _read_once
+                    return False
+                if self._queue:
+                    self._flush_some()
+        finally:
+            lock.release()
+            if self.pending or self._segments.outbound:
+                self._need_reader.set()
+        return True
+
     def await_reply(self, req_id: int, waiter: Any, timeout: float | None) -> bool:
         """Block until ``waiter`` has its reply; lead the reading when nobody else is. False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -243,7 +270,7 @@ class ProcessChannel(CoalescingWriter):
                         pass
                 finally:
                     self._read_lock.release()
-                    if self.pending or self._segments:
+                    if self.pending or self._segments.outbound:
                         self._need_reader.set()
                 if _replied(waiter):
                     break
@@ -282,12 +309,12 @@ class ProcessChannel(CoalescingWriter):
                 # Replies owed to requests given up (timed out) are read too: their segments go then.
                 with self._read_lock:
                     try:
-                        while (self.pending or self._segments) and not self.dead and self._read_once(None):
+                        while (self.pending or self._segments.outbound) and not self.dead and self._read_once(None):
                             pass
                     except OSError:
                         return
                 self._bg_active = False
-                if not self.pending and not self._segments:
+                if not self.pending and not self._segments.outbound:
                     break
             if self.dead:
                 return

@@ -212,28 +212,54 @@ _encoding = _EncoderState()
 default_lifter: list[Lifter | None] = [None]
 
 
-def pack_value(obj: Any, session: str | None = None, owner: object = None, shm: Lifter | None = None) -> bytes:
+def pack_value(
+    obj: Any, session: str | None = None, owner: object = None, shm: Lifter | None = None, packed: bytes | None = None
+) -> bytes:
     """Encode ``obj`` for the embedded channel; ref arguments must belong to ``session`` (and to
     the pool ``owner``, when given). Big buffers go to segments of ``shm`` (default: this worker's
-    lifter); their names collect in its batch (``shm.take()``)."""
+    lifter); their names collect in its batch (``shm.take()``). ``packed``: ``pack_simple(obj)``,
+    already made (``near_top`` found nothing)."""
     if shm is None:
         shm = default_lifter[0]
         if shm is None:
-            return _pack_value(obj, session, owner, None)
+            return packed if packed is not None else _pack_value(obj, session, owner, None)
+    big_near_top = packed is None and shm.near_top(obj)
+    if packed is None and not big_near_top:
+        packed = pack_simple(obj)  # plain data makes no segment: the usual small value ends here
+        if packed is not None and len(packed) < shm.threshold:
+            return packed
     mark = shm.mark()
     try:
-        if shm.near_top(obj):  # the usual way to pass or return a big buffer: lift it at once
+        if big_near_top:  # the usual way to pass or return a big buffer: lift it at once
             return _pack_value(shm.lift(obj), session, owner, shm)
-        packed = _pack_value(obj, session, owner, shm)  # pickle-5 buffers are lifted meanwhile
+        if packed is None:
+            packed = _pack_value(obj, session, owner, shm)  # pickle-5 buffers are lifted meanwhile
         if len(packed) < shm.threshold:
             return packed  # no buffer of the threshold's size can hide in fewer bytes
+        lifted_from = shm.mark()
         lifted = shm.lift(obj)  # a big value: is there a big buffer deeper inside?
         if lifted is obj:
             return packed
-        shm.discard(mark)  # packed again below, its pickle buffers too
+        # Packed again below: the first packing's pickle buffers go (they are made again), the
+        # segments the lift just made stay — the new packing names them.
+        shm.discard(mark, lifted_from)
         return _pack_value(lifted, session, owner, shm)
     except BaseException:
         shm.discard(mark)  # this value is not sent: neither are its segments
+        raise
+
+
+def pack_simple(obj: Any) -> bytes | None:
+    """``obj`` packed if it is plain msgpack data (no tuple, ref, pickle: nothing that needs the
+    session, the pool or a segment); None otherwise. The hot path's first try."""
+    state = _encoding
+    try:
+        return state.fast.pack(obj)  # type: ignore[no-any-return]
+    except _NeedsContext:
+        state.fast.reset()  # the buffer holds the part packed before the stop
+        return None
+    except BaseException:
+        state.fast = _value_packer(_needs_context)
         raise
 
 

@@ -44,32 +44,33 @@ def release_unsent(frame: bytes, lifter: Any) -> None:
 class ChannelSegments:
     """The segments in flight on one channel (see the module docstring)."""
 
-    __slots__ = ("_outbound", "_prefix", "_returned", "_supervisor")
+    __slots__ = ("_prefix", "_returned", "_supervisor", "outbound")
 
     def __init__(self, router: Any, slot: int, generation: int) -> None:
         shm = router.worker_options.get("shm")
         self._prefix = _shm.worker_prefix(shm["prefix"], slot, generation) if shm else None
         self._supervisor = router  # its .lifter, the pool's, is set after the first channels are made
-        # Argument segments of requests whose replies have not been read, by request id.
-        self._outbound: dict[int, list[str]] = {}
+        # Argument segments of requests whose replies have not been read, by request id (the
+        # channel's readers test it directly, on every reply: a __bool__ call costs more).
+        self.outbound: dict[int, list[str]] = {}
         # Result segments this process has finished reading: the worker may write them again.
         self._returned: collections.deque[str] = collections.deque()  # appended by any thread
 
     def __bool__(self) -> bool:
         """Replies are still owed for requests that hold segments (read them, even if given up)."""
-        return bool(self._outbound)
+        return bool(self.outbound)
 
     def queued(self, req_id: int, frame: bytes) -> bytes:
         """A request frame is being queued: note its segments; hand returned ones back with it."""
         if self._returned and len(frame) < _SMALL:
             frame = _with_returned(frame, _take_all(self._returned))
         if frame[4] >= _WITH_SEGMENTS:
-            self._outbound[req_id] = segment_names(frame)
+            self.outbound[req_id] = segment_names(frame)
         return frame
 
     def unqueued(self, req_id: int, frame: bytes) -> None:
         """That frame was taken back unsent (Supervisor.send frees its segments, or sends it elsewhere)."""
-        self._outbound.pop(req_id, None)
+        self.outbound.pop(req_id, None)
         if frame[4] == _WITH_RETURNED:
             self._returned.extend(unpack_plain(memoryview(frame)[4:])[5])
 
@@ -80,7 +81,7 @@ class ChannelSegments:
         if status == OK_SHM:
             body, names, held = body
             status, body = OK, _shm.adopt(body, names, self._returned.append)
-        if self._outbound:
+        if self.outbound:
             # After an error reply any argument segment may still be mapped: none is reused.
             self._settle(req_id, held if status == OK else None)
         return status, body
@@ -92,13 +93,13 @@ class ChannelSegments:
     def kept(self, req_id: int) -> None:
         """A dead worker's request is sent again (to the slot's next worker, which the Port server
         does for requests that had not started): its segments go along with its frame."""
-        self._outbound.pop(req_id, None)
+        self.outbound.pop(req_id, None)
 
     def worker_gone(self) -> None:
         """After the dead worker's last replies were read and its requests failed (or held to be
         sent again): nothing maps its arguments any more, and what it made for replies it never
         sent goes."""
-        for req_id in list(self._outbound):
+        for req_id in list(self.outbound):
             self._settle(req_id, _NONE_HELD)
         if self._prefix is not None:
             _shm.sweep(self._prefix)
@@ -106,7 +107,7 @@ class ChannelSegments:
     def _settle(self, req_id: int, held: list[str] | None) -> None:
         """A request's argument segments: kept warm for reuse unless the worker may still map them
         (``held``; None: any of them)."""
-        names = self._outbound.pop(req_id, None)
+        names = self.outbound.pop(req_id, None)
         if names is None:
             return
         lifter = self._supervisor.lifter

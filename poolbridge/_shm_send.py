@@ -79,22 +79,25 @@ class Lifter:
 
     def take(self) -> tuple[list[str], int]:
         batch = self._batch
-        names, size = batch.names, batch.size
-        if names:
-            batch.names = []
-            batch.size = 0
+        names = batch.names
+        if not names:
+            return names, 0
+        size = batch.size
+        batch.names = []
+        batch.size = 0
         return names, size
 
     def batch_bytes(self) -> int:
         """Bytes in the segments of the message being encoded on this thread."""
         return self._batch.size
 
-    def discard(self, mark: int = 0) -> None:
-        """Unlink the names made on this thread since ``mark`` (their message is not sent)."""
+    def discard(self, mark: int = 0, end: int | None = None) -> None:
+        """Unlink the names made on this thread since ``mark`` (up to the mark ``end``, if given):
+        their message is not sent."""
         batch = self._batch
-        for name in batch.names[mark:]:
+        for name in batch.names[mark:end]:
             self.recycle(name)
-        del batch.names[mark:]
+        del batch.names[mark:end]
         if not batch.names:
             batch.size = 0
 
@@ -106,28 +109,27 @@ class Lifter:
 
     def near_top(self, obj: Any) -> bool:
         """A cheap look for a big buffer in ``obj`` or in the containers right inside it (a call's
-        arguments sit two levels down: ``[fn, [args], {kwargs}, ret]``)."""
+        arguments sit two levels down: ``[fn, [args], {kwargs}, ret]``). On every request's path:
+        the tests are ordered for the usual small call."""
         threshold = self.threshold
         t = type(obj)
-        if t in _KINDS:
-            return (obj.nbytes if t is memoryview else len(obj)) >= threshold
-        if t is dict:
-            obj = obj.values()
-        elif t is not list and t is not tuple:
-            return False
-        for item in obj:
+        if t is list or t is tuple:
+            items = obj
+        elif t is dict:
+            items = obj.values()
+        else:
+            return t in _KINDS and (obj.nbytes if t is memoryview else len(obj)) >= threshold
+        for item in items:
             t = type(item)
-            if t in _SCALARS:
-                continue
-            if t in _KINDS:
-                if (item.nbytes if t is memoryview else len(item)) >= threshold:
+            if t is list or t is tuple:
+                inner_items = item
+            elif t is dict:
+                inner_items = item.values()
+            else:
+                if t in _KINDS and (item.nbytes if t is memoryview else len(item)) >= threshold:
                     return True
                 continue
-            if t is dict:
-                item = item.values()
-            elif t is not list and t is not tuple:
-                continue
-            for inner in item:
+            for inner in inner_items:
                 t = type(inner)
                 if t in _KINDS and (inner.nbytes if t is memoryview else len(inner)) >= threshold:
                     return True

@@ -41,6 +41,7 @@ from typing import Any
 
 from ._channel import Retired, Sink
 from ._errors import CallTimeoutError, PoolClosedError, WorkerCrashedError, value_too_large
+from ._frames import HEADER
 from ._hashing import slot_for
 from ._monitor import Monitor
 from ._pipes import ProcessChannel
@@ -215,7 +216,7 @@ class Supervisor:
         tid = get_ident()
         self.senders[tid] = 0  # as in send(): a resize beginning now waits for this frame
         try:
-            if self.route_epoch or not write_now(req_id, encode_frame(body), sink):
+            if self.route_epoch or not write_now(req_id, HEADER.pack(len(body)) + body, sink):  # (< 4 GiB)
                 return None
         finally:
             self.senders.pop(tid, None)

@@ -114,9 +114,10 @@ class WorkerCore(SessionStore):
             try:
                 # A fifth element lists the request's segments (the router unlinks them); a sixth,
                 # segments of earlier results the router has finished reading (see _shm.py).
-                req_id, op, session_id, body, *more = decode_request(frame)
-                if len(more) > 1 and lifter is not None:
-                    for name in more[1]:
+                request = decode_request(frame)
+                req_id, op, session_id, body = request[0], request[1], request[2], request[3]
+                if len(request) > 5 and lifter is not None:
+                    for name in request[5]:
                         lifter.recycle(name)
             except Exception as exc:
                 raise BadRequestError(f"undecodable request: {exc}") from None

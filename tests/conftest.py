@@ -2,6 +2,14 @@
 
 * ``pool``: one real pool (2 worker subprocesses, ``pb_helpers`` loaded) per test module. Tests that
   need exact counters or special options start their own pool.
+* Backends: a test (or module) marked ``@pytest.mark.backends`` runs once per backend, "process" and
+  "ray" (``@pytest.mark.backends("ray")``: Ray only), with the same body: its ``pool`` and
+  ``pool_maker`` are that backend's. The Ray ``pool`` is one pool for the whole test session
+  (``ray_pool``): poolbridge starts a small local Ray for it (``RAY_INIT``) and shuts Ray down when
+  it closes, at the end of the session. The Ray runs are moved to the end of the session, so every
+  other test runs (and checks its processes, fds and threads) without Ray's. Ray runs are skipped,
+  with the reason, where Ray is not installed — except under ``CI``, which installs ``.[ray]``:
+  there a missing Ray is an error.
 * Process hygiene: after every test module, and after the whole session, no child process of the
   test process may be left (bounded wait for orderly exits first), and the test process has the
   file descriptors and threads it had before (a leaked pipe or thread fails the suite, naming it).
@@ -13,15 +21,16 @@ import gc
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psutil
 import pytest
 from hypothesis import settings
-from pb_faultmods import Fifo, resource_tracker_fd, resource_tracker_pid
+from pb_faultmods import Fifo, ProcessHygiene, resource_tracker_fd, resource_tracker_pid
 
 import poolbridge
+from poolbridge import _testing as testing
 
 # No example database: the suite leaves no files behind in the working tree.
 settings.register_profile("poolbridge", database=None, deadline=None)
@@ -39,7 +48,7 @@ def _children() -> list[psutil.Process]:
 
 def _leftovers(ignore: set[int]) -> list[str]:
     gc.collect()  # a pool nobody closed but nobody references either
-    ignore = ignore | {resource_tracker_pid()}  # the stdlib's, shared by every pool (see _shm.py)
+    ignore = ignore | {resource_tracker_pid()} | _ray.processes()  # the stdlib's, shared by every pool (see _shm.py)
     procs = [p for p in _children() if p.pid not in ignore]
     _, alive = psutil.wait_procs(procs, timeout=EXIT_WAIT)
     out = []
@@ -66,12 +75,69 @@ def _threads() -> dict[int, str]:
     return {t.ident or 0: t.name for t in threading.enumerate() if not t.name.startswith("pytest_timeout ")}
 
 
-# Ray, once started in this process, keeps threads, sockets, pipes and log files of its own after
-# shutdown (gRPC, its log monitor, its driver logs): those are Ray's, not leaks of ours. The fds
-# that appeared in the test module that started Ray are exempt from then on, and with Ray loaded
-# only our own threads (poolbridge-*) are counted; the Ray tests check their own teardown
-# (tests/test_ray_backend.py: no actor, process or Ray runtime left).
-_ray_fds: dict[int, str] = {}
+class _RaySession:
+    """What the session's Ray (started by ``ray_pool``) owns in this test process, so the leak checks
+    tell it from ours: Ray's own processes (its head processes started with the shared pool, and
+    everything under them — agents, idle workers — except actors of poolbridge pools other than the
+    shared one), and the fds and threads Ray keeps (gRPC, log files: some stay after its shutdown)."""
+
+    def __init__(self) -> None:
+        self.pool: poolbridge.Pool | None = None
+        self.heads: set[int] = set()  # Ray's processes started under us (gcs_server, raylet, ...)
+        self.fds: dict[int, str] = {}  # fds that appeared while Ray started
+        self.ran = False
+        self.next_test_on_ray = False  # the test about to be set up runs on backend="ray"
+
+    def processes(self) -> set[int]:
+        """Pids of Ray's own processes and of the shared pool's actors (a pool's actor is a leak once
+        the pool is closed: those are not in here)."""
+        if not self.heads:
+            return set()
+        ours = set(self.pool.pids()) if self.pool is not None and not self.pool.closed else set()
+        out = set()
+        for head in self.heads:
+            try:
+                tree = [psutil.Process(head), *psutil.Process(head).children(recursive=True)]
+            except psutil.Error:
+                continue
+            for p in tree:
+                try:
+                    actor = p.name().startswith("ray::_SlotWorker")
+                except psutil.Error:
+                    continue
+                if not actor or p.pid in ours:
+                    out.add(p.pid)
+        return out
+
+    def threads(self) -> set[str]:
+        """The delivery threads of the shared pool's current actors (a restart replaces them)."""
+        pool = self.pool
+        if pool is None or pool.closed:
+            return set()
+        return {f"poolbridge-ray-{slot}.{testing.generation(pool, slot)}" for slot in range(pool.workers)}
+
+    def owns_fd(self, fd: int, target: str) -> bool:
+        # Once Ray ran here, its gRPC and event-loop fds come and go (connections to new actors) and
+        # some stay after its shutdown: sockets, eventfd/epoll/timerfd and its session's log files.
+        # Pipes, pidfds and /dev/shm stay checked: those are poolbridge's.
+        if self.fds.get(fd) == target:
+            return True
+        return self.ran and (
+            target.startswith(("socket:", "anon_inode:[eventfd]", "anon_inode:[eventpoll]", "anon_inode:[timerfd]"))
+            or target.startswith("/tmp/ray/")
+        )
+
+
+_ray = _RaySession()
+
+
+def ray_processes() -> set[int]:
+    """Pids of the session's Ray and of its shared pool's actors (empty when Ray is not running):
+    for per-test process checks, which must not count Ray's own comings and goings."""
+    return _ray.processes()
+
+
+ProcessHygiene.ignored = staticmethod(ray_processes)  # type: ignore[method-assign]
 
 
 def _leaked_resources(fds: dict[int, str], threads: dict[int, str], settle: float | None = None) -> list[str]:
@@ -80,11 +146,14 @@ def _leaked_resources(fds: dict[int, str], threads: dict[int, str], settle: floa
     deadline = time.monotonic() + (LEAK_SETTLE if settle is None else settle)
     while True:
         gc.collect()  # a pool nobody closed but nobody references either (it warns, too)
-        new_fds = {fd: target for fd, target in _fds().items() if fds.get(fd) != target and _ray_fds.get(fd) != target}
+        new_fds = {
+            fd: target for fd, target in _fds().items() if fds.get(fd) != target and not _ray.owns_fd(fd, target)
+        }
         new_fds.pop(resource_tracker_fd(), None)  # type: ignore[arg-type]  # the stdlib's, shared by every pool
         new_threads = {ident: name for ident, name in _threads().items() if ident not in threads}
-        if _ray_fds:
-            new_threads = {i: n for i, n in new_threads.items() if n.startswith("poolbridge-")}
+        if _ray.ran:  # Ray's own threads come and go: only ours count, less the shared Ray pool's
+            shared = _ray.threads()
+            new_threads = {i: n for i, n in new_threads.items() if n.startswith("poolbridge-") and n not in shared}
         if (not new_fds and not new_threads) or time.monotonic() > deadline:
             break
         time.sleep(0.02)  # polling a condition, bounded by LEAK_SETTLE
@@ -107,17 +176,87 @@ def _no_leaks_after_suite() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _no_leaks_after_module() -> Iterator[None]:
+def _no_leaks_after_module(request: pytest.FixtureRequest) -> Iterator[None]:
+    if _ray.next_test_on_ray:
+        request.getfixturevalue("ray_pool")  # Ray and the shared pool first: they outlive this module
     before = {p.pid for p in _children()}
     fds, threads = _fds(), _threads()
     yield
     left = _leftovers(before)
     assert not left, f"child processes left after this test module: {left}"
-    new_fds = {fd: target for fd, target in _fds().items() if fds.get(fd) != target}
-    if any("/ray/session_" in target for target in new_fds.values()):  # Ray ran in this process
-        _ray_fds.update(new_fds)
     leaked = _leaked_resources(fds, threads)
     assert not leaked, f"left open after this test module: {leaked}"
+
+
+# -- backends ----------------------------------------------------------------------------------------
+
+BACKENDS = ("process", "ray")
+# The session's local Ray: small, no dashboard, quiet about the driver's log lines.
+RAY_INIT: dict[str, Any] = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A marked test that takes no pool of the backend (its own ``make_pool``, no pool) runs once.
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is not None and "backend" in metafunc.fixturenames:
+        names: Sequence[str] = marker.args or BACKENDS
+        metafunc.parametrize("backend", names, indirect=True, scope="module")
+
+
+def _on_ray(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("backend") == "ray"
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own grouping by module-scoped parameters
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The Ray runs last (in their order): Ray, once started, runs until the session ends, and no
+    other test should see its processes, fds and threads come and go."""
+    items[:] = [item for item in items if not _on_ray(item)] + [item for item in items if _on_ray(item)]
+
+
+@pytest.hookimpl(tryfirst=True)  # before the fixtures of ``item`` are set up
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _ray.next_test_on_ray = _on_ray(item)
+
+
+@pytest.fixture(scope="module")
+def backend(request: pytest.FixtureRequest) -> str:
+    """The backend of this run of a test: "process" unless the test is marked ``backends``."""
+    name: str = getattr(request, "param", "process")
+    if name == "ray":
+        request.getfixturevalue("ray_pool")
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_pool() -> Iterator[poolbridge.Pool]:
+    """The Ray pool of the whole session (2 actors, helpers ``pb_helpers`` and ``pb_faultmods``).
+    Creating it starts Ray (poolbridge does, with ``RAY_INIT``); closing it, the last Ray pool, shuts
+    Ray down again."""
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("CI"):
+            raise  # CI installs poolbridge[ray]: a missing Ray is a broken job, not a skip
+        pytest.skip("Ray is not installed (pip install 'poolbridge[ray]')")
+    assert not ray.is_initialized(), "the tests start their own Ray"
+    children, fds = {p.pid for p in _children()}, _fds()
+    pool = make_pool(backend="ray", ray_init=RAY_INIT, helpers=["pb_helpers", "pb_faultmods"])
+    _ray.ran, _ray.pool = True, pool
+    _ray.heads = {p.pid for p in psutil.Process().children() if p.pid not in children}
+    _ray.fds = {fd: target for fd, target in _fds().items() if fds.get(fd) != target}
+    try:
+        yield pool
+    finally:
+        pool.close()
+        _ray.pool = None
+    # poolbridge started Ray for this pool, so closing the last Ray pool shut it down; the session's
+    # check then finds none of Ray's processes left either.
+    assert not ray.is_initialized(), "closing the last Ray pool did not shut down the Ray poolbridge started"
+    _, alive = psutil.wait_procs([p for p in _children() if p.pid in _ray.processes()], timeout=EXIT_WAIT)
+    _ray.heads = set()
+    assert not alive, f"Ray processes left after Ray shut down: {alive}"
 
 
 def make_pool(**kwargs: object) -> poolbridge.Pool:
@@ -127,13 +266,14 @@ def make_pool(**kwargs: object) -> poolbridge.Pool:
 
 
 @pytest.fixture
-def pool_maker() -> Iterator[Callable[..., poolbridge.Pool]]:
-    """A factory of pools of this test alone (one worker unless told), all closed with
-    ``cancel=True`` after it: for tests that kill, block or recycle workers."""
+def pool_maker(backend: str) -> Iterator[Callable[..., poolbridge.Pool]]:
+    """A factory of pools of this test alone (one worker unless told; on the test's backend), all
+    closed with ``cancel=True`` after it: for tests that kill, block or recycle workers."""
     pools: list[poolbridge.Pool] = []
 
     def make(**kwargs: Any) -> poolbridge.Pool:
         kwargs.setdefault("workers", 1)
+        kwargs.setdefault("backend", backend)
         p = poolbridge.Pool(**kwargs)  # type: ignore[arg-type]
         pools.append(p)
         return p
@@ -142,9 +282,9 @@ def pool_maker() -> Iterator[Callable[..., poolbridge.Pool]]:
     for p in pools:
         p.close(cancel=True)
     for p in pools:  # and their shared memory, all of it (see poolbridge/_shm.py)
-        if p._shm is not None:
-            prefix = p._shm.prefix.lstrip("/")
-            left = [e for e in os.listdir("/dev/shm") if e.startswith(prefix)]
+        prefix = testing.shm_prefix(p)
+        if prefix is not None:
+            left = [e for e in os.listdir("/dev/shm") if e.startswith(prefix.lstrip("/"))]
             assert not left, f"shared memory left after close(): {left}"
 
 
@@ -160,12 +300,18 @@ def fifo(tmp_path: Any) -> Iterator[Fifo]:
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[poolbridge.Pool]:
+def process_pool() -> Iterator[poolbridge.Pool]:
     p = make_pool()
     try:
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture(scope="module")
+def pool(request: pytest.FixtureRequest, backend: str) -> poolbridge.Pool:
+    """This module's pool on the test's backend: the module's process pool, or the session's Ray pool."""
+    return request.getfixturevalue("ray_pool" if backend == "ray" else "process_pool")  # type: ignore[no-any-return]
 
 
 @pytest.fixture

@@ -285,6 +285,9 @@ class ProcessHygiene:
     test must be gone within ``limit`` seconds, and no child may be a zombie.
     """
 
+    #: Processes that are never a test's (conftest: the session's Ray, while it runs).
+    ignored: Any = staticmethod(lambda: set())
+
     def __init__(self, allowed: Any = None, limit: float = 15.0) -> None:
         self.allowed = allowed or (lambda: set())
         self.limit = limit
@@ -304,7 +307,7 @@ class ProcessHygiene:
         me = psutil.Process()
         deadline = time.monotonic() + self.limit
         while True:
-            allowed = set(self.allowed())
+            allowed = set(self.allowed()) | self.ignored()
             bad = []
             for p in me.children(recursive=True):
                 try:

@@ -19,6 +19,8 @@ import msgpack
 import psutil
 from pb_faultmods import worker_pids_of
 
+from poolbridge import _testing as testing
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 HELPERS_DIR = HERE / "elixir"  # pb_test_helpers, the --helpers module of these tests
@@ -229,17 +231,18 @@ class InProcess:
     def crash_and_hold_restart(self, session: str) -> threading.Event:
         """Kill ``session``'s worker and hold its slot's restart (inside the channel factory) until
         the returned event is set; returns once the restart is being held."""
-        router = self.server.router
-        factory = router._factory
         restarting, go_on = threading.Event(), threading.Event()
 
-        def gated_factory(r: Any, slot: int, generation: int) -> Any:
-            if generation > 0:
-                restarting.set()
-                assert go_on.wait(WAIT)
-            return factory(r, slot, generation)
+        def gated(factory: testing.Factory) -> testing.Factory:
+            def gated_factory(r: Any, slot: int, generation: int) -> Any:
+                if generation > 0:
+                    restarting.set()
+                    assert go_on.wait(WAIT)
+                return factory(r, slot, generation)
 
-        router._factory = gated_factory
+            return gated_factory
+
+        testing.replace_channel_factory(self.server.router, gated)
         self.send(1, "call", session=session, fn="os._exit", args=[3])
         assert self.recv()["error"]["code"] == "worker_crashed"
         assert restarting.wait(WAIT)

@@ -395,6 +395,7 @@ def test_path_table_is_complete() -> None:
     assert set(PATHS) == EXPECTED_PATHS
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("mode", ["override", "override_in_context", "context", "auto"])
 @pytest.mark.parametrize("path", sorted(EXPECTED_PATHS))
 def test_every_path_runs_in_the_resolved_session(pool: Pool, path: str, mode: str) -> None:
@@ -410,12 +411,14 @@ def test_every_path_runs_in_the_resolved_session(pool: Pool, path: str, mode: st
         assert seen["generation"] == 0
 
 
+@pytest.mark.backends
 def test_module_attribute_is_read_per_session(pool: Pool) -> None:
     """``getattr`` of a module attribute is evaluated for the session asking, every time."""
     for sid in _same_slot(pool, 0, 3, "modattr"):  # one worker, several sessions
         expect_routed(pool, pool.options(session=sid).getattr("pb_attrmod.session_info"), sid)
 
 
+@pytest.mark.backends
 def test_module_attribute_reads_are_not_stale(pool: Pool) -> None:
     api = pool.options(session="modattr-counter")
     before = api.getattr("pb_attrmod.COUNTER")
@@ -466,6 +469,7 @@ def test_routing_property(pool3: Pool, sid: str) -> None:
     assert seen == {"session": sid, "slot": slot, "generation": 0, "pid": pool3.pids()[slot]}
 
 
+@pytest.mark.backends
 def test_slot_for_depends_only_on_id_and_worker_count(pool: Pool, pool3: Pool) -> None:
     for i in range(200):
         sid = f"pure-{i}"

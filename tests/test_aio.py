@@ -31,7 +31,9 @@ WAIT = 15.0  # bound on any single await in these tests
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[poolbridge.Pool]:
+def process_pool() -> Iterator[poolbridge.Pool]:
+    """This module's process pool (conftest's ``pool`` on the process backend; on Ray it is the
+    session's Ray pool, which loads ``pb_faultmods`` too)."""
     p = poolbridge.Pool(2, helpers=["pb_faultmods"])
     try:
         yield p
@@ -86,6 +88,7 @@ class Ticker:
 # -- every operation is awaitable -------------------------------------------------------------------
 
 
+@pytest.mark.backends
 async def test_every_operation_is_awaitable(pool):
     apool = pool.aio
     with apool.session("aio-ops"):
@@ -142,6 +145,7 @@ async def test_owned_async_pool_closes_its_workers():
 # -- streams ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.backends
 async def test_async_for_over_a_stream(pool):
     apool = pool.aio.options(session="aio-stream", batch=3)
     got = [x async for x in apool.stream("builtins.range", 10)]
@@ -149,6 +153,7 @@ async def test_async_for_over_a_stream(pool):
     assert [x async for x in apool.stream("builtins.range", 0)] == []
 
 
+@pytest.mark.backends
 async def test_aclose_runs_the_generators_finally(pool):
     apool = pool.aio.options(session="aio-finally", batch=2)
     token = "aclose"
@@ -187,6 +192,7 @@ async def test_async_stream_crash_mid_iteration(pool):
 # -- sessions per task ------------------------------------------------------------------------------
 
 
+@pytest.mark.backends
 async def test_many_tasks_each_get_their_own_auto_session(pool):
     apool = pool.aio
 
@@ -203,6 +209,7 @@ async def test_many_tasks_each_get_their_own_auto_session(pool):
     assert all(s and s.startswith("auto-") for s in firsts)
 
 
+@pytest.mark.backends
 async def test_session_scopes_and_overrides_inside_tasks(pool):
     apool = pool.aio
 
@@ -227,6 +234,7 @@ async def test_session_scopes_and_overrides_inside_tasks(pool):
     assert mine.startswith("auto-")
 
 
+@pytest.mark.backends
 async def test_sync_and_async_faces_share_sessions(pool):
     with pool.session("shared-face"):
         ref = pool.create(f"{M}.Box", 1)
@@ -238,6 +246,7 @@ async def test_sync_and_async_faces_share_sessions(pool):
 # -- the loop is never blocked ------------------------------------------------------------------------
 
 
+@pytest.mark.backends
 async def test_event_loop_keeps_running_while_slow_calls_are_awaited(pool, fifo):
     """20 calls block in the workers until the *ticker task* releases them after 50 ticks: if any
     await (or send) blocked the loop, the ticker could not run and the calls could not finish."""
@@ -282,6 +291,7 @@ async def test_backpressure_does_not_block_the_event_loop(fifo):
 # -- timeouts and crashes, awaited ----------------------------------------------------------------------
 
 
+@pytest.mark.backends
 async def test_async_timeout_keep(pool, fifo):
     (sid,) = sessions_for_slot(pool, 0, 1, "aio-timeout")
     apool = pool.aio.options(session=sid)
@@ -329,6 +339,7 @@ async def test_async_worker_crash_is_an_awaited_error(pool):
     assert pool.pids()[1] != pids[1]
 
 
+@pytest.mark.backends
 async def test_cancelled_await_leaves_the_pool_consistent(pool, fifo):
     (sid,) = sessions_for_slot(pool, 0, 1, "aio-cancel")
     apool = pool.aio.options(session=sid)
@@ -362,6 +373,7 @@ async def test_async_stream_of_a_dead_generation(pool):
     assert [x async for x in apool.stream("builtins.range", 3)] == [0, 1, 2]
 
 
+@pytest.mark.backends
 def test_loop_closed_with_calls_in_flight_leaves_the_pool_working(pool, fifo):
     """asyncio.run() ends while a call is still running in a worker: its reply arrives for a
     closed loop and is dropped quietly; the pool (and a new loop) keep working."""

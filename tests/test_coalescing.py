@@ -73,8 +73,8 @@ def test_a_sender_waits_for_the_pipe_instead_of_queueing_without_bound(pool_make
     out: list[Any] = []
     sender = threading.Thread(target=lambda: out.extend(api.submit(f"{F}.echo", big, i) for i in range(200)))
     sender.start()
-    ch = testing.channels(pool)[0]
-    wait_until(lambda: _unread(ch._write_fd) >= 32768, WAIT, what="requests to fill the pipe")
+    request_fd, _ = testing.pipe_fds(pool, 0)
+    wait_until(lambda: _unread(request_fd) >= 32768, WAIT, what="requests to fill the pipe")
     assert sender.is_alive(), "400 KB of requests cannot all fit in a 64 KB pipe and a 32 KB queue"
     fifo.release()
     sender.join(WAIT)

@@ -19,6 +19,8 @@ import poolbridge
 from poolbridge import Pool, RemoteError
 from poolbridge._errors import RemoteTraceback
 
+pytestmark = pytest.mark.backends  # every test with the module's ``pool``, on each backend
+
 WAIT = 60.0
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+from conftest import expect_routed
 from pb_faultmods import ProcessHygiene, pid_in, sessions_for_slot, wait_until
 
 import poolbridge
@@ -208,7 +209,7 @@ def test_external_kill_fails_every_in_flight_call_of_that_slot_only(pool, fifo, 
 def test_crash_is_seen_through_the_pidfd_not_a_timeout(pool, fifo, tmp_path):
     """The blocked call would wait 60 s; the crash error arrives as soon as the process is gone."""
     assert hasattr(os, "pidfd_open")
-    assert testing.supervisor(pool).monitor._pidfd, "the monitor fell back to polling"
+    assert testing.watches_by_pidfd(pool), "the monitor fell back to polling"
     (sid,) = sessions_for_slot(pool, 1, 1, "pidfd")
     marker = str(tmp_path / "running")
     f = pool.options(session=sid).submit(f"{M}.mark_and_wait", marker, fifo.path, 60.0)
@@ -250,6 +251,55 @@ def test_repeated_crashes_each_bump_the_generation(pool):
     assert len(seen_pids) == 4
     assert generations(pool)[1] == start + 4
     serves_every_slot(pool)
+
+
+@pytest.mark.backends
+def test_a_killed_worker_costs_its_in_flight_calls_and_refs_and_comes_back(pool_maker, tmp_path):
+    """The failure model on each backend (on Ray the worker is an actor's process): SIGKILL of a
+    worker with calls in flight fails exactly those calls with WorkerCrashedError, promptly; its
+    refs and open streams raise SessionLostError; the slot comes back in the same place one
+    generation later, and the other slot never notices. An idle worker killed is noticed and
+    restarted without a call."""
+    pool = pool_maker(workers=2)
+    victim_slot = 0
+    sid, sid2 = sessions_for_slot(pool, victim_slot, 2, "victim")
+    (other,) = sessions_for_slot(pool, 1, 1, "bystander")
+    victim = pool.options(session=sid)
+    box = victim.create("pb_testmods.Counter", 1)
+    stream = victim.options(batch=2).stream("pb_testmods.gen_whoami", 100)
+    assert next(stream)["generation"] == 0
+    old_pids = pool.pids()
+    gate = str(tmp_path / "gate")
+    in_flight = [victim.submit("pb_testmods.wait_for_path", gate) for _ in range(3)]
+    assert testing.in_flight(pool, victim_slot) >= 3  # (stats() would queue behind them)
+    os.kill(old_pids[victim_slot], signal.SIGKILL)
+    started = time.monotonic()
+    for future in in_flight:
+        with pytest.raises(WorkerCrashedError) as info:
+            future.result(timeout=15.0)
+        assert info.value.slot == victim_slot
+    assert time.monotonic() - started < 5.0  # noticed promptly, not by a timeout
+    with pytest.raises(SessionLostError):
+        box.call("incr")
+    # The stream's next batch may have been in flight (prefetched) at the kill: that pull crashed.
+    with pytest.raises((WorkerCrashedError, SessionLostError)):
+        list(stream)
+    # The slot is back, in the same place, one generation later; the other slot never noticed.
+    assert pool.options(session=sid2).call("pb_testmods.whoami")["generation"] == 1
+    expect_routed(pool, victim.call("pb_testmods.whoami"), sid)
+    new_pids = pool.pids()
+    assert new_pids[victim_slot] != old_pids[victim_slot] and new_pids[1] == old_pids[1]
+    assert pool.options(session=other).call("pb_testmods.whoami")["generation"] == 0
+    assert pool.stats().slots[victim_slot].restarts == 1
+    assert victim.create("pb_testmods.Counter", 5).call("incr") == 6
+
+    # An idle worker killed (nothing in flight to fail) is noticed and restarted without a call.
+    idle = testing.channel(pool, 1)
+    os.kill(idle.pid, signal.SIGKILL)
+    assert idle.finished.wait(15.0), "the death of an idle worker was not noticed"
+    back = testing.supervisor(pool).channel(1)  # bounded wait for the restart
+    assert back is not idle and back.generation == 1
+    assert pool.options(session=other).call("pb_testmods.whoami")["generation"] == 1
 
 
 # -- refs and streams of the old generation ---------------------------------------------------------
@@ -497,17 +547,18 @@ def test_a_failed_restart_is_retried(monkeypatch):
     p = poolbridge.Pool(2)
     try:
         assert p.call(f"{M}.add", 1, 1) == 2
-        router = testing.supervisor(p)
-        real = router._factory
         failures = []
 
-        def flaky_factory(r, slot, generation):
-            if generation == 1 and not failures:
-                failures.append(slot)
-                raise OSError(11, "Resource temporarily unavailable (injected)")
-            return real(r, slot, generation)
+        def flaky(real):
+            def flaky_factory(r, slot, generation):
+                if generation == 1 and not failures:
+                    failures.append(slot)
+                    raise OSError(11, "Resource temporarily unavailable (injected)")
+                return real(r, slot, generation)
 
-        router._factory = flaky_factory
+            return flaky_factory
+
+        testing.replace_channel_factory(p, flaky)
         (sid,) = sessions_for_slot(p, 0, 1, "flaky-restart")
         with pytest.raises(WorkerCrashedError):
             p.options(session=sid).call(f"{M}.die", "sigkill")

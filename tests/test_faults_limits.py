@@ -88,6 +88,7 @@ def test_timeout_keep_lets_the_worker_finish_and_drops_the_reply(pool_maker, fif
     assert api.options(timeout=5.0).call(f"{M}.add", 1, 2) == 3
 
 
+@pytest.mark.backends
 def test_timeout_restart_kills_the_worker_and_fails_its_other_calls(pool_maker, fifo, tmp_path):
     pool = pool_maker()
     pid = pool.pids()[0]
@@ -201,16 +202,11 @@ def test_max_in_flight_blocks_callers_and_block_false_raises_busy(pool_maker, fi
     assert pool.options(block=False).call(f"{M}.add", 2, 2) == 4
 
 
+@pytest.mark.backends
 def test_timeout_bounds_the_wait_for_room_too(pool_maker, fifo):
-    """A call with ``timeout=0.5`` at a full slot must not wait longer than its timeout.
-
-    BUG (poolbridge): ``_Api._run`` only starts the clock in ``await_reply``, *after*
-    ``Supervisor.send`` returned; ``ProcessChannel._wait_for_space`` (and ``Supervisor.channel()``
-    waiting for a restart, up to RESTART_WAIT = 30 s) ignore the call's timeout. Here the call
-    blocks until the in-flight call ends (4 s) and then succeeds, instead of raising
-    CallTimeoutError after 0.5 s. Suggested fix: pass the deadline down to ``send`` so waiting for
-    room / for the slot counts against it.
-    """
+    """A call with ``timeout=0.5`` at a full slot must not wait longer than its timeout: waiting for
+    room under ``max_in_flight`` (and for a restarting slot) counts against it, on each backend
+    (the channel contract's ``wait_for_room``; the Ray channel once waited without a deadline)."""
     pool = pool_maker(max_in_flight=1)
     assert pool.call(f"{M}.add", 0, 0) == 0
     busy = pool.options(session="a").submit(f"{M}.wait_fifo", fifo.path, 4.0, "busy")
@@ -541,13 +537,16 @@ def test_close_during_a_slot_restart_leaves_no_worker_behind(pool_maker):
     pool = pool_maker(workers=2)
     assert pool.call(f"{M}.add", 1, 1) == 2
     router = testing.supervisor(pool)
-    real_factory, real_channels = router._factory, router.channels
+    real_channels = router.channels
     gate = threading.Event()
 
-    def held_factory(r: Any, slot: int, generation: int) -> Any:
-        if generation > 0:
-            gate.wait(10.0)
-        return real_factory(r, slot, generation)
+    def held(real_factory: testing.Factory) -> testing.Factory:
+        def held_factory(r: Any, slot: int, generation: int) -> Any:
+            if generation > 0:
+                gate.wait(10.0)
+            return real_factory(r, slot, generation)
+
+        return held_factory
 
     def channels() -> list[Any]:
         snapshot = real_channels()
@@ -555,7 +554,7 @@ def test_close_during_a_slot_restart_leaves_no_worker_behind(pool_maker):
             gate.set()  # close() has its snapshot: now let the restart finish
         return snapshot
 
-    router._factory = held_factory
+    testing.replace_channel_factory(router, held)
     router.channels = channels  # type: ignore[method-assign]
     old = pool.pids()
     os.kill(old[0], signal.SIGKILL)

@@ -14,6 +14,8 @@ from pb_testmods import sessions_on_slot
 import poolbridge
 from poolbridge import Pool
 
+pytestmark = pytest.mark.backends  # every test with the module's ``pool``, on each backend
+
 
 def sid() -> str:
     return f"h-{uuid.uuid4().hex[:8]}"

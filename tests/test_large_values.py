@@ -35,12 +35,12 @@ def segments(prefix: str) -> list[str]:
 def leaked(pool: poolbridge.Pool) -> list[str]:
     """Segments of ``pool`` that nobody will reuse or unlink: not idle in the router's warm cache,
     not of a live worker (a worker's own cache, or results the router still reads)."""
-    shm = pool._shm
-    assert shm is not None
-    prefix = shm.prefix.lstrip("/")
-    idle = {name.lstrip("/") for name in shm._idle}
+    base = testing.shm_prefix(pool)
+    assert base is not None
+    prefix = base.lstrip("/")
+    idle = {name.lstrip("/") for name in testing.shm_idle(pool)}
     live = tuple(
-        _shm.worker_prefix(shm.prefix, slot, testing.generation(pool, slot)).lstrip("/") for slot in range(pool.workers)
+        _shm.worker_prefix(base, slot, testing.generation(pool, slot)).lstrip("/") for slot in range(pool.workers)
     )
     return [e for e in segments(prefix) if e not in idle and not e.startswith(live)]
 
@@ -48,7 +48,7 @@ def leaked(pool: poolbridge.Pool) -> list[str]:
 def no_segments_left(pool: poolbridge.Pool) -> None:
     """Nothing leaked now (bounded wait: a restart or a reply may be on its way) and nothing at
     all once the pool is closed (checked by the fixtures)."""
-    wait_until(lambda: not leaked(pool), LIMIT, what=f"no leaked segment of {pool._shm.prefix}")  # type: ignore[union-attr]
+    wait_until(lambda: not leaked(pool), LIMIT, what=f"no leaked segment of {testing.shm_prefix(pool)}")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def small() -> Iterator[poolbridge.Pool]:
         yield p
     finally:
         p.close()
-    assert not segments(p._shm.prefix)  # type: ignore[union-attr]
+    assert not segments(testing.shm_prefix(p))  # type: ignore[arg-type]
 
 
 def sha(data: Any) -> str:
@@ -170,7 +170,7 @@ def test_segments_are_reused_not_accumulated(pool_maker: Callable[..., poolbridg
         assert p.call("pb_testmods.identity", data) == data
     # One argument segment and one result segment, written again and again (a second of each
     # may be in flight back to its owner).
-    assert len(segments(p._shm.prefix)) <= 4  # type: ignore[union-attr]
+    assert len(segments(testing.shm_prefix(p))) <= 4  # type: ignore[arg-type]
     no_segments_left(p)
 
 
@@ -211,6 +211,24 @@ def test_mutation_after_send_is_not_seen(small: poolbridge.Pool, fifo: Fifo, tmp
     assert f2.result(LIMIT)[2] == sha(np.zeros(T))
 
 
+def test_a_buffer_nested_deep_keeps_its_segment_until_read(pool_maker: Callable[..., poolbridge.Pool], fifo: Fifo,
+                                                           tmp_path: Any) -> None:
+    """A big buffer three levels down (found after packing, not by the quick look) travels in a
+    segment its request names: a value sent meanwhile never gets that segment and overwrites it."""
+    p = pool_maker(shm_threshold=T)
+    marker = str(tmp_path / "running")
+    blocker = p.submit("pb_largemods.mark_wait_digest", marker, fifo.path, b"b")
+    wait_until(lambda: os.path.exists(marker), LIMIT, what="the blocking call started")
+    first, second = [[b"1" * (3 * T)]], [[b"2" * (3 * T)]]
+    queued = p.submit("pb_testmods.identity", first)  # waits in the pipe, not yet read by the worker
+    later = p.submit("pb_testmods.identity", second)  # the same size: a warm segment would fit it
+    fifo.release()
+    blocker.result(LIMIT)
+    assert queued.result(LIMIT) == first
+    assert later.result(LIMIT) == second
+    no_segments_left(p)
+
+
 # -- the bound ------------------------------------------------------------------------------------
 
 
@@ -234,7 +252,7 @@ def test_max_value_bytes_refuses_before_sending(pool_maker: Callable[..., poolbr
 
 def test_no_shared_memory_when_disabled(pool_maker: Callable[..., poolbridge.Pool]) -> None:
     p = pool_maker(shm_threshold=None)
-    assert p._shm is None
+    assert testing.shm(p) is None
     raw = os.urandom(1 << 20)
     assert p.call("pb_testmods.identity", raw) == raw
     assert type(p.options(zero_copy=True).call("builtins.memoryview", raw)) is bytes
@@ -310,8 +328,9 @@ _ROUTER = textwrap.dedent(
     """
     import os, sys
     import poolbridge
+    from poolbridge import _testing as testing
     pool = poolbridge.Pool(workers=1, shm_threshold=1 << 16)
-    print(pool._shm.prefix, flush=True)
+    print(testing.shm_prefix(pool), flush=True)
     fut = pool.submit("pb_largemods.mark_wait_digest", sys.argv[1], sys.argv[2], b"r" * (1 << 20))
     fut.result()
     """

@@ -19,6 +19,8 @@ import poolbridge
 from poolbridge import AsyncPool, Pool, WorkerCrashedError
 from poolbridge import _testing as testing
 
+pytestmark = pytest.mark.backends  # every test with the module's ``pool``, on each backend
+
 WAIT = 30.0
 M = "pb_mapmods"
 
@@ -153,6 +155,7 @@ def test_error_is_raised_at_its_item(pool: Pool, chunksize: int) -> None:
     assert list(it) == []
 
 
+@pytest.mark.backends("process")  # a crash costs a new actor on Ray: covered there by test_faults_crash
 def test_worker_crash_during_a_map(pool_maker: Callable[..., Pool]) -> None:
     p = pool_maker(workers=2)
     got = []
@@ -283,6 +286,7 @@ def test_broadcast_errors_are_per_slot(pool: Pool) -> None:
     assert isinstance(out[1], LookupError)
 
 
+@pytest.mark.backends("process")  # a crash costs a new actor on Ray: covered there by test_faults_crash
 def test_broadcast_with_a_dead_slot(pool_maker: Callable[..., Pool]) -> None:
     p = pool_maker(workers=2)
     before = p.pids()

@@ -28,12 +28,12 @@ WAIT = 30.0
 def _pipe_inodes(pool: poolbridge.Pool) -> set[int]:
     """The inodes of the pool's worker pipes and template socket (as this process holds them)."""
     inodes = set()
-    for ch in testing.channels(pool):
-        for fd in (ch._write_fd, ch._read_fd):
+    for slot in range(pool.workers):
+        for fd in testing.pipe_fds(pool, slot):
             inodes.add(os.fstat(fd).st_ino)
-    template = testing.supervisor(pool).spawner._template
+    template = testing.template_fd(pool)
     if template is not None:
-        inodes.add(os.fstat(template._sock.fileno()).st_ino)
+        inodes.add(os.fstat(template).st_ino)
     return inodes
 
 

@@ -234,3 +234,25 @@ def test_async_calls_during_a_resize(pool_maker: Any) -> None:
     record, counts = asyncio.run(asyncio.wait_for(main(), WAIT))
     assert record.workers == 3 and not record.lost
     assert all(c == [1, 2, 3, 4, 5] for c in counts)
+
+
+@pytest.mark.backends
+def test_resize_moves_sessions_with_their_refs_and_back(pool: poolbridge.Pool) -> None:
+    """On each backend (on Ray the new slot is a new actor): the module's pool grows to 3 and shrinks
+    back to 2; every session's ref keeps working through both moves."""
+    sessions = [f"rz-{i}" for i in range(40)]
+    refs = {s: pool.options(session=s, ret="ref").call("builtins.list", [s]) for s in sessions}
+    try:
+        grown = pool.resize(3)
+        assert grown.workers == 3 and grown.moved and not grown.lost and not grown.failed_slots
+        assert len(pool.pids()) == 3 and all(pid > 0 for pid in pool.pids())
+        for s, ref in refs.items():
+            assert ref.call("__getitem__", 0) == s
+    finally:
+        shrunk = pool.resize(2)
+    assert shrunk.workers == 2 and not shrunk.lost and not shrunk.failed_slots
+    for s, ref in refs.items():
+        assert ref.call("__getitem__", 0) == s
+    assert pool.stats().workers == 2
+    for s in sessions:  # the pool is shared (the module's; on Ray the session's)
+        pool.close_session(s)

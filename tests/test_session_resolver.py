@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 import poolbridge
 from poolbridge import Pool, SessionMismatchError, resolve_session
 
+pytestmark = pytest.mark.backends  # every test with the module's ``pool``, on each backend
+
 JOIN = 60.0  # bound for every thread join / barrier
 
 valid_ids = st.text(min_size=1, max_size=40).filter(lambda s: len(s.encode("utf-8")) <= 256)

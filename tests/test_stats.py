@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import re
 
 import psutil
@@ -93,6 +94,20 @@ def test_pids_are_the_live_worker_children(fresh_pool: Pool) -> None:
     assert set(pids) <= set(worker_pids_of(me.pid))  # forked by a template process of ours
     for pid in pids:
         assert psutil.Process(pid).is_running()
+
+
+@pytest.mark.backends
+def test_pids_and_stats_name_each_slots_live_worker(pool: Pool) -> None:
+    """On each backend (a Ray slot's pid is its actor's process): one live process per slot, not
+    ours, the one ``stats()`` reports and the one a session of that slot runs in."""
+    pids = pool.pids()
+    assert len(pids) == 2 and len(set(pids)) == 2 and os.getpid() not in pids
+    assert all(psutil.Process(pid).is_running() for pid in pids)
+    stats = pool.stats()
+    assert [s.pid for s in stats.slots] == pids and all(s.alive for s in stats.slots)
+    for slot, pid in enumerate(pids):
+        (sid,) = sessions_on_slot(pool, slot, 1, "pid-of")
+        assert pool.options(session=sid).call("os.getpid") == pid
 
 
 def test_repr(fresh_pool: Pool) -> None:

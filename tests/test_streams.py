@@ -17,6 +17,8 @@ from pb_testmods import CustomError
 import poolbridge
 from poolbridge import Pool, RefNotFoundError
 
+pytestmark = pytest.mark.backends  # every test with the module's ``pool``, on each backend
+
 
 def tok() -> str:
     return uuid.uuid4().hex

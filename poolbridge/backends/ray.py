@@ -204,6 +204,21 @@ class RayChannel:
     def _wait_for_space(self, block: bool, deadline: float | None = None) -> None:
         wait_for_room(self, self._settle, block, deadline)
 
+    def try_cancel(self, req_id: int, seq: int) -> bool:
+        """Cancel a request the actor has not started. True: it will never run. Only a request still
+        queued here (waiting for the next batch) is sure not to have started; one handed to the
+        actor may be running, so it is not cancelled (False: its reply or its crash comes)."""
+        with self._settle:
+            for i, (queued, _) in enumerate(self._queued):
+                if queued == req_id:
+                    del self._queued[i]
+                    break
+            else:
+                return False
+            cancelled = self.pending.pop(req_id, None) is not None
+            self._settle.notify_all()  # room under the in-flight bound
+            return cancelled
+
     def wake_reader(self) -> None:
         """Nothing to do: replies are delivered by this channel's delivery thread."""
 

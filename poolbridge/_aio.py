@@ -42,6 +42,24 @@ if TYPE_CHECKING:
 __all__ = ["AsyncFace", "AsyncStream"]
 
 
+class _CallFuture(asyncio.Future[Any]):
+    """The future of an awaited request. Cancelling it (a cancelled task, an expired ``wait_for``)
+    also cancels the call in the worker when it has not started there; if it has, its reply is
+    late. An override rather than a done callback: a callback per call costs a loop turn."""
+
+    _target: tuple[AsyncFace, _LoopSink, Any, int, str] | None = None  # set once sent
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        target, self._target = self._target, None
+        if target is not None:
+            face, sink, channel, req_id, op = target
+            if not channel.try_cancel(req_id, sink.seq):
+                channel.pending.abandon(req_id, Late(face._api._late(op, sink.decode)))
+        return True
+
+
 class _LoopSink(Sink):
     """Resolves an asyncio future: directly when the reply is read on the loop's own thread, else
     through the loop's inbox."""
@@ -51,7 +69,7 @@ class _LoopSink(Sink):
 
     def __init__(self, inbox: _LoopState, loop: asyncio.AbstractEventLoop, decode: Callable[[int, Any], Any]) -> None:
         self.inbox = inbox
-        self.future: asyncio.Future[Any] = loop.create_future()
+        self.future = _CallFuture(loop=loop)
         self.decode = decode
         self.seq = 0
 
@@ -220,7 +238,9 @@ class AsyncFace(AsyncMappingMixin):
         state = _loop_state(loop)
         sink = _LoopSink(state, loop, decode)
         if router.ready(slot) and router.mover is None:
-            channel = router.send(slot, req_id, data, sink, lead=True, block=api._opts.block)
+            channel = router.send_now(slot, req_id, data, sink) or router.send(
+                slot, req_id, data, sink, lead=True, block=api._opts.block
+            )
             state.watch(loop, channel)  # before the loop runs again: the reply cannot be missed
             self._sent(sink, channel, req_id, slot, op)
         else:
@@ -239,13 +259,12 @@ class AsyncFace(AsyncMappingMixin):
         return sink.future
 
     def _sent(self, sink: _LoopSink, channel: Any, req_id: int, slot: int, op: str) -> None:
-        def on_done(future: asyncio.Future[Any]) -> None:
-            # A cancelled await (task cancelled, wait_for expired) also cancels the call in the
-            # worker when it has not started there yet; if it has, its reply is late.
-            if future.cancelled() and not channel.try_cancel(req_id, sink.seq):
+        future = sink.future
+        if future.cancelled():  # cancelled while a thread was sending it
+            if not channel.try_cancel(req_id, sink.seq):
                 channel.pending.abandon(req_id, Late(self._api._late(op, sink.decode)))
-
-        sink.future.add_done_callback(on_done)
+            return
+        future._target = (self, sink, channel, req_id, op)
         timeout = self._api._opts.timeout
         if timeout is not None and not sink.future.done():
             handle = sink.future.get_loop().call_later(timeout, self._expire, sink, channel, req_id, slot, op)

@@ -13,6 +13,8 @@
       │                                          │ request pipe ▶ _worker_main: read ▶ WorkerCore.handle
       │                                          │                  (_worker: op dispatch; _store: sessions)
       │           reply pipe ◀── {packet,4} reply frame ◀────────────────┘
+      │  (fast lane: run without a timeout on an idle channel — supervisor.send_now writes the
+      │   frame at once, channel.read_own_reply reads until its reply; the same sinks and table)
       ▼
     sink.deliver(status, body): Waiter (call: the caller reads its own reply, leader/follower),
       PoolFuture (submit: the channel's background reader), _aio._LoopSink (AsyncPool: the event
@@ -20,8 +22,8 @@
 
     deadline: one per call, fixed at send (it also bounds waiting for the slot and for room); run
       waits for its reply until then, submit hands it to Deadlines (one thread per pool), AsyncPool
-      arms loop.call_later; at expiry give_up() (Deadlines: the same steps) abandons the request
-      in its pending table (a late reply goes to a Late sink) and restarts the slot if asked.
+      arms loop.call_later; at expiry all three call expire(), which abandons the request in its
+      pending table (a late reply goes to a Late sink) and restarts the slot if asked.
     death: _monitor (pidfd) ─▶ _supervisor: drain the channel, fail its pending sinks with
       WorkerCrashedError, restart the slot (generation + 1).
 
@@ -252,14 +254,9 @@ class Deadlines:
                 if try_cancel is not None and try_cancel(req_id, sink.seq):
                     sink.fail(CallTimeoutError(message))
                     continue
-            if (channel.pending.pop(req_id, None) if late is None else channel.pending.abandon(req_id, late)) is None:
-                continue  # answered (or failed) in time
-            if restart:
-                pool = self._pool()
-                if pool is not None:
-                    log.warning("slot %d: %s; restarting the worker", slot, message)
-                    pool._supervisor.kill_slot(slot)
-            sink.fail(CallTimeoutError(message))
+            pool = self._pool() if restart else None
+            if expire(channel, req_id, late, pool, slot, message):
+                sink.fail(CallTimeoutError(message))
 
     def stop(self) -> None:
         with self._cond:
@@ -341,17 +338,24 @@ def run(api: _Api, op: str, ref: WireRef | None, fields: list[Any], decode: Call
     return decode(status, body)
 
 
-def give_up(api: _Api, channel: Any, req_id: int, slot: int, op: str, decode: Callable[[int, Any], Any]) -> bool:
-    """A call's deadline has passed (``run``, and the asyncio face's timer; ``Deadlines`` does the
-    same for submitted calls): take the request out of its channel's pending table — a reply that
-    comes later goes to a :class:`Late` sink and is dropped — and with ``on_timeout="restart"``
-    kill the slot's worker. False: the reply won the race and is being delivered."""
-    if channel.pending.abandon(req_id, Late(api._late(op, decode))) is None:
+def expire(channel: Any, req_id: int, late: Late | None, restart: Pool | None, slot: int, why: str) -> bool:
+    """The one way a request's deadline ends it (``run``, the asyncio face's timer, ``Deadlines``):
+    take it out of its channel's pending table — a reply that comes later goes to ``late`` (or is
+    dropped) — and kill the slot's worker when ``restart`` (``on_timeout="restart"``) names its
+    pool. False: the reply (or a failure) won the race and is being delivered."""
+    if (channel.pending.pop(req_id, None) if late is None else channel.pending.abandon(req_id, late)) is None:
         return False
-    if api._opts.on_timeout == "restart":
-        log.warning("slot %d: call timed out after %ss; restarting the worker", slot, api._opts.timeout)
-        api._pool._supervisor.kill_slot(slot)
+    if restart is not None:
+        log.warning("slot %d: %s; restarting the worker", slot, why)
+        restart._supervisor.kill_slot(slot)
     return True
+
+
+def give_up(api: _Api, channel: Any, req_id: int, slot: int, op: str, decode: Callable[[int, Any], Any]) -> bool:
+    """A blocking or awaited call's deadline has passed: :func:`expire` with its options."""
+    restart = api._pool if api._opts.on_timeout == "restart" else None
+    why = f"{op} timed out after {api._opts.timeout}s"
+    return expire(channel, req_id, Late(api._late(op, decode)), restart, slot, why)
 
 
 def submit(api: _Api, op: str, ref: WireRef | None, fields: list[Any], decode: Callable[[int, Any], Any]) -> Any:

@@ -8,7 +8,7 @@ faults outside the caller's control derive from :class:`WorkerCrashedError` / :c
 
 from __future__ import annotations
 
-from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "BadRequestError",
@@ -118,7 +118,7 @@ class PoolBusyError(PoolbridgeError):
 # -- something outside the caller did it --------------------------------------------------------
 
 
-class WorkerCrashedError(PoolbridgeError, BrokenProcessPool):
+class _WorkerCrashed(PoolbridgeError):
     """The worker running this call died (signal, ``os._exit``, OOM kill) before replying.
 
     Subclasses the stdlib's ``BrokenProcessPool`` so code written for ``concurrent.futures``
@@ -149,8 +149,39 @@ class WorkerCrashedError(PoolbridgeError, BrokenProcessPool):
         return (_rebuild_crash, (str(self), self.slot, self.pid, self.exitcode))
 
 
+# WorkerCrashedError = _WorkerCrashed + the stdlib's BrokenProcessPool, made on first use: the
+# module that defines BrokenProcessPool (with multiprocessing.connection, queues...) would cost
+# every worker template ~7 ms of its start for a class only the router raises (and a failed
+# initializer). Workers use it as ``_errors.WorkerCrashedError``, never at import time.
+if TYPE_CHECKING:
+    from concurrent.futures.process import BrokenProcessPool
+
+    class WorkerCrashedError(_WorkerCrashed, BrokenProcessPool):
+        __doc__ = _WorkerCrashed.__doc__
+
+else:
+
+    def __getattr__(name: str) -> Any:
+        if name == "WorkerCrashedError":
+            return _worker_crashed_error()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _worker_crashed_error() -> type[WorkerCrashedError]:
+    made: type[WorkerCrashedError] | None = globals().get("WorkerCrashedError")
+    if made is None:
+        from concurrent.futures.process import BrokenProcessPool
+
+        class WorkerCrashedError(_WorkerCrashed, BrokenProcessPool):
+            __doc__ = _WorkerCrashed.__doc__
+
+        WorkerCrashedError.__qualname__ = "WorkerCrashedError"
+        made = globals().setdefault("WorkerCrashedError", WorkerCrashedError)  # one class, if threads race
+    return made
+
+
 def _rebuild_crash(message: str, slot: int | None, pid: int | None, exitcode: int | None) -> WorkerCrashedError:
-    return WorkerCrashedError(message, slot=slot, pid=pid, exitcode=exitcode)
+    return _worker_crashed_error()(message, slot=slot, pid=pid, exitcode=exitcode)
 
 
 class SessionLostError(PoolbridgeError):

@@ -14,8 +14,20 @@ docs/hashing.md holds the same functions and a table of test vectors (checked by
 
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hashlib import sha256
+else:
+    try:  # CPython's own SHA-256, hashlib's fallback: the same digest, where hashlib would load
+        # OpenSSL, ~3 ms of every worker template's start (_worker_template.py)
+        from _sha256 import sha256
+    except ImportError:  # pragma: no cover - 3.12 renamed it _sha2; builds without it
+        try:
+            from _sha2 import sha256
+        except ImportError:
+            from hashlib import sha256
 
 __all__ = ["jump_hash", "slot_for", "stable_hash64"]
 
@@ -25,7 +37,7 @@ _LCG_MUL = 2862933555777941757
 
 def stable_hash64(session_id: str) -> int:
     """Unsigned 64-bit hash of a session id: SHA-256 of its UTF-8 bytes, first 8 bytes big-endian."""
-    return int.from_bytes(hashlib.sha256(session_id.encode("utf-8")).digest()[:8], "big")
+    return int.from_bytes(sha256(session_id.encode("utf-8")).digest()[:8], "big")
 
 
 def jump_hash(key: int, n_slots: int) -> int:

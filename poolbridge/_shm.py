@@ -44,7 +44,6 @@ import logging
 import mmap
 import os
 import pickle
-import secrets
 import sys
 import threading
 import weakref
@@ -96,7 +95,7 @@ def use_tracker(fd: int) -> None:
 
 
 def router_prefix() -> str:
-    return f"/pb{os.getpid()}_{secrets.token_hex(3)}_"
+    return f"/pb{os.getpid()}_{os.urandom(3).hex()}_"  # as secrets.token_hex (whose hmac import the template would pay)
 
 
 def worker_prefix(prefix: str, slot: int, generation: int) -> str:

@@ -21,6 +21,7 @@ short-lived thread, the restarted process would be SIGKILLed as soon as that thr
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures
 import logging
 import os
@@ -121,8 +122,24 @@ def forget_process(process: subprocess.Popen[bytes] | ForkedProcess) -> None:
         process.returncode = 0  # Popen.kill() and wait() do nothing now
 
 
+class _Fork:
+    """One fork request to the template, answered in request order by its reader thread."""
+
+    __slots__ = ("abandoned", "child", "done")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.child: ForkedProcess | None = None  # None once done: the template is gone
+        self.abandoned = False  # its requester stopped waiting: a late child is killed
+
+
 class Template:
-    """The parent's end of one template process."""
+    """The parent's end of one template process.
+
+    Fork requests may come from several threads at once (a pool's slots start together): each is
+    written under the lock and queued; the template answers them in order, and the reader thread
+    hands each reply to the request at the head of the queue.
+    """
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -134,25 +151,36 @@ class Template:
         finally:
             theirs.close()
         self._sock = ours
-        self._lock = threading.Lock()  # one fork request at a time: replies come in request order
-        self._forked: queue.SimpleQueue[ForkedProcess | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # a request is queued and written as one step: queue order = reply order
+        self._requests: collections.deque[_Fork] = collections.deque()
         self._children: dict[int, ForkedProcess] = {}
         self.alive = True
         self._reader = threading.Thread(target=self._read, name="poolbridge-template", daemon=True)
         self._reader.start()
 
-    def fork(self, options: dict[str, Any], fds: tuple[int, ...]) -> ForkedProcess:
+    def request(self, options: dict[str, Any], fds: tuple[int, ...]) -> _Fork:
+        """Ask for a worker (the fds are passed with the request); :meth:`wait` for it."""
+        fork = _Fork()
         with self._lock:
             if not self.alive:
                 raise OSError("the template process is gone")
-            socket.send_fds(self._sock, [pack_plain(options)], list(fds))
+            self._requests.append(fork)
             try:
-                child = self._forked.get(timeout=_FORK_WAIT)
-            except queue.Empty:
-                child = None
-            if child is None:
-                raise OSError("the template process did not fork a worker")
-            return child
+                socket.send_fds(self._sock, [pack_plain(options)], list(fds))
+            except BaseException:
+                self._requests.pop()
+                raise
+        return fork
+
+    def wait(self, fork: _Fork) -> ForkedProcess:
+        """The worker forked for ``fork`` (on the requester's own thread, not the spawner's)."""
+        fork.done.wait(_FORK_WAIT)
+        with self._lock:
+            child = fork.child
+            fork.abandoned = child is None
+        if child is None:
+            raise OSError("the template process did not fork a worker")
+        return child
 
     def _read(self) -> None:
         """Fork replies and exit reports, until the template closes its end."""
@@ -165,14 +193,24 @@ class Template:
                 if kind == "forked":
                     child = ForkedProcess(pid, fds[0])
                     self._children[pid] = child
-                    self._forked.put(child)
+                    with self._lock:
+                        fork = self._requests.popleft()
+                        fork.child = child
+                        late = fork.abandoned
+                    fork.done.set()
+                    if late:  # nobody will use it (its requester timed out): it must not live on
+                        child.kill()
                 elif kind == "exited" and pid in self._children:
                     self._children.pop(pid)._set_exit(rest[0])
         except OSError as exc:
             log.debug("template socket: %s", exc)
         finally:
-            self.alive = False
-            self._forked.put(None)  # a fork waiting for its reply fails now, not after _FORK_WAIT
+            with self._lock:
+                self.alive = False
+                waiting = list(self._requests)
+                self._requests.clear()
+            for fork in waiting:
+                fork.done.set()  # a fork waiting for its reply fails now, not after _FORK_WAIT
             for child in list(self._children.values()):
                 child._set_exit(None)  # dies by PDEATHSIG with the template; no status comes
             self._children.clear()
@@ -194,14 +232,17 @@ class Template:
 
 class Spawner:
     """Starts processes, always from this one long-lived thread (see the module docstring), and
-    owns the pool's template, started on first use and started again if it dies."""
+    owns the pool's template, started at once (``start_template``) or on first use, and started
+    again if it dies."""
 
-    def __init__(self) -> None:
+    def __init__(self, start_template: bool = False) -> None:
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None] = (
             queue.SimpleQueue()
         )
         self._template: Template | None = None
         self._use_template = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
+        if start_template:  # first job: the template boots while the caller goes on
+            self._jobs.put((self.template, concurrent.futures.Future()))
         self._thread = threading.Thread(target=self._run, name="poolbridge-spawner", daemon=True)
         self._thread.start()
 
@@ -216,9 +257,11 @@ class Spawner:
             self._template.close()
 
     def run(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the spawner thread; a worker it starts (``spawn_worker``) is finished here."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._jobs.put((fn, future))
-        return future.result()
+        result = future.result()
+        return result.finish(self) if isinstance(result, _Start) else result
 
     def template(self) -> Template | None:
         """The live template (on the spawner thread only); None: spawn fresh interpreters."""
@@ -257,35 +300,73 @@ class Spawner:
             self._thread.join(timeout)
 
 
+class _Start:
+    """A worker being started: its pipes, and its process once it has its ends of them."""
+
+    def __init__(self, slot: int, generation: int, options: dict[str, Any], board: CancelBoard | None) -> None:
+        self.slot = slot
+        req_r, self.req_w = os.pipe()
+        self.rep_r, rep_w = os.pipe()
+        self.child_ends = (req_r, rep_w)
+        self.opts = dict(options, slot=slot, generation=generation, parent_pid=os.getpid(), fds=[req_r, rep_w])
+        self.keep: tuple[int, ...] = (req_r, rep_w)
+        if board is not None:
+            self.opts["cancel_board"] = [board.fd, board.name]
+            self.keep = (*self.keep, board.fd)
+        if options.get("shm"):
+            self.keep = (*self.keep, options["shm"]["tracker_fd"])  # the resource tracker: always last (_shm.py)
+        self.process: Any = None
+        self.fork: tuple[Template, _Fork] | None = None
+
+    def popen(self) -> subprocess.Popen[bytes]:
+        """A fresh interpreter for the worker (on the spawner thread)."""
+        return _popen(_WORKER, self.opts, self.keep)
+
+    def finish(self, spawner: Spawner) -> tuple[Any, int, int]:
+        """On the caller's thread: the worker the template forks (or, if it cannot, a fresh
+        interpreter started on the spawner thread); then the worker's pipe ends leave this process.
+        Returns (process, request write fd, reply read fd)."""
+        try:
+            if self.process is None and self.fork is not None:
+                template, fork = self.fork
+                try:
+                    self.process = template.wait(fork)
+                except OSError as exc:
+                    log.warning("slot %d: the template could not fork a worker (%s); spawning one", self.slot, exc)
+                    self.process = spawner.run(self.popen)
+        except BaseException:
+            _close(self.req_w, self.rep_r)
+            raise
+        finally:
+            _close(*self.child_ends)
+        return self.process, self.req_w, self.rep_r
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 def spawn_worker(
     spawner: Spawner, slot: int, generation: int, options: dict[str, Any], board: CancelBoard | None
-) -> tuple[Any, int, int]:
-    """Start one worker with exactly its pipe ends and cancel board; returns (process, request
-    write fd, reply read fd). Runs on the spawner thread."""
-    req_r, req_w = os.pipe()
-    rep_r, rep_w = os.pipe()
-    opts = dict(options, slot=slot, generation=generation, parent_pid=os.getpid(), fds=[req_r, rep_w])
-    keep: tuple[int, ...] = (req_r, rep_w)
-    if board is not None:
-        opts["cancel_board"] = [board.fd, board.name]
-        keep = (*keep, board.fd)
-    if options.get("shm"):
-        keep = (*keep, options["shm"]["tracker_fd"])  # the router's resource tracker: always last (_shm.py)
-    process: Any = None
+) -> _Start:
+    """Start one worker with exactly its pipe ends and cancel board (on the spawner thread).
+
+    ``Spawner.run`` finishes it on the caller's thread (:meth:`_Start.finish`): a fork asked of the
+    template is awaited there, so the spawner thread passes the next slot's request on meanwhile
+    and a pool's workers are forked together.
+    """
+    start = _Start(slot, generation, options, board)
     try:
         template = spawner.template()
         if template is not None:
             try:
-                process = template.fork(opts, keep)
+                start.fork = template, template.request(start.opts, start.keep)
             except OSError as exc:
                 log.warning("slot %d: the template could not fork a worker (%s); spawning one", slot, exc)
-        if process is None:
-            process = _popen(_WORKER, opts, keep)
+        if start.fork is None:
+            start.process = start.popen()
     except BaseException:
-        os.close(req_w)
-        os.close(rep_r)
+        _close(*start.child_ends, start.req_w, start.rep_r)
         raise
-    finally:
-        os.close(req_r)
-        os.close(rep_w)
-    return process, req_w, rep_r
+    return start

@@ -108,15 +108,42 @@ class Supervisor:
         self.resize_lock = threading.Lock()
         self.retired_generations: dict[int, int] = {}
         self.senders: dict[int, int] = {}  # thread id -> route_epoch, while it sends
-        self.spawner = Spawner()
+        # Process workers are forked by a template (_spawn.py): it starts booting now, while the
+        # rest of the pool is set up.
+        self.spawner = Spawner(start_template=channel_factory is ProcessChannel)
         self.monitor = Monitor(self._channel_exited)
         _routers.add(self)
         try:
-            for slot in self._slots:
-                slot.channel = channel_factory(self, slot.index, 0)
+            self._start_slots(channel_factory)
         except BaseException:
             self.close(cancel=True)
             raise
+
+    def _start_slots(self, factory: Callable[[Supervisor, int, int], Any]) -> None:
+        """Generation 0 of every slot. Process channels start together (slot 0 on this thread, the
+        others on short-lived threads): their fork requests reach the template at once instead of
+        each waiting for the worker before it."""
+        slots = self._slots
+        if factory is not ProcessChannel or len(slots) == 1:
+            for slot in slots:
+                slot.channel = factory(self, slot.index, 0)
+            return
+        failed: list[BaseException] = []
+
+        def start(slot: _Slot) -> None:
+            try:
+                slot.channel = factory(self, slot.index, 0)
+            except BaseException as exc:
+                failed.append(exc)
+
+        others = [threading.Thread(target=start, args=(s,), name=f"poolbridge-start-{s.index}") for s in slots[1:]]
+        for thread in others:
+            thread.start()
+        start(slots[0])
+        for thread in others:
+            thread.join()  # bounded: a start is (a fork reply waits at most _spawn._FORK_WAIT)
+        if failed:
+            raise failed[0]
 
     # -- sending ---------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import logging
 import pickle
 from typing import Any
 
-from ._errors import WorkerCrashedError
+from . import _errors
 from ._paths import resolve_path
 from ._protocol import dumps_any
 
@@ -87,7 +87,7 @@ class Warmup:
                 _resolve(fn)(*initargs)
         except Exception as exc:
             log.exception("slot %d: the worker initializer failed", slot)
-            error = WorkerCrashedError(f"the initializer of worker slot {slot} failed: {exc!r}", slot=slot)
+            error = _errors.WorkerCrashedError(f"the initializer of worker slot {slot} failed: {exc!r}", slot=slot)
             error.__cause__ = exc
             self.error = error
 

@@ -30,7 +30,7 @@ import sys
 import traceback
 from typing import Any
 
-from . import _worker_main  # what the template pre-imports: every module a worker needs
+from . import _cancel, _worker_main  # noqa: F401 - what the template pre-imports: every module a worker needs
 from ._protocol import pack_plain, unpack_plain
 
 MAX_MESSAGE = 1 << 16

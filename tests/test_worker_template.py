@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from typing import Any
 
 import psutil
@@ -14,7 +16,7 @@ import pytest
 from pb_faultmods import gone, sessions_for_slot, wait_until, worker_pids_of
 
 import poolbridge
-from poolbridge import WorkerCrashedError
+from poolbridge import WorkerCrashedError, _spawn
 
 M = "pb_faultmods"
 WAIT = 15.0
@@ -77,3 +79,48 @@ def test_a_killed_template_costs_its_workers_and_a_new_one_takes_over(pool: pool
     new_template = _template_of(pool)
     assert new_template.pid != template.pid
     assert sorted(pool.pids()) == sorted(p for p in worker_pids_of(os.getpid()) if p in pool.pids())
+
+
+def test_slots_started_together_each_hold_their_own_worker(pool_maker: Any) -> None:
+    # A pool's slots ask the template for their workers at once (replies come in request order,
+    # _spawn.Template): each channel must hold the process that owns its pipes.
+    pool = pool_maker(workers=4)
+    for slot in range(4):
+        (sid,) = sessions_for_slot(pool, slot, 1, f"own-{slot}")
+        assert pool.options(session=sid).call("os.getpid") == pool.pids()[slot]
+
+
+def test_a_worker_forked_after_its_requester_gave_up_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_spawn, "_FORK_WAIT", 0.2)
+    template = _spawn.Template()
+    req_r, req_w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    try:
+        os.kill(template.process.pid, signal.SIGSTOP)  # it cannot answer in time
+        options = {"slot": 0, "n_slots": 1, "generation": 0, "parent_pid": os.getpid(), "fds": [req_r, rep_w]}
+        fork = template.request(options, (req_r, rep_w))
+        with pytest.raises(OSError, match="did not fork"):
+            template.wait(fork)
+        os.kill(template.process.pid, signal.SIGCONT)  # it forks now: nobody will use that worker
+        child = wait_until(lambda: fork.child, WAIT, what="the late fork reply")
+        assert child.wait(WAIT) == -signal.SIGKILL
+    finally:
+        os.kill(template.process.pid, signal.SIGCONT)
+        template.close()
+        for fd in (req_r, req_w, rep_r, rep_w):
+            os.close(fd)
+
+
+def test_the_template_imports_nothing_heavy() -> None:
+    # Every module the template imports, each pool pays for before its first worker exists
+    # (_worker_template.py): what only the router or rare paths need stays out.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+
+    def modules(code: str) -> set[str]:
+        out = subprocess.run([sys.executable, "-c", f"{code}import sys; print(*sys.modules)"], env=env,
+                             capture_output=True, text=True, check=True, timeout=60)
+        return set(out.stdout.split())
+
+    imported = modules("import poolbridge._worker_template; ") - modules("")
+    heavy = {"concurrent.futures.process", "multiprocessing.connection", "_hashlib", "hmac", "asyncio", "cloudpickle"}
+    assert not imported & heavy

@@ -141,6 +141,40 @@ class CoalescingWriter:
             raise WorkerCrashedError(f"worker slot {self.slot} (pid {self.pid}) is gone", slot=self.slot, pid=self.pid)
         raise Retired
 
+    def send_many(self, items: list[tuple[int, bytes, Sink]]) -> int:
+        """Queue several small frames (each at most ``PIPE_BUF`` bytes, no segments) in one go —
+        the Port server's loop, once per read of its input — then write what the pipe takes now,
+        never blocking (like a reader). Returns how many of ``items`` (from the first) were queued:
+        0 when the channel cannot take them all now (busy, recycling, dead, the lock held), fewer
+        when one would grow past ``PIPE_BUF`` with returned segment names; the caller sends the
+        rest one by one (a sender writes any size).
+        """
+        pending = self.pending
+        if len(pending) + len(items) > self.max_in_flight or not self._write_lock.acquire(False):
+            return 0
+        queued = 0
+        try:
+            if self.retiring or self.dead or self._broken or self._write_fd < 0:
+                return 0
+            queue, segments = self._queue, self._segments
+            for req_id, data, sink in items:
+                framed = segments.queued(req_id, data)
+                if len(framed) > _ATOMIC:  # it took returned names: a sender must write it
+                    segments.unqueued(req_id, framed)  # (the names go with the next frame)
+                    break
+                pending[req_id] = sink  # under the write lock: a death (drain) comes after, and fails it
+                self._seq += 1
+                if sink.cancellable:
+                    sink.seq = self._seq  # type: ignore[attr-defined]
+                queue.append(framed)
+                self._queued_bytes += len(framed)
+                queued += 1
+        finally:
+            self._write_lock.release()
+        if queued and self._unanswered() < _WINDOW:
+            self._flush_some()  # the rest goes as replies come (the reader writes it) or now
+        return queued
+
     def write_now(self, req_id: int, data: bytes, sink: Sink) -> bool:
         """The fast lane of a blocking call: write ``data`` (one whole frame) at once when nothing
         stands in its way — the write lock free, nothing queued, fewer than ``_WINDOW`` unanswered,

@@ -115,6 +115,19 @@ def _name(req: dict[Any, Any]) -> str:
 
 
 def _call(req: dict[Any, Any], refs: list[PortRef]) -> Translated:
+    fn = req.get("fn")
+    args = req.get("args")
+    kwargs = req.get("kwargs")
+    if (
+        type(fn) is str
+        and fn
+        and type(args) is list
+        and (kwargs is None or (type(kwargs) is dict and not kwargs))
+        and "ret" not in req
+    ):
+        # The common call (a path, positional args, no kwargs, no ret), read in one go.
+        check_value(args, refs)
+        return (OP_CALL, None, [fn, args, {}, RET_AUTO], KIND_VALUE)
     fn, target = _fn(req)
     return (OP_CALL, target, [fn, _args(req, refs), _kwargs(req, refs), _ret(req)], KIND_VALUE)
 

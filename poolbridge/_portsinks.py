@@ -10,16 +10,18 @@ back in the server's held queue instead (``held``), to be re-sent to the slot's 
 from __future__ import annotations
 
 import logging
+import re
 import threading
-import time
+from threading import get_ident
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from ._channel import Sink
 from ._errors import FrameTooLargeError, WorkerCrashedError
-from ._frames import write_frame
+from ._frames import HEADER, write_frame
 from ._portops import KIND_STREAM_NEXT, KIND_STREAM_OPEN, KIND_VALUE
 from ._portwire import error_reply, exc_reply, ok_reply, worker_error_reply
-from ._protocol import OK, pack_plain, reset_plain_packer, unpack_plain
+from ._protocol import OK, pack_plain, reset_plain_packer, unpack_plain, write_all
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -30,15 +32,57 @@ __all__ = ["Output", "PortReply"]
 
 
 _PORT_FRAME_MAX = 0xFFFFFFFF - 1  # the largest length a 4-byte header gives (0xFFFFFFFF: see _frames.py)
+_BATCH_FRAME = 1 << 14  # a reply this big or bigger is written at once, not copied into the batch
+_BATCH_BYTES = 1 << 16  # the loop writes its batch once it holds this much
+# An ok reply, {"id": id, "status": "ok", "value": value}, around its id and value (_portwire.ok_reply).
+_OK_HEAD = b"\x83" + pack_plain("id")
+_OK_MIDDLE = pack_plain("status") + pack_plain("ok") + pack_plain("value")
+_OK_FIXED = len(_OK_HEAD) + len(_OK_MIDDLE)
+# The first byte of every msgpack extension type (ext 8/16/32, fixext 1-16). A value without any
+# of these bytes holds no extension; one with them may still hold none (the byte inside a number
+# or a string): it then takes the decoding path.
+_EXT_BYTE = re.compile(b"[\xc7-\xc9\xd4-\xd8]")
 
 
 class Output:
-    """The protocol output fd, written whole frames at a time under one lock."""
+    """The protocol output fd, written whole frames at a time under one lock.
+
+    The server's loop thread *batches*: a reply it produces while handling one wake-up of its poll
+    is appended to a buffer, and :meth:`flush` (called by the loop before it polls again) writes
+    them all with one ``write`` — one system call and one wake-up of the client per loop turn, not
+    per reply. Other threads (crash, timeout, stats, resize replies) write at once. A frame is
+    whole either way, so frames of different threads never interleave.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.lock = threading.Lock()
         self.broken = False
+        self._batcher: int | None = None  # the loop thread's id while it batches
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+
+    def batch_on(self) -> None:
+        """From now on, replies written by *this* thread wait for :meth:`flush`."""
+        self._batcher = get_ident()
+
+    def batch_off(self) -> None:
+        self.flush()
+        self._batcher = None
+
+    def write_ok(self, req_id: Any, value: bytes) -> None:
+        """Write ``ok_reply(req_id, <value>)`` given the value's msgpack bytes (not decoded)."""
+        id_bytes = pack_plain(req_id)
+        size = _OK_FIXED + len(id_bytes) + len(value)
+        if size < _BATCH_FRAME and self._batcher == get_ident():  # (the loop's usual reply, inline)
+            self._batch += (HEADER.pack(size), _OK_HEAD, id_bytes, _OK_MIDDLE, value)
+            self._batch_bytes += size
+            if self._batch_bytes >= _BATCH_BYTES:
+                self.flush()
+        elif size > _PORT_FRAME_MAX:  # too big: the error reply, through write
+            self.write(ok_reply(req_id, unpack_plain(value)))
+        else:
+            self._send(b"".join((_OK_HEAD, id_bytes, _OK_MIDDLE, value)))
 
     def write(self, reply: dict[str, Any]) -> None:
         try:
@@ -50,14 +94,52 @@ class Output:
         if len(data) > _PORT_FRAME_MAX:  # {packet, 4} cannot say it: the reply is that error instead
             message = f"the reply is {len(data)} bytes; a {{packet, 4}} frame holds at most {_PORT_FRAME_MAX}"
             data = pack_plain(error_reply(reply.get("id"), FrameTooLargeError.code, "FrameTooLargeError", message, ""))
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        """Write the frame of body ``data``: batched on the loop thread, at once elsewhere."""
+        if self._batcher == get_ident() and len(data) < _BATCH_FRAME:
+            self._batch += (HEADER.pack(len(data)), data)
+            self._batch_bytes += len(data)
+            if self._batch_bytes >= _BATCH_BYTES:
+                self.flush()
+            return
         with self.lock:
-            if self.broken:
-                return
-            try:
-                write_frame(self.fd, data)  # a big body is not copied to prepend its header
-            except OSError:
-                # The client is gone; the read loop sees EOF and shuts down.
-                self.broken = True
+            if self._batch and self._batcher == get_ident():
+                self._write(self._take())  # a big reply of the loop: after the ones before it
+            self._write_frame(data)
+
+    def flush(self) -> None:
+        """Write the loop's batched replies (one ``write`` for all of them)."""
+        if self._batch:
+            with self.lock:
+                self._write(self._take())
+
+    def _take(self) -> bytes:
+        batch = self._batch
+        data = b"".join(batch)  # (header and body of each frame)
+        batch.clear()
+        self._batch_bytes = 0
+        return data
+
+    def _write(self, data: bytes) -> None:
+        """Under the lock: write whole frames."""
+        if self.broken:
+            return
+        try:
+            write_all(self.fd, data)
+        except OSError:
+            self.broken = True  # the client is gone; the read loop sees EOF and shuts down
+
+    def _write_frame(self, data: bytes) -> None:
+        """Under the lock: write one frame of body ``data``."""
+        if self.broken:
+            return
+        try:
+            write_frame(self.fd, data)  # a big body is not copied to prepend its header
+        except OSError:
+            # The client is gone; the read loop sees EOF and shuts down.
+            self.broken = True
 
 
 class PortReply(Sink):
@@ -91,8 +173,16 @@ class PortReply(Sink):
 
     def deliver(self, status: int, body: Any) -> None:
         server = self.server
-        self._finish()
-        server._last_reply[self.slot] = (time.monotonic(), self.channel)
+        self.done = True  # (_finish, inline: once per reply)
+        self.data = b""
+        if server._inflight.get(self.req_id) is self:
+            server._inflight.pop(self.req_id, None)
+        server._last_reply[self.slot] = (monotonic(), self.channel)
+        if status == OK and self.kind == KIND_VALUE and type(body) is bytes and not _EXT_BYTE.search(body):
+            # No extension type in the value (no ref, no segment): its msgpack is the wire value
+            # as is — decoding and packing it again would give the same bytes.
+            server.out.write_ok(self.req_id, body)
+            return
         try:
             reply = ok_reply(self.req_id, self._value(body)) if status == OK else worker_error_reply(self.req_id, body)
         except Exception as exc:

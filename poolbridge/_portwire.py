@@ -19,7 +19,7 @@ from . import _shm
 from ._errors import BadRequestError, PoolbridgeError
 from ._protocol import EXT_REF, EXT_SHM, INT_TAG, WireRef, unpack_plain
 
-__all__ = ["INT_TAG", "REF_TAG", "STREAM_TAG", "PortRef", "PortStream", "RequestCancelledError"]
+__all__ = ["INT_TAG", "REF_TAG", "STREAM_TAG", "TAG_MARK", "PortRef", "PortStream", "RequestCancelledError"]
 
 #: A ref on the wire: ``{"__poolbridge_ref__": [session, id, slot, generation, epoch]}``.
 REF_TAG = "__poolbridge_ref__"
@@ -92,12 +92,19 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise BadRequestError(f"msgpack extension type {code} is not accepted; refs travel as {{{REF_TAG!r}: [...]}}")
 
 
+#: Every tag key starts with these bytes: a frame without them holds no ref, stream or big integer.
+TAG_MARK = b"__poolbridge_"
+
+
 def decode_request(frame: bytes | bytearray) -> Any:
     """The one msgpack object of a request frame. Bytes after it are a ``bad_request``."""
     try:
-        return msgpack.unpackb(
-            frame, raw=False, strict_map_key=False, object_hook=_object_hook, ext_hook=_reject_ext, use_list=True
-        )
+        if TAG_MARK in frame:
+            return msgpack.unpackb(
+                frame, raw=False, strict_map_key=False, object_hook=_object_hook, ext_hook=_reject_ext, use_list=True
+            )
+        # No tag can be in it (a str is its UTF-8 bytes): no hook to call for each map.
+        return msgpack.unpackb(frame, raw=False, strict_map_key=False, ext_hook=_reject_ext, use_list=True)
     except BadRequestError:
         raise
     except msgpack.ExtraData as exc:

@@ -6,30 +6,33 @@ speaks the public, map-based Port protocol (docs/protocol.md) to an Elixir (or a
     client ──{packet,4} msgpack map──▶ ┌ the loop thread: poll(port in, wake pipe, reply fds) ┐
                                        │  port in  → handle_frame: decode, validate, resolve  │
                                        │    the session once, check every ref, translate      │
-                                       │    (_portops) → router.send(slot, lead=True) ────────┼─▶ worker[slot]
-    client ◀── reply map ◀──  Output ◀─┤  reply fd → channel.try_read → PortReply.deliver ◀───┼── worker[slot]
-      (completion order)               └──────────────────────────────────────────────────────┘
+                                       │    (_portops) → outbox → per slot, one send_many ────┼─▶ worker[slot]
+    client ◀── reply maps ◀─ Output ◀──┤  reply fd → channel.try_read → PortReply.deliver ◀───┼── worker[slot]
+      (completion order,               │    (an ok value is spliced in as the worker sent it) │
+       one write per loop turn)        └──────────────────────────────────────────────────────┘
 
 One thread does the common-case I/O: it polls the protocol input and the reply pipes of the
-channels it sent to, so a tiny call costs no thread hand-off on either side. Requests are sent with
-``lead=True`` (the channel's background reader stays parked); a reply fd is read by taking the
-channel's read lock *without blocking*: if someone else holds it (the background reader woken for
-a request sent off this thread, the monitor draining a dead worker), that reader reads everything
-pending, so the loop stops polling the fd until it next sends there. Requests for a slot that is
-restarting are *held* and sent off the loop, in arrival order (later ones for that slot queue
-behind them), with ``lead=False``: the new channel's background reader reads their replies. A
-request a dead worker never started is held again and re-sent to the new generation. On the Ray
-backend channels have no reply fd: their delivery threads deliver every reply.
+channels it sent to, so a tiny call costs no thread hand-off on either side. Work is batched per
+wake-up of the loop, never held past it: the plain requests of one read go to each slot together
+(_portsend.py), and the replies the loop produces in one turn go out in one write before it polls
+again. Requests are sent with ``lead=True`` (the channel's background reader stays parked); a
+reply fd is read by taking the channel's read lock *without blocking*: if someone else holds it
+(the background reader woken for a request sent off this thread, the monitor draining a dead
+worker), that reader reads everything pending, so the loop stops polling the fd until it next
+sends there. Requests for a slot that is restarting are *held* and sent off the loop, in arrival
+order (later ones for that slot queue behind them), with ``lead=False``: the new channel's
+background reader reads their replies. A request a dead worker never started is held again and
+re-sent to the new generation. On the Ray backend channels have no reply fd: their delivery
+threads deliver every reply.
 
 ``ping``, ``stats``, ``slot_for`` and ``cancel`` are answered from the router's own state; every
 other op is translated by _portops.py and run by the session's worker, which enforces the
-allow-list (_allow.py). Replies are written under one output lock (crash, timeout and stats
-replies come from other threads). Nothing the client sends is ever unpickled.
+allow-list (_allow.py). Replies are written whole under one output lock (crash, timeout and stats
+replies come from other threads, at once). Nothing the client sends is ever unpickled.
 """
 
 from __future__ import annotations
 
-import bisect
 import concurrent.futures
 import itertools
 import logging
@@ -43,7 +46,6 @@ from typing import Any
 
 from ._errors import (
     BadRequestError,
-    CallTimeoutError,
     PoolbridgeError,
     PoolClosedError,
     SessionLostError,
@@ -52,10 +54,12 @@ from ._errors import (
 from ._pool import Pool
 from ._portops import WORKER_OPS
 from ._portresize import move_key, run_resize
+from ._portsend import PortSender
 from ._portsinks import Output, PortReply
 from ._portwire import (
     REF_TAG,
     STREAM_TAG,
+    TAG_MARK,
     PortRef,
     RequestCancelledError,
     ValueDecoder,
@@ -71,6 +75,8 @@ from ._protocol import (
     MAX_FRAME_DEFAULT,
     FrameReader,
     OversizedFrame,
+    pack_request,
+    pack_value,
 )
 from ._session import resolve_session, validate_session_id
 from ._supervisor import DEFAULT_MAX_IN_FLIGHT
@@ -83,9 +89,11 @@ __all__ = ["PROTOCOL_VERSION", "REF_TAG", "STREAM_TAG", "Server"]
 PROTOCOL_VERSION = 2
 
 _POLLIN = select.POLLIN
+#: Request bodies up to this size are sent in batches (a reader may write them: see _coalesce.py).
+_BATCHABLE = select.PIPE_BUF - 16
 
 
-class Server:
+class Server(PortSender):
     """Serve one Port client on ``(in_fd, out_fd)`` with a pool of ``workers`` processes."""
 
     def __init__(
@@ -122,6 +130,9 @@ class Server:
             _allow_modules=tuple(allow_modules),
         )
         self.router = self.pool._supervisor
+        # A request frame shorter than the shared-memory threshold holds no value to lift (_shm.py).
+        shm = self.pool._shm
+        self._lift_at = shm.threshold if shm is not None else float("inf")
         self._side_threads: list[threading.Thread] = []
         self._arrivals = itertools.count()
         # client id -> its request while in flight (for ``cancel``; ids are the client's to keep unique)
@@ -141,6 +152,7 @@ class Server:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)  # written from a signal handler: must never block
         self._stopping = False
+        self._outbox: list[PortReply] | None = None  # the loop's requests not sent yet (while it runs)
         self.serving = False  # the loop runs: SIGTERM now means stop(), not an exception
         # The Port ops the server answers itself (the wire's table, _wire.PORT_SERVER_OPS): _op_<name>.
         self._local_ops: dict[str, Callable[[dict[Any, Any], Any], None]] = {
@@ -174,6 +186,10 @@ class Server:
             reader = FrameReader(self.max_frame)
             handle = self.handle_frame
             read_channel = self._read_channel
+            out = self.out
+            out.batch_on()  # replies made on this thread go out once per turn (out.flush below)
+            if self.pool.backend == "process":
+                self._outbox = []  # requests read together are sent together (_send_outbox)
             self.serving = True
             while not self._stopping:
                 for fd, _events in poller.poll():
@@ -186,7 +202,8 @@ class Server:
                             return
                         for frame in frames:
                             handle(frame)
-                        if self.out.broken:
+                        self._send_outbox()
+                        if out.broken:
                             return
                     elif fd == wake_r:
                         try:
@@ -195,9 +212,13 @@ class Server:
                             pass
                     else:
                         read_channel(fd)
+                out.flush()
             log.info("SIGTERM: shutting down")
         finally:
             self.serving = False
+            self._send_outbox()
+            self._outbox = None
+            self.out.batch_off()
 
     def stop(self) -> None:
         """Make :meth:`run` return soon. Safe from a signal handler (and from any thread)."""
@@ -262,8 +283,9 @@ class Server:
                 raise
             if type(req) is not dict:
                 raise BadRequestError(f"a request must be a map, got {type(req).__name__}")
-            req_id = valid_id(req.get("id"))
-            if req_id is None:
+            req_id = req.get("id")
+            if type(req_id) is not int and type(req_id) is not str:  # valid_id, inline (per request)
+                req_id = None
                 raise BadRequestError("a request needs an 'id' (integer or string)")
             op = req.get("op")
             translate = WORKER_OPS.get(op) if type(op) is str else None
@@ -271,27 +293,45 @@ class Server:
                 local = self._local_ops.get(op) if type(op) is str else None
                 if local is None:
                     raise BadRequestError(f"unknown op {op!r:.40}")
+                self._send_outbox()  # (a cancel finds the requests before it sent)
                 local(req, req_id)
                 return
             refs: list[PortRef] = []
             wop, target, fields, kind = translate(req, refs)
-            session = self._session(req, target, op)
+            session = req.get("session")
+            if target is not None or type(session) is not str or not 0 < len(session) <= 64:
+                session = self._session(req, target, op)  # (the common case inline: a valid id, no ref)
             slot = self.router.slot_for(session)
             if target is not None:
                 self._check_ref(target, session, slot)
             for ref in refs:
                 self._check_ref(ref, session, slot)
-            timeout, restart = timeout_of(req)
-            # Big binaries and strings go to the worker through shared memory (_shm.py).
-            rid, data = self.pool._encode_request(wop, session, fields)
+            if "timeout" in req or "on_timeout" in req:
+                timeout, restart = timeout_of(req)
+            else:
+                timeout = None
+            plain = len(frame) < self._lift_at and TAG_MARK not in frame
+            if plain:
+                # No ref to pack as an extension, no value big enough for shared memory: the
+                # request body is the fields as plain msgpack (what _encode_request would make).
+                rid = self.router.next_id()
+                data = pack_request(rid, wop, session, pack_value(fields), [])
+            else:
+                # Big binaries and strings go to the worker through shared memory (_shm.py).
+                rid, data = self.pool._encode_request(wop, session, fields)
             reply = PortReply(self, req_id, kind, slot, rid, data)
             if timeout is not None:
                 reply.deadline = time.monotonic() + timeout
                 reply.restart = restart
             self._inflight[req_id] = reply
-            if self.router.route_epoch and (key := move_key(self.router, self._held, slot, session)) is not None:
-                self._hold(key, reply)  # its session is moving in a resize (_portresize.py)
+            if plain and self._outbox is not None and not self.router.route_epoch and len(data) <= _BATCHABLE:
+                self._outbox.append(reply)  # sent with the others of this read (_send_outbox)
                 return
+            self._send_outbox()  # the requests before it first: a slot gets them in arrival order
+            if self.router.route_epoch:
+                if (key := move_key(self.router, self._held, slot, session)) is not None:
+                    self._hold(key, reply)  # its session is moving in a resize (_portresize.py)
+                    return
             self._dispatch(slot, reply)
         except Exception as exc:
             if not isinstance(exc, PoolbridgeError):
@@ -338,91 +378,6 @@ class Server:
                 f"ref {ref.ref_id} of session {ref.session_id!r} outlived its worker: slot {slot} is now "
                 f"generation {generation}; the session's objects are gone"
             )
-
-    # -- sending -----------------------------------------------------------------------------
-
-    def _dispatch(self, slot: int, reply: PortReply) -> None:
-        """Send one worker request from the loop; its reply is read by the loop.
-
-        Requests reach a slot in the order they arrived: while any wait for the slot (it is
-        restarting, or was busy), later ones queue behind them instead of overtaking.
-        """
-        router = self.router
-        # A slot is added to _held by this thread, or by the monitor re-holding a dead worker's
-        # unstarted requests — only while that channel is dead, when ready() is False anyway.
-        if slot not in self._held and router.ready(slot):
-            # block=False: the loop never waits on one busy slot (that would stall every other
-            # slot's requests behind it); past max_in_flight the request gets `busy` instead.
-            # deadline=now: if the worker died since ready(), do not wait for its restart here.
-            lead = self.pool.backend == "process"  # lead=True: the loop reads the reply
-            try:
-                ch = router.send(slot, reply.rid, reply.data, reply, lead=lead, block=False, deadline=time.monotonic())
-            except CallTimeoutError:
-                pass  # nothing was sent: hold it below, like any request for a restarting slot
-            except BaseException as exc:  # busy, closed, or the worker was found gone
-                reply.fail(exc, sent=False)
-                return
-            else:
-                self._sent(reply, ch)
-                if lead and self._watched.get(ch.read_fd) is not ch:
-                    self._watch(ch)  # a new channel (restart), or one another reader had taken over
-                return
-        self._hold(slot, reply)
-
-    def _sent(self, reply: PortReply, ch: Any) -> None:
-        reply.channel = ch
-        if reply.deadline is not None:
-            self.pool._deadlines.add(reply.deadline, ch, reply.rid, reply, reply.slot,
-                                     f"request {reply.req_id!r} did not finish within its timeout", reply.restart)
-
-    def _hold(self, slot: int, reply: PortReply) -> None:
-        """Queue ``reply`` for ``slot`` (in arrival order); a restart-wait thread sends the queue."""
-        with self._held_lock:
-            reply.held = True
-            held = self._held.get(slot)
-            if held is not None:
-                bisect.insort(held, reply, key=lambda r: r.order)
-                return
-            self._held[slot] = [reply]
-        try:
-            self._restart_waits.submit(self._send_held, slot)
-        except RuntimeError:  # shutting down: close() answers what is held
-            pass
-
-    def _send_held(self, key: int) -> None:
-        """Send a slot's held requests in arrival order, then let the loop send directly again.
-        ``key``: the slot, or ``-1 - slot`` for requests of sessions moving to it (_portresize.py)."""
-        router = self.router
-        slot = key if key >= 0 else -1 - key
-        while True:
-            with self._held_lock:
-                held = self._held.get(key)
-                if not held:
-                    self._held.pop(key, None)
-                    return
-                head = held[0]
-            failed: BaseException | None = None
-            try:
-                # Wait (bounded) for the slot before taking the head: a dead worker's unstarted
-                # requests are re-held (in order, ahead of later ones) before its restart ends.
-                if key >= 0:  # (a moving session's request waits for its move in send)
-                    router.channel(slot, head.deadline)
-            except BaseException as exc:  # its timeout ran out, the pool closed, the slot did not come back
-                failed = exc
-            with self._held_lock:
-                held = self._held.get(key)
-                if not held or held[0] is not head:
-                    continue  # cancelled meanwhile, or an older one was re-held ahead of it
-                held.pop(0)
-                head.held = False
-            if failed is not None:
-                head.fail(failed, sent=False, retry=False)
-                continue
-            try:
-                # lead=False: this thread does not read; the channel's background reader does.
-                self._sent(head, router.send(slot, head.rid, head.data, head, block=False, deadline=head.deadline))
-            except BaseException as exc:
-                head.fail(exc, sent=False)
 
     # -- ops the server answers itself ---------------------------------------------------------
 

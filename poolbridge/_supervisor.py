@@ -212,6 +212,24 @@ class Supervisor:
         finally:
             self.senders.pop(tid, None)
 
+    def send_many(self, slot: int, items: list[tuple[int, bytes, Sink]]) -> tuple[Any, int]:
+        """Queue several small request frames (framed, at most ``PIPE_BUF`` bytes each, no
+        segments) for ``slot`` at once; their replies are read by the caller (``lead``). Returns
+        the channel and how many (from the first) were queued — ``(None, 0)`` when anything is not
+        plain (a resize has happened, a bound, the slot is not serving or cannot take them all
+        now): the caller sends the rest one by one."""
+        tid = get_ident()
+        self.senders[tid] = self.route_epoch
+        try:
+            if self.closing or self.route_epoch or self.max_frame is not None:
+                return None, 0
+            ch = self._slots[slot].channel
+            if not _serving(ch):
+                return None, 0
+            return ch, ch.send_many(items)
+        finally:
+            self.senders.pop(tid, None)
+
     def send_now(self, slot: int, req_id: int, body: bytes, sink: Sink) -> Any:
         """The fast lane of a blocking call without a timeout: the channel it was written to, or
         None when it could not be written at once (nothing sent: use :meth:`send`). Only the

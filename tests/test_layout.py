@@ -23,7 +23,7 @@ CHILD_SIDE = (
 PARENT_SIDE = frozenset({
     "_pool", "_aio", "_api", "_calls", "_handles", "_mapping", "_mapengine", "_executor",
     "_supervisor", "_pipes", "_channel", "_monitor", "_spawn", "_shm_channel",
-    "_server", "_portops", "_portsinks", "_portwire", "_portproc", "backends.ray", "backends._ray_runtime",
+    "_server", "_portops", "_portsend", "_portsinks", "_portwire", "_portproc", "backends.ray", "backends._ray_runtime",
 })
 
 

@@ -63,6 +63,24 @@ defmodule PoolBridge.CodecTest do
     assert Codec.peek_id(Codec.encode(%{"status" => "ok"})) == :error
   end
 
+  test "ok_value reads an ok reply's value without the reply map; anything else is :error" do
+    for id <- [1, 300, 70_000, 5_000_000_000],
+        value <- [3, "x", [1, %{"a" => nil}], 1.5, nil, %{"__poolbridge_ref__" => ["s", 1, 0, 0, "e"]}] do
+      frame =
+        <<0x83, 0xA2, "id">> <>
+          Codec.encode(id) <> <<0xA6, "status", 0xA2, "ok", 0xA5, "value">> <> Codec.encode(value)
+
+      {:ok, reply} = Codec.decode(frame, "e")
+      assert Codec.ok_value(frame, "e") == {:ok, reply["value"]}
+    end
+
+    error = Codec.encode(%{"id" => 1, "status" => "error", "error" => %{"code" => "x"}})
+    assert Codec.ok_value(error, nil) == :error
+
+    assert Codec.ok_value(<<0x83, 0xA2, "id", 1, 0xA6, "status", 0xA2, "ok", 0xA5, "value", 0xC1>>, nil) ==
+             :error
+  end
+
   test "refs: encoded with their epoch, checked against the request's session and epoch" do
     ref = %Ref{session: "a", id: 7, slot: 1, generation: 0, epoch: "e1"}
     ok = %{session: "a", epoch: "e1", protocol: 2}

@@ -162,6 +162,13 @@ defmodule PoolBridge.Client do
   end
 
   defp decode(frame, conn) do
+    case Codec.ok_value(frame, conn.epoch) do
+      {:ok, _} = ok -> ok
+      :error -> decode_reply(frame, conn)
+    end
+  end
+
+  defp decode_reply(frame, conn) do
     case Codec.decode(frame, conn.epoch) do
       {:ok, %{"status" => "ok"} = reply} -> {:ok, Map.get(reply, "value")}
       {:ok, %{"status" => "error", "error" => error}} when is_map(error) -> {:error, Error.from_wire(error)}

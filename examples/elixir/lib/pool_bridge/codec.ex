@@ -51,8 +51,10 @@ defmodule PoolBridge.Codec do
     [map_header(length(fields) + 1), <<0xA2, "id">>, enc(id, ctx) | pairs(fields, ctx)]
   end
 
+  # The field names are the package's own ASCII literals ("op", "session", ...): written as str
+  # without the UTF-8 check a value gets.
   defp pairs([], _ctx), do: []
-  defp pairs([{k, v} | rest], ctx), do: [enc(k, ctx), enc(v, ctx) | pairs(rest, ctx)]
+  defp pairs([{k, v} | rest], ctx), do: [str_header(byte_size(k)), k, enc(v, ctx) | pairs(rest, ctx)]
 
   @doc "Encode any term (with no session to check refs against: refs are refused)."
   @spec encode(term()) :: binary()
@@ -206,6 +208,34 @@ defmodule PoolBridge.Codec do
   after
     Process.delete(:pool_bridge_epoch)
   end
+
+  @doc """
+  The value of an ok reply, `{"id": _, "status": "ok", "value": value}` as the server writes it
+  (in that order), decoded without building the reply map: `{:ok, value}`, or `:error` for any
+  other frame (an error reply, another layout), which `decode/2` then reads in full.
+  """
+  @spec ok_value(binary(), String.t() | nil) :: {:ok, term()} | :error
+  def ok_value(<<0x83, 0xA2, "id", rest::binary>>, default_epoch) do
+    case skip_id(rest) do
+      <<0xA6, "status", 0xA2, "ok", 0xA5, "value", value::binary>> ->
+        case decode(value, default_epoch) do
+          {:ok, _} = ok -> ok
+          {:error, _} -> :error
+        end
+
+      _ ->
+        :error
+    end
+  end
+
+  def ok_value(_frame, _default_epoch), do: :error
+
+  defp skip_id(<<i, r::binary>>) when i < 0x80, do: r
+  defp skip_id(<<0xCC, _, r::binary>>), do: r
+  defp skip_id(<<0xCD, _::16, r::binary>>), do: r
+  defp skip_id(<<0xCE, _::32, r::binary>>), do: r
+  defp skip_id(<<0xCF, _::64, r::binary>>), do: r
+  defp skip_id(_), do: :error
 
   @doc """
   The `id` of a reply frame without decoding the rest (the server writes `id` first); `:error` if

@@ -240,11 +240,15 @@ class Supervisor:
         write_now = getattr(ch, "write_now", None)  # process channels (Ray's have no pipe to write)
         if write_now is None:
             return None
+        data = HEADER.pack(len(body)) + body  # (a frame write_now takes is far below 4 GiB)
         tid = get_ident()
         self.senders[tid] = 0  # as in send(): a resize beginning now waits for this frame
         try:
-            if self.route_epoch or not write_now(req_id, HEADER.pack(len(body)) + body, sink):  # (< 4 GiB)
+            if self.route_epoch or not write_now(req_id, data, sink):
                 return None
+        except BaseException:
+            release_unsent(data, self.lifter)  # the worker died first: nobody else frees its segments
+            raise
         finally:
             self.senders.pop(tid, None)
         return ch

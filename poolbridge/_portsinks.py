@@ -150,8 +150,8 @@ class PortReply(Sink):
     number: held requests are sent in that order.
     """
 
-    __slots__ = ("channel", "data", "deadline", "done", "held", "kind", "order", "req_id", "restart", "retried",
-                 "rid", "seq", "server", "slot")
+    __slots__ = ("channel", "data", "deadline", "done", "held", "keep_segments", "kind", "order", "req_id", "restart",
+                 "retried", "rid", "seq", "server", "slot")
     cancellable = True  # the channel numbers it (seq), so ``cancel`` and timeouts can reach the worker
     cancel_on_timeout = True  # a request timed out before it started never runs
 
@@ -170,6 +170,7 @@ class PortReply(Sink):
         self.done = False  # answered (or answering): nothing more is written for it
         self.held = False  # in the server's held queue of its slot
         self.retried = False  # a dead worker never started it: sent again, with the segments its frame names
+        self.keep_segments = False  # a failed send leaves its segments alone: the server decides
 
     def deliver(self, status: int, body: Any) -> None:
         server = self.server
@@ -222,6 +223,10 @@ class PortReply(Sink):
 
     def _ran(self) -> bool:
         """May the dead worker have started this request? (True when it cannot be known.)"""
+        if self.seq == 0 and self.server.pool.backend == "process":
+            # A process channel numbers a request as it queues it: a crash that found it in the
+            # pending table before that (its send was under way) found it unsent.
+            return False
         ch = self.channel
         reached = getattr(ch, "reached", None)
         return self.seq == 0 or reached is None or bool(reached(self.seq))

@@ -279,7 +279,7 @@ class Supervisor:
             # worker never started, which the Port server sends again (``retried``): its frame, and
             # the segments it names, go with it. (The monitor may have failed and re-held it while
             # this send was finding the worker gone.)
-            if not getattr(sink, "retried", False):
+            if not getattr(sink, "retried", False) and not getattr(sink, "keep_segments", False):
                 release_unsent(data, self.lifter)
             raise
         if not lead:
@@ -308,6 +308,8 @@ class Supervisor:
                 req_id, sink = ch.pending.popitem()
             except KeyError:  # raced with a sender taking its own entry back
                 break
+            if getattr(sink, "channel", True) is None:
+                sink.channel = ch  # a Port request whose send is still under way: it was this one's
             sink.fail(exc)
             if segments is not None and getattr(sink, "held", False):
                 segments.kept(req_id)  # to be sent again: its segments go with it

@@ -24,7 +24,6 @@ from typing import Any
 from ._errors import CallTimeoutError
 from ._portsinks import PortReply
 from ._protocol import encode_frame
-from ._shm_channel import release_unsent
 
 log = logging.getLogger("poolbridge.server")
 
@@ -59,23 +58,14 @@ class PortSender:
             # slot's requests behind it); past max_in_flight the request gets `busy` instead.
             # deadline=now: if the worker died since ready(), do not wait for its restart here.
             lead = self.pool.backend == "process"  # lead=True: the loop reads the reply
-            data = reply.data
-            # A send that finds the slot restarting does not free the segments the frame names:
-            # the request is held (below) and sent again with them.
-            reply.keep_segments = True
             try:
-                ch = router.send(slot, reply.rid, data, reply, lead=lead, block=False, deadline=time.monotonic())
+                ch = router.send(slot, reply.rid, reply.data, reply, lead=lead, block=False, deadline=time.monotonic())
             except CallTimeoutError:
-                reply.keep_segments = False
-                # nothing was sent: hold it below, like any request for a restarting slot
+                pass  # nothing was sent: hold it below, like any request for a restarting slot
             except BaseException as exc:  # busy, closed, or the worker was found gone
-                reply.keep_segments = False
                 reply.fail(exc, sent=False)
-                if reply.done and not reply.retried:  # answered, never sent: its segments go now
-                    release_unsent(encode_frame(data), router.lifter)
                 return
             else:
-                reply.keep_segments = False
                 self._sent(reply, ch)
                 if lead and self._watched.get(ch.read_fd) is not ch:
                     self._watch(ch)  # a new channel (restart), or one another reader had taken over

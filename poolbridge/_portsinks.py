@@ -21,7 +21,8 @@ from ._errors import FrameTooLargeError, WorkerCrashedError
 from ._frames import HEADER, write_frame
 from ._portops import KIND_STREAM_NEXT, KIND_STREAM_OPEN, KIND_VALUE
 from ._portwire import error_reply, exc_reply, ok_reply, worker_error_reply
-from ._protocol import OK, pack_plain, reset_plain_packer, unpack_plain, write_all
+from ._protocol import OK, encode_frame, pack_plain, reset_plain_packer, unpack_plain, write_all
+from ._shm_channel import release_unsent
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -150,10 +151,13 @@ class PortReply(Sink):
     number: held requests are sent in that order.
     """
 
-    __slots__ = ("channel", "data", "deadline", "done", "held", "keep_segments", "kind", "order", "req_id", "restart",
-                 "retried", "rid", "seq", "server", "slot")
+    __slots__ = ("channel", "data", "deadline", "done", "held", "kind", "order", "req_id", "restart", "rid", "seq",
+                 "server", "slot")
     cancellable = True  # the channel numbers it (seq), so ``cancel`` and timeouts can reach the worker
     cancel_on_timeout = True  # a request timed out before it started never runs
+    # A send that fails leaves the segments the frame names to us (Supervisor._send): the request
+    # may be held and sent again with them; fail(sent=False) frees them once it is answered unsent.
+    owns_segments = True
 
     def __init__(self, server: Server, req_id: Any, kind: int, slot: int, rid: int, data: bytes) -> None:
         self.server = server
@@ -169,8 +173,6 @@ class PortReply(Sink):
         self.restart = False
         self.done = False  # answered (or answering): nothing more is written for it
         self.held = False  # in the server's held queue of its slot
-        self.retried = False  # a dead worker never started it: sent again, with the segments its frame names
-        self.keep_segments = False  # a failed send leaves its segments alone: the server decides
 
     def deliver(self, status: int, body: Any) -> None:
         server = self.server
@@ -214,11 +216,13 @@ class PortReply(Sink):
         if isinstance(exc, WorkerCrashedError):
             ran = sent and self._ran()
             if not ran and retry and not server.pool.closed:
-                self.retried = True
                 server._hold(self.slot, self)  # no worker started it: the slot's next worker runs it
                 return
             reply["error"]["ran"] = ran
+        frame = self.data
         self._finish()
+        if not sent:  # it reached no worker: nobody else frees the segments its frame names
+            release_unsent(encode_frame(frame), server.router.lifter)
         server.out.write(reply)
 
     def _ran(self) -> bool:

@@ -275,11 +275,10 @@ class Supervisor:
                 except Retired:
                     continue  # the slot is being recycled: channel() waits for its next generation
         except BaseException:
-            # Never sent: nobody else will free its segments — unless the request is one a dead
-            # worker never started, which the Port server sends again (``retried``): its frame, and
-            # the segments it names, go with it. (The monitor may have failed and re-held it while
-            # this send was finding the worker gone.)
-            if not getattr(sink, "retried", False) and not getattr(sink, "keep_segments", False):
+            # Never sent: nobody else will free its segments — unless the sink owns them (the Port
+            # server's requests: one may be held and sent again with its frame, e.g. when the
+            # slot was restarting or the monitor re-held it meanwhile; it frees them if answered).
+            if not getattr(sink, "owns_segments", False):
                 release_unsent(data, self.lifter)
             raise
         if not lead:

@@ -65,7 +65,7 @@ from ._errors import (
 )
 from ._handles import Ref
 from ._hashing import slot_for
-from ._protocol import OK, OP_STREAM_OPEN, WireRef, pack_simple, pack_value, unpack_plain
+from ._protocol import OK, OP_STREAM_OPEN, WireRef, pack_value, unpack_plain
 from ._session import resolve_session
 from ._wire import encode_request as wire_request
 from ._wire import rebuild_error
@@ -409,22 +409,12 @@ def encode_request(
     """``(req_id, frame body)`` of a request, its big buffers in segments; raises
     :class:`ValueTooLargeError` past ``max_value_bytes`` before anything is sent."""
     shm = pool._shm
-    limit = pool.max_value_bytes
-    simple = None
-    if shm is not None and not zero_copy and not shm.near_top(fields):
-        # The usual request: small plain data, so no segment can be made for it.
-        simple = pack_simple(fields)
-        if simple is not None and len(simple) < shm.threshold and (limit is None or len(simple) <= limit):
-            req_id = pool._supervisor.next_id()
-            return req_id, wire_request(req_id, op, session_id, simple, _NO_SEGMENTS)
     if shm is None:
         body = pack_value(fields, session_id, owner)
-        names: list[str] = []
+        names: list[str] = _NO_SEGMENTS
         size = 0
     else:
-        if simple is not None:  # big plain data: is there a big buffer deeper inside?
-            body = pack_value(fields, session_id, owner, shm, simple)
-        elif zero_copy:
+        if zero_copy:
             shm.zero_copy(True)
             try:
                 body = pack_value(fields, session_id, owner, shm)
@@ -433,6 +423,7 @@ def encode_request(
         else:
             body = pack_value(fields, session_id, owner, shm)
         names, size = shm.take()
+    limit = pool.max_value_bytes
     if limit is not None and len(body) + size > limit:
         for name in names:
             shm.recycle(name)  # type: ignore[union-attr]

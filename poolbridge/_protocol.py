@@ -240,19 +240,17 @@ _encoding = _EncoderState()
 default_lifter: list[Lifter | None] = [None]
 
 
-def pack_value(
-    obj: Any, session: str | None = None, owner: object = None, shm: Lifter | None = None, packed: bytes | None = None
-) -> bytes:
+def pack_value(obj: Any, session: str | None = None, owner: object = None, shm: Lifter | None = None) -> bytes:
     """Encode ``obj`` for the embedded channel; ref arguments must belong to ``session`` (and to
     the pool ``owner``, when given). Big buffers go to segments of ``shm`` (default: this worker's
-    lifter); their names collect in its batch (``shm.take()``). ``packed``: ``pack_simple(obj)``,
-    already made (``near_top`` found nothing)."""
+    lifter); their names collect in its batch (``shm.take()``)."""
     if shm is None:
         shm = default_lifter[0]
         if shm is None:
-            return packed if packed is not None else _pack_value(obj, session, owner, None)
-    big_near_top = packed is None and shm.near_top(obj)
-    if packed is None and not big_near_top:
+            return _pack_value(obj, session, owner, None)
+    big_near_top = shm.near_top(obj)
+    packed = None
+    if not big_near_top:
         packed = pack_simple(obj)  # plain data makes no segment: the usual small value ends here
         if packed is not None and len(packed) < shm.threshold:
             return packed
@@ -260,8 +258,8 @@ def pack_value(
     try:
         if big_near_top:  # the usual way to pass or return a big buffer: lift it at once
             return _pack_value(shm.lift(obj), session, owner, shm)
-        if packed is None:
-            packed = _pack_value(obj, session, owner, shm)  # pickle-5 buffers are lifted meanwhile
+        if packed is None:  # (not plain: pack_simple was tried above)
+            packed = _pack_context(obj, session, owner, shm)  # pickle-5 buffers are lifted meanwhile
         if len(packed) < shm.threshold:
             return packed  # no buffer of the threshold's size can hide in fewer bytes
         lifted_from = shm.mark()
@@ -279,7 +277,7 @@ def pack_value(
 
 def pack_simple(obj: Any) -> bytes | None:
     """``obj`` packed if it is plain msgpack data (no tuple, ref, pickle: nothing that needs the
-    session, the pool or a segment); None otherwise. The hot path's first try."""
+    session, the pool or a segment); None otherwise. Tried first: it needs no context."""
     state = _encoding
     try:
         return state.fast.pack(obj)  # type: ignore[no-any-return]
@@ -292,14 +290,14 @@ def pack_simple(obj: Any) -> bytes | None:
 
 
 def _pack_value(obj: Any, session: str | None, owner: object, shm: Lifter | None) -> bytes:
+    packed = pack_simple(obj)
+    return packed if packed is not None else _pack_context(obj, session, owner, shm)
+
+
+def _pack_context(obj: Any, session: str | None, owner: object, shm: Lifter | None) -> bytes:
+    """``obj`` packed with its extension types: tuples, refs (checked against ``session`` and
+    ``owner``), pickles (their big buffers in ``shm``)."""
     state = _encoding
-    try:
-        return state.fast.pack(obj)  # type: ignore[no-any-return]
-    except _NeedsContext:
-        state.fast.reset()  # the buffer holds the part packed before the stop
-    except BaseException:
-        state.fast = _value_packer(_needs_context)
-        raise
     state.session = session
     state.owner = owner
     state.shm = shm

@@ -55,8 +55,7 @@ class _CallFuture(asyncio.Future[Any]):
         target, self._target = self._target, None
         if target is not None:
             face, sink, channel, req_id, op = target
-            if not channel.try_cancel(req_id, sink.seq):
-                channel.pending.abandon(req_id, Late(face._api._late(op, sink.decode)))
+            face._cancelled(sink, channel, req_id, op)
         return True
 
 
@@ -261,14 +260,19 @@ class AsyncFace(AsyncMappingMixin):
     def _sent(self, sink: _LoopSink, channel: Any, req_id: int, slot: int, op: str) -> None:
         future = sink.future
         if future.cancelled():  # cancelled while a thread was sending it
-            if not channel.try_cancel(req_id, sink.seq):
-                channel.pending.abandon(req_id, Late(self._api._late(op, sink.decode)))
+            self._cancelled(sink, channel, req_id, op)
             return
         future._target = (self, sink, channel, req_id, op)
         timeout = self._api._opts.timeout
         if timeout is not None and not sink.future.done():
             handle = sink.future.get_loop().call_later(timeout, self._expire, sink, channel, req_id, slot, op)
             sink.future.add_done_callback(lambda _: handle.cancel())
+
+    def _cancelled(self, sink: _LoopSink, channel: Any, req_id: int, op: str) -> None:
+        """A sent request's await was cancelled: the worker never runs it if it has not started
+        it; if it has, its reply is late (dropped)."""
+        if not channel.try_cancel(req_id, sink.seq):
+            channel.pending.abandon(req_id, Late(self._api._late(op, sink.decode)))
 
     def _expire(self, sink: _LoopSink, channel: Any, req_id: int, slot: int, op: str) -> None:
         if not give_up(self._api, channel, req_id, slot, op, sink.decode):

@@ -241,24 +241,13 @@ class ProcessChannel(CoalescingWriter):
         if not lock.acquire(False):
             return False
         try:
-            read_from = self._frames.read_from
-            while waiter.status is None:
-                if self.dead:
-                    return False
-                frames = read_from(self._read_fd)
-                if frames:
-                    self._deliver(frames)
-                elif frames is None:
-                    self.eof = True
-                    self.kill()  # as in _read_once
-                    return False
-                if self._queue:
-                    self._flush_some()
+            while waiter.status is None and not self.dead and self._read_once(None):
+                pass
         finally:
             lock.release()
             if self.pending or self._segments.outbound:
                 self._need_reader.set()
-        return True
+        return waiter.status is not None
 
     def await_reply(self, req_id: int, waiter: Any, timeout: float | None) -> bool:
         """Block until ``waiter`` has its reply; lead the reading when nobody else is. False on timeout."""

@@ -48,7 +48,7 @@ import math
 import operator
 import pickle
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._protocol import OP_CALL, RET_VALUE, WireRef, dumps_builtins, pack_plain
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from ._api import _Api
     from ._pool import Pool
 
-__all__ = ["Chunk", "MapRun", "cancel_runs", "length_of"]
+__all__ = ["Chunk", "MapRun", "cancel_runs", "length_of", "source"]
 
 #: What a chunk calls in its worker (child side, _mapwork.py): by dotted path, so the parent never
 #: imports worker code.
@@ -115,6 +115,35 @@ class Chunk:
         self.future: concurrent.futures.Future[Any] | None = None
 
 
+def source(iterable: Iterable[Any]) -> Iterable[Any]:
+    """What a map pulls its items from: a list or tuple as it is (taken by slices), else its
+    iterator (made now, so a non-iterable fails at the call)."""
+    return iterable if type(iterable) is list or type(iterable) is tuple else iter(iterable)
+
+
+def taker(items: Iterable[Any]) -> Callable[[int], list[Any]]:
+    """``take(n)``: the next ``n`` items (fewer at the end) as a list. A list or tuple is sliced
+    (one copy of its pointers); an iterator goes through ``islice``, whose list grows by
+    reallocation — about a third of a map's own cost of pulling 100k items."""
+    if type(items) is list or type(items) is tuple:
+        seq: Any = items
+        taken = 0
+
+        def take_slice(n: int) -> list[Any]:
+            nonlocal taken
+            got = seq[taken : taken + n]
+            taken += len(got)
+            return got if type(got) is list else list(got)
+
+        return take_slice
+    it = iter(items)
+    return lambda n: list(itertools.islice(it, n))
+
+
+def _no_more(n: int) -> list[Any]:
+    return []
+
+
 def length_of(iterables: tuple[Iterable[Any], ...]) -> int | None:
     try:
         return min(len(it) for it in iterables)  # type: ignore[arg-type]
@@ -143,7 +172,7 @@ class MapRun:
         self,
         api: _Api,
         fn: Any,
-        items: Iterator[Any],
+        items: Iterable[Any],
         *,
         star: bool,
         session: Any,
@@ -172,7 +201,7 @@ class MapRun:
             self._slot_load = [0] * workers
         else:
             self._fixed_view = api
-        self._items = items
+        self._take = taker(items)
         self._star = star
         # Chunks as one pickle of builtins while they are (see _payload); a big one only when
         # no zero-copy views are asked for (the pickle would hide the buffers to view).
@@ -193,6 +222,7 @@ class MapRun:
         # before the bound flushes them all (fewer, larger chunks; still a fixed bound).
         self._window = buffersize or (4 if self._key is None else 16) * workers
         self._progress = _Progress(progress, total)
+        self.total = total
         self._on_done = on_done
         # state
         self._next_index = 0
@@ -237,14 +267,14 @@ class MapRun:
         raise AssertionError(f"map stalled: {self._held} items held, none in flight")  # pragma: no cover
 
     def _pump_runs(self) -> None:
-        # One key for every item: a chunk is a run of consecutive items, pulled in one islice.
+        # One key for every item: a chunk is a run of consecutive items, pulled in one take.
         while not self._exhausted and len(self._in_flight) < self._window:
             n = min(self._chunk, self._window * self._chunk - self._held)
             if n <= 0:
                 break
-            got = list(itertools.islice(self._items, n))
+            got = self._take(n)
             if len(got) < n:
-                self._exhausted = True
+                self._end_input()
             if not got:
                 break
             start = self._next_index
@@ -263,10 +293,10 @@ class MapRun:
                 for key in list(buffers):  # full: send what is held, in every session at once
                     send(key, *buffers.pop(key))
                 break
-            # Pulled in batches (islice, map: loops in C); a batch never passes the bound.
-            batch = list(itertools.islice(self._items, min(room, max(self._chunk, 64))))
+            # Pulled in batches (take, map: loops in C); a batch never passes the bound.
+            batch = self._take(min(room, max(self._chunk, 64)))
             if not batch:
-                self._exhausted = True
+                self._end_input()
                 break
             if self._star:
                 keys = list(itertools.starmap(key_of, batch))
@@ -365,11 +395,14 @@ class MapRun:
 
     def collect(self, chunk: Chunk) -> None:
         """Take in a completed chunk (in the consumer's thread)."""
+        # The future's done callback holds the chunk: dropping the future ends that cycle, so the
+        # chunk, its future and the future's lock are freed now, not by a garbage collection
+        # (which would walk every young list of results, 100k items for a map of 100k).
+        future, chunk.future = chunk.future, None
         if self._in_flight.pop(id(chunk), None) is None or self.closed:
             return  # (closed: nobody will read it)
         if chunk.slot >= 0:
             self._slot_load[chunk.slot] -= 1
-        future = chunk.future
         assert future is not None
         error: BaseException | None = None
         try:
@@ -436,6 +469,10 @@ class MapRun:
             end = min(end, min(self._failed))
         return end
 
+    def _end_input(self) -> None:
+        self._exhausted = True
+        self._take = _no_more  # the input (a list, an iterator) is not kept alive by a finished map
+
     @property
     def finished(self) -> bool:
         return self._exhausted and self._held <= 0
@@ -453,6 +490,7 @@ class MapRun:
     def abandon(self) -> None:
         """Send nothing more, without any I/O (safe from ``__del__``)."""
         self.closed = True
+        self._take = _no_more
         self._buffers.clear()
         self._segments.clear()
         self._slots.clear()

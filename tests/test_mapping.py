@@ -141,6 +141,46 @@ def test_map_of_a_sized_input_uses_len_for_its_chunks(pool: Pool) -> None:
     assert list(pool.map(abs, list(range(-500, 500)), chunksize=1)) == [abs(i) for i in range(-500, 500)]
 
 
+def test_lists_and_tuples_are_taken_by_slices_whole_and_in_order(pool: Pool) -> None:
+    data = list(range(1000))
+    assert list(pool.map(abs, data, chunksize=7)) == data
+    assert list(pool.map(abs, tuple(data), chunksize=64)) == data
+    assert list(pool.starmap(max, [(i, -i) for i in range(100)], chunksize=9)) == list(range(100))
+    assert list(pool.map(abs, data, session=lambda x: f"s{x % 5}", chunksize=3)) == data
+    assert list(pool.map(abs, [])) == []
+
+
+def test_length_hint_is_the_inputs_length_less_what_was_yielded(pool: Pool) -> None:
+    import operator
+
+    it = pool.map(abs, list(range(100)), chunksize=10)
+    assert operator.length_hint(it) == 100  # list() allocates the result once
+    assert next(it) == 0
+    assert 90 <= operator.length_hint(it) <= 100  # the current chunk counts whole
+    assert list(it) == list(range(1, 100))
+    assert operator.length_hint(pool.imap(abs, iter(range(5)))) == 0  # unknown: list() grows as usual
+    closed = pool.map(abs, range(5))
+    closed.close()
+    assert operator.length_hint(closed) == 0
+
+
+def test_a_finished_map_is_freed_without_a_garbage_collection(pool: Pool) -> None:
+    # Each chunk's future holds a done callback that holds the chunk: unless that cycle is cut, a
+    # map leaves garbage for the collector, which then walks every young list of results.
+    import gc
+
+    from poolbridge._mapengine import Chunk
+
+    list(pool.map(abs, range(100)))  # warm
+    gc.collect()
+    gc.disable()
+    try:
+        assert list(pool.map(abs, range(1000), chunksize=50)) == list(range(1000))
+        assert not [o for o in gc.get_objects() if type(o) is Chunk]
+    finally:
+        gc.enable()
+
+
 # -- errors and closing ----------------------------------------------------------------------------
 
 

@@ -73,6 +73,9 @@ class _LoopSink(Sink):
         self.seq = 0
 
     def deliver(self, status: int, body: Any) -> None:
+        # Answered: nothing is left to cancel in the worker, and the future no longer holds this
+        # sink (a cycle per call that only the garbage collector would free).
+        self.future._target = None
         try:
             value = self.decode(status, body)
         except BaseException as exc:
@@ -81,6 +84,7 @@ class _LoopSink(Sink):
             self.inbox.post(self.future, value, None)
 
     def fail(self, exc: BaseException) -> None:
+        self.future._target = None
         self.inbox.post(self.future, None, exc)
 
 

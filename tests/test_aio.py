@@ -133,6 +133,25 @@ async def test_every_operation_is_awaitable(pool):
         await bounded(kept.acall("get"))
 
 
+async def test_an_answered_await_leaves_no_cycle_for_the_garbage_collector(process_pool):
+    # The future of an awaited call points at its sink until the reply comes (to cancel the call
+    # in the worker); the sink points at the future. Answered, the pair is freed by refcount.
+    import gc
+
+    from poolbridge._aio import _CallFuture
+
+    apool = process_pool.aio
+    assert await bounded(apool.call(f"{M}.add", 1, 2)) == 3
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(50):
+            assert await bounded(apool.call(f"{M}.add", i, 1)) == i + 1
+        assert not [o for o in gc.get_objects() if type(o) is _CallFuture]
+    finally:
+        gc.enable()
+
+
 async def test_owned_async_pool_closes_its_workers():
     async with AsyncPool(workers=1) as apool:
         pids = apool.pool.pids()

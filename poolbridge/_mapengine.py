@@ -51,7 +51,9 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._protocol import OP_CALL, RET_VALUE, WireRef, dumps_builtins, pack_plain
+import msgpack
+
+from ._protocol import EXT_PICKLE, OP_CALL, RET_VALUE, WireRef, dumps_any, dumps_builtins, pack_plain
 from ._session import current_context_session, slot_sessions
 from ._wire import rebuild_error
 
@@ -144,6 +146,20 @@ def _no_more(n: int) -> list[Any]:
     return []
 
 
+def pickled_once(fn: Any, threshold: int | None) -> Any:
+    """The function as every chunk of a map sends it. A callable is pickled (cloudpickle) once
+    here, not once per chunk — about a fifth of a chunk's cost in the caller — when its pickle
+    fits in a frame (below the shared-memory threshold: no buffer of it travels apart); the
+    codec writes the extension type as it is and the worker loads it per chunk as before. A
+    dotted path, a callable ref, or a callable with a big pickle is sent as it is."""
+    if isinstance(fn, str) or isinstance(fn, WireRef):
+        return fn
+    data = dumps_any(fn)
+    if threshold is not None and len(data) >= threshold:
+        return fn
+    return msgpack.ExtType(EXT_PICKLE, data)
+
+
 def length_of(iterables: tuple[Iterable[Any], ...]) -> int | None:
     try:
         return min(len(it) for it in iterables)  # type: ignore[arg-type]
@@ -186,7 +202,7 @@ class MapRun:
         pool = api._pool
         workers = pool.workers
         self._api = api
-        self._fn = api._fn(fn)
+        self._fn = pickled_once(api._fn(fn), pool._shm.threshold if pool._shm is not None else None)
         if isinstance(fn, WireRef) and session is None:
             session = fn.session_id  # a callable ref runs in its own session
         if session is None:

@@ -164,6 +164,20 @@ def test_length_hint_is_the_inputs_length_less_what_was_yielded(pool: Pool) -> N
     assert operator.length_hint(closed) == 0
 
 
+def test_the_function_is_pickled_once_per_map(pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from poolbridge import _mapengine, _protocol
+
+    pickled: list[object] = []
+    real = _protocol.dumps_any
+    monkeypatch.setattr(_mapengine, "dumps_any", lambda obj: pickled.append(obj) or real(obj))
+    offset = 3
+    assert list(pool.map(lambda x: x + offset, range(100), chunksize=5)) == [x + 3 for x in range(100)]
+    assert len(pickled) == 1  # not once per chunk (20 chunks)
+    big = b"x" * (1 << 20)  # past the shared-memory threshold: sent per chunk, its buffer apart
+    assert list(pool.map(lambda x: len(big) + x, range(4), chunksize=2)) == [(1 << 20) + x for x in range(4)]
+    assert list(pool.map("builtins.abs", [-1, -2])) == [1, 2]  # a dotted path is sent as it is
+
+
 def test_a_finished_map_is_freed_without_a_garbage_collection(pool: Pool) -> None:
     # Each chunk's future holds a done callback that holds the chunk: unless that cycle is cut, a
     # map leaves garbage for the collector, which then walks every young list of results.

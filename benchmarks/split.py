@@ -22,18 +22,19 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _baselines import RawEcho  # noqa: E402
+from _baselines import RawEcho
 
-from poolbridge import Pool  # noqa: E402
-from poolbridge._hashing import slot_for  # noqa: E402
-from poolbridge._protocol import OP_CALL, encode_frame, pack_plain, pack_value, unpack_plain  # noqa: E402
-from poolbridge._calls import Waiter  # noqa: E402
-from poolbridge._session import resolve_session  # noqa: E402
+from poolbridge import Pool
+from poolbridge._calls import Waiter
+from poolbridge._hashing import slot_for
+from poolbridge._protocol import OP_CALL, encode_frame, pack_plain, pack_value, unpack_plain
+from poolbridge._session import resolve_session
 
 
 def _rounds(fn: Callable[[], Any], n: int = 3000) -> tuple[float, float]:
@@ -85,8 +86,8 @@ def main() -> None:
             )
             sys.stdout.write(
                 f"raw {a[0]:5.1f} µs (median {a[1]:5.1f}) | raw caller + pool worker {b[0]:5.1f} µs "
-                f"({b[0] / a[0]:.2f}×) | minimal caller {m[0]:5.1f} µs ({m[0] / a[0]:.2f}×) | "
-                f"pool.call {c[0]:5.1f} µs ({c[0] / a[0]:.2f}×)\n"
+                f"({b[0] / a[0]:.2f}x) | minimal caller {m[0]:5.1f} µs ({m[0] / a[0]:.2f}x) | "
+                f"pool.call {c[0]:5.1f} µs ({c[0] / a[0]:.2f}x)\n"
             )
         os.set_blocking(wfd, False)
     raw.close()

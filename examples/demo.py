@@ -32,7 +32,7 @@ def main() -> None:
         # 4. A worker dies: only its sessions notice. Its slot restarts with generation + 1.
         victim = pool.slot_for("alice")
         os.kill(pool.pids()[victim], signal.SIGKILL)
-        for attempt in (1, 2):  # in flight when the kill is noticed: crashed; afterwards: lost
+        for _attempt in (1, 2):  # in flight when the kill is noticed: crashed; afterwards: lost
             try:
                 cart.call("most_common")
             except (SessionLostError, WorkerCrashedError) as exc:
@@ -40,7 +40,8 @@ def main() -> None:
         print("dave (another slot) is unaffected:", pool.options(session="dave").call("operator.add", 1, 2))
         print("alice starts fresh:", pool.options(session="alice").call("math.sqrt", 2.0))
         stats = pool.stats()
-        print("generations by slot:", [s.generation for s in stats.slots], "restarts:", [s.restarts for s in stats.slots])
+        generations, restarts = [s.generation for s in stats.slots], [s.restarts for s in stats.slots]
+        print("generations by slot:", generations, "restarts:", restarts)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ class Row:
         return self.items / self.seconds if self.seconds > 0 else math.inf
 
 
-def run(items: int = 100_000, rounds: int = 5, workers: int = 2) -> list[Row]:
+def run(items: int = 100_000, rounds: int = 30, workers: int = 2) -> list[Row]:
     """Measure the three cases, interleaved round by round (so a burst of load on a shared machine
     hits every case alike); every pool is started and warmed up before it is timed."""
     import poolbridge
@@ -59,8 +59,10 @@ def run(items: int = 100_000, rounds: int = 5, workers: int = 2) -> list[Row]:
                 ("poolbridge Pool.map", lambda: list(pool.map(tiny, data))),
             ]
             best = [math.inf] * len(cases)
+            order = list(enumerate(cases))
             for _ in range(rounds):
-                for i, (_, fn) in enumerate(cases):
+                order.reverse()  # no case always runs right after the same other one
+                for i, (_, fn) in order:
                     started = time.perf_counter()
                     _check(fn(), expected)
                     best[i] = min(best[i], time.perf_counter() - started)

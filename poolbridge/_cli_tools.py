@@ -54,7 +54,7 @@ def add_bench_parser(sub: Any) -> None:
                            description="Pool.map of a tiny function against multiprocessing.Pool.map and\n"
                            "ProcessPoolExecutor.map, in the same run; prints the ratio table.")
     bench.add_argument("--items", type=int, default=100_000, help="items mapped per round")
-    bench.add_argument("--rounds", type=int, default=5, help="timed rounds per case; the best one counts")
+    bench.add_argument("--rounds", type=int, default=30, help="timed rounds per case; the best one counts")
     bench.add_argument("--workers", type=int, default=2, help="worker processes of every pool")
 
 

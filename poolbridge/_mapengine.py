@@ -45,7 +45,6 @@ import functools
 import importlib
 import itertools
 import math
-import operator
 import pickle
 import weakref
 from collections.abc import Callable, Iterable
@@ -109,11 +108,12 @@ class _Progress:
 
 
 class Chunk:
-    __slots__ = ("future", "indices", "slot")
+    __slots__ = ("future", "indices", "key", "slot")
 
-    def __init__(self, indices: range | list[int], slot: int) -> None:
+    def __init__(self, indices: range | list[int], slot: int, key: Any) -> None:
         self.indices = indices
         self.slot = slot
+        self.key = key
         self.future: concurrent.futures.Future[Any] | None = None
 
 
@@ -246,11 +246,16 @@ class MapRun:
         self._buffers: dict[Any, tuple[list[int], list[Any]]] = {}
         self._in_flight: dict[int, Chunk] = {}  # id(chunk) -> chunk
         # Completed results not yet yielded: runs of consecutive items by their first index
-        # (ordered, one key), or in completion order (unordered). Ordered and keyed, ``_slots``
-        # holds a place for every item from the head to the last pulled, filled in as chunks
-        # complete; the items before the oldest one not done are ready (see _keyed_end).
+        # (ordered, one key), or in completion order (unordered). Ordered and keyed, ``_order``
+        # holds the key of every item from the head to the last pulled, and ``_results`` each
+        # key's results in its order (a key's chunks complete in the order they were sent: one
+        # channel, one worker); the items before the oldest one not done are ready (see
+        # _keyed_end), and the n of them are the next result of each of their n keys, in turn.
         self._segments: dict[int, tuple[list[Any], BaseException | None]] = {}
-        self._slots: list[Any] = []
+        self._order: list[Any] = []
+        self._results: collections.defaultdict[Any, collections.deque[Any]] = collections.defaultdict(
+            collections.deque
+        )
         self._failed: dict[int, BaseException] = {}  # (keyed) the item whose function raised
         self._ready: collections.deque[tuple[list[Any], BaseException | None]] = collections.deque()
         self._head = 0
@@ -277,7 +282,7 @@ class MapRun:
         if self._in_flight:
             return True
         if self.finished or self._segments or self._ready or self._head in self._failed or (
-            self._slots and self._keyed_end() > self._head
+            self._order and self._keyed_end() > self._head
         ):
             return False
         raise AssertionError(f"map stalled: {self._held} items held, none in flight")  # pragma: no cover
@@ -322,7 +327,7 @@ class MapRun:
             self._next_index += len(batch)
             self._held += len(batch)
             if self._ordered:
-                self._slots.extend(itertools.repeat(None, len(batch)))
+                self._order.extend(keys)
             self._group(keys, range(start, self._next_index), batch)
         if self._exhausted:
             for key in list(buffers):
@@ -379,7 +384,7 @@ class MapRun:
         else:
             slot = -1
             view = self._fixed_view if key is None else self._view(key)
-        chunk = Chunk(indices, slot)
+        chunk = Chunk(indices, slot, key)
         self._in_flight[id(chunk)] = chunk
         # Always a value (whatever the view's ret=): the chunk's results come back as a list.
         fields = [CHUNK_FN, [self._fn, self._payload(items), self._star, self._big], {}, RET_VALUE]
@@ -434,9 +439,8 @@ class MapRun:
             self._ready.append((values, error))
         elif type(chunk.indices) is range:
             self._segments[chunk.indices.start] = (values, error)
-        else:  # each value to its item's place (in C)
-            places = map(operator.sub, chunk.indices, itertools.repeat(self._head))
-            _drain(map(self._slots.__setitem__, places, values))
+        else:
+            self._results[chunk.key].extend(values)
             if error is not None:
                 self._failed[chunk.indices[len(values)]] = error
 
@@ -466,8 +470,14 @@ class MapRun:
             n = end - self._head
             if n == 0 and error is None:
                 return None
-            values = self._slots[:n]
-            del self._slots[: n + (error is not None)]
+            keys = self._order[:n]
+            del self._order[: n + (error is not None)]
+            # Each item's value is the next of its key's results (in C: no Python per item).
+            values = list(map(collections.deque.popleft, map(self._results.__getitem__, keys)))
+            results = self._results
+            for key in set(keys):  # a key with nothing left goes (keys may never end: user ids)
+                if not results[key]:
+                    del results[key]
             segment = (values, error)
         self._head += len(segment[0]) + (segment[1] is not None)
         self._held -= len(segment[0]) + (segment[1] is not None)
@@ -509,7 +519,8 @@ class MapRun:
         self._take = _no_more
         self._buffers.clear()
         self._segments.clear()
-        self._slots.clear()
+        self._order.clear()
+        self._results.clear()
         self._failed.clear()
         self._ready.clear()
         self._progress.close()

@@ -150,6 +150,14 @@ def test_lists_and_tuples_are_taken_by_slices_whole_and_in_order(pool: Pool) -> 
     assert list(pool.map(abs, [])) == []
 
 
+def test_keyed_results_come_back_in_input_order_across_many_keys_and_chunk_sizes(pool: Pool) -> None:
+    data = list(range(3000))
+    for n_keys, chunksize in ((1000, None), (7, 5), (3000, 1)):
+        it = pool.map(abs, data, session=lambda x, n=n_keys: f"mk{x * 7919 % n}", chunksize=chunksize)
+        assert list(it) == data
+        assert not it._run._results  # each key's queue of results goes once it is empty
+
+
 def test_length_hint_is_the_inputs_length_less_what_was_yielded(pool: Pool) -> None:
     import operator
 

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from ._api import _Api
     from ._pool import Pool
 
-__all__ = ["Chunk", "MapRun", "cancel_runs", "length_of", "source"]
+__all__ = ["Chunk", "MapRun", "Take", "cancel_runs", "length_of", "taker"]
 
 #: What a chunk calls in its worker (child side, _mapwork.py): by dotted path, so the parent never
 #: imports worker code.
@@ -117,18 +117,17 @@ class Chunk:
         self.future: concurrent.futures.Future[Any] | None = None
 
 
-def source(iterable: Iterable[Any]) -> Iterable[Any]:
-    """What a map pulls its items from: a list or tuple as it is (taken by slices), else its
-    iterator (made now, so a non-iterable fails at the call)."""
-    return iterable if type(iterable) is list or type(iterable) is tuple else iter(iterable)
+#: ``take(n)``: the next ``n`` items of a map's input (fewer at its end), as a list.
+Take = Callable[[int], list[Any]]
 
 
-def taker(items: Iterable[Any]) -> Callable[[int], list[Any]]:
-    """``take(n)``: the next ``n`` items (fewer at the end) as a list. A list or tuple is sliced
-    (one copy of its pointers); an iterator goes through ``islice``, whose list grows by
-    reallocation — about a third of a map's own cost of pulling 100k items."""
-    if type(items) is list or type(items) is tuple:
-        seq: Any = items
+def taker(iterable: Iterable[Any]) -> Take:
+    """What a map pulls its items with, made at the call (a non-iterable fails there):
+    ``take(n)``, the next ``n`` items (fewer at the end) as a list. A list or tuple is sliced (one
+    copy of its pointers); anything else goes through ``islice`` of its iterator, whose list grows
+    by reallocation — about a third of a map's own cost of pulling 100k items."""
+    if type(iterable) is list or type(iterable) is tuple:
+        seq: Any = iterable
         taken = 0
 
         def take_slice(n: int) -> list[Any]:
@@ -138,7 +137,7 @@ def taker(items: Iterable[Any]) -> Callable[[int], list[Any]]:
             return got if type(got) is list else list(got)
 
         return take_slice
-    it = iter(items)
+    it = iter(iterable)
     return lambda n: list(itertools.islice(it, n))
 
 
@@ -188,7 +187,7 @@ class MapRun:
         self,
         api: _Api,
         fn: Any,
-        items: Iterable[Any],
+        take: Take,
         *,
         star: bool,
         session: Any,
@@ -202,7 +201,8 @@ class MapRun:
         pool = api._pool
         workers = pool.workers
         self._api = api
-        self._fn = pickled_once(api._fn(fn), pool._shm.threshold if pool._shm is not None else None)
+        threshold = pool._shm.threshold if pool._shm is not None else None
+        self._fn = pickled_once(api._fn(fn), threshold)
         if isinstance(fn, WireRef) and session is None:
             session = fn.session_id  # a callable ref runs in its own session
         if session is None:
@@ -217,13 +217,13 @@ class MapRun:
             self._slot_load = [0] * workers
         else:
             self._fixed_view = api
-        self._take = taker(items)
+        self._take = take
         self._star = star
         # Chunks as one pickle of builtins while they are (see _payload); a big one only when
         # no zero-copy views are asked for (the pickle would hide the buffers to view).
         self._pickling = True
         self._big = not api._opts.zero_copy
-        self._threshold = pool._shm.threshold if pool._shm is not None else None
+        self._threshold = threshold
         self._ordered = ordered
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be at least 1, got {chunksize}")

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._errors import PoolClosedError
-from ._mapengine import Chunk, MapRun, length_of, source
+from ._mapengine import Chunk, MapRun, Take, length_of, taker
 from ._session import slot_sessions
 
 if TYPE_CHECKING:
@@ -30,11 +30,11 @@ class MapIterator(Iterator[Any]):
     ``close()`` (or leaving ``with``) cancels what has not started.
     """
 
-    def __init__(self, api: _Api, fn: Any, items: Iterable[Any], timeout: float | None, **kwargs: Any) -> None:
+    def __init__(self, api: _Api, fn: Any, take: Take, timeout: float | None, **kwargs: Any) -> None:
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._timeout = timeout
         self._queue: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
-        self._run = MapRun(api, fn, items, on_done=self._queue.put, **kwargs)
+        self._run = MapRun(api, fn, take, on_done=self._queue.put, **kwargs)
         try:
             self._run.pump()  # work starts at the call, as with concurrent.futures
         except BaseException:
@@ -127,13 +127,13 @@ class MapIterator(Iterator[Any]):
 class AsyncMapIterator(AsyncIterator[Any]):
     """``async for`` over ``AsyncPool.map`` / ``imap`` / ``starmap``: the same engine, awaited."""
 
-    def __init__(self, api: _Api, fn: Any, items: Iterable[Any], timeout: float | None, **kwargs: Any) -> None:
+    def __init__(self, api: _Api, fn: Any, take: Take, timeout: float | None, **kwargs: Any) -> None:
         self._timeout = timeout
         self._deadline: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._completed: collections.deque[Chunk] = collections.deque()
         self._event: asyncio.Event | None = None
-        self._args = (api, fn, items, kwargs)
+        self._args = (api, fn, take, kwargs)
         self._run: MapRun | None = None
         self._values: list[Any] = []
         self._pos = 0
@@ -151,10 +151,10 @@ class AsyncMapIterator(AsyncIterator[Any]):
     def _start(self) -> MapRun:
         self._loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
-        api, fn, items, kwargs = self._args
+        api, fn, take, kwargs = self._args
         if self._timeout is not None:
             self._deadline = self._loop.time() + self._timeout
-        self._run = MapRun(api, fn, items, on_done=self._on_done, **kwargs)
+        self._run = MapRun(api, fn, take, on_done=self._on_done, **kwargs)
         return self._run
 
     def __aiter__(self) -> AsyncMapIterator:
@@ -255,7 +255,7 @@ class _MapFaces(Generic[ItT]):
 
     __slots__ = ()
 
-    def _iterate(self, fn: Any, items: Iterable[Any], timeout: float | None, **kwargs: Any) -> ItT:
+    def _iterate(self, fn: Any, take: Take, timeout: float | None, **kwargs: Any) -> ItT:
         raise NotImplementedError
 
     def map(
@@ -273,8 +273,8 @@ class _MapFaces(Generic[ItT]):
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         star = len(iterables) > 1
-        items = zip(*iterables, strict=False) if star else source(iterables[0])
-        return self._iterate(fn, items, timeout, star=star, session=session, chunksize=chunksize,
+        take = taker(zip(*iterables, strict=False) if star else iterables[0])
+        return self._iterate(fn, take, timeout, star=star, session=session, chunksize=chunksize,
                              ordered=True, buffersize=buffersize, progress=progress, total=length_of(iterables))
 
     def imap(
@@ -291,7 +291,7 @@ class _MapFaces(Generic[ItT]):
         progress: Any = None,
     ) -> ItT:
         """``fn(item)`` for each item; ``ordered=False`` yields results as they complete."""
-        return self._iterate(fn, source(iterable), timeout, star=False, session=session, chunksize=chunksize,
+        return self._iterate(fn, taker(iterable), timeout, star=False, session=session, chunksize=chunksize,
                              ordered=ordered, buffersize=buffersize, progress=progress,
                              total=length_of((iterable,)))
 
@@ -308,7 +308,7 @@ class _MapFaces(Generic[ItT]):
         progress: Any = None,
     ) -> ItT:
         """``fn(*args)`` for each ``args`` of ``iterable``, in order (a session function gets ``*args``)."""
-        return self._iterate(fn, source(iterable), timeout, star=True, session=session, chunksize=chunksize,
+        return self._iterate(fn, taker(iterable), timeout, star=True, session=session, chunksize=chunksize,
                              ordered=True, buffersize=buffersize, progress=progress,
                              total=length_of((iterable,)))
 
@@ -322,8 +322,8 @@ class MappingMixin(_MapFaces[MapIterator]):
 
     __slots__ = ()
 
-    def _iterate(self, fn: Any, items: Iterable[Any], timeout: float | None, **kwargs: Any) -> MapIterator:
-        return MapIterator(self._map_api(), fn, items, timeout, **kwargs)
+    def _iterate(self, fn: Any, take: Take, timeout: float | None, **kwargs: Any) -> MapIterator:
+        return MapIterator(self._map_api(), fn, take, timeout, **kwargs)
 
     def broadcast(self, fn: Any, /, *args: Any, **kwargs: Any) -> dict[int, Any]:
         """Run ``fn(*args, **kwargs)`` once in every worker: ``{slot: result}``.
@@ -354,8 +354,8 @@ class AsyncMappingMixin(_MapFaces[AsyncMapIterator]):
     __slots__ = ()
     _api: _Api
 
-    def _iterate(self, fn: Any, items: Iterable[Any], timeout: float | None, **kwargs: Any) -> AsyncMapIterator:
-        return AsyncMapIterator(self._api, fn, items, timeout, **kwargs)
+    def _iterate(self, fn: Any, take: Take, timeout: float | None, **kwargs: Any) -> AsyncMapIterator:
+        return AsyncMapIterator(self._api, fn, take, timeout, **kwargs)
 
     async def broadcast(self, fn: Any, /, *args: Any, **kwargs: Any) -> dict[int, Any]:
         """As :meth:`Pool.broadcast`, awaited: ``{slot: result or exception}``."""

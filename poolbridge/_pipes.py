@@ -233,20 +233,24 @@ class ProcessChannel(CoalescingWriter):
         finally:
             self._read_lock.release()
 
+    def _stop_leading(self) -> None:
+        """A caller stops reading the pipe: it hands the read lock back, and wakes the background
+        reader if replies are still owed (no reply is left unread)."""
+        self._read_lock.release()
+        if self.pending or self._segments.outbound:
+            self._need_reader.set()
+
     def read_own_reply(self, waiter: Any) -> bool:
         """The fast lane's read (after ``write_now``): when nobody else reads this pipe, read and
         deliver until ``waiter`` has its reply. False: another reader holds the pipe, or the worker
         is gone — :meth:`await_reply` then waits as usual."""
-        lock = self._read_lock
-        if not lock.acquire(False):
+        if not self._read_lock.acquire(False):
             return False
         try:
             while waiter.status is None and not self.dead and self._read_once(None):
                 pass
         finally:
-            lock.release()
-            if self.pending or self._segments.outbound:
-                self._need_reader.set()
+            self._stop_leading()
         return waiter.status is not None
 
     def await_reply(self, req_id: int, waiter: Any, timeout: float | None) -> bool:
@@ -258,9 +262,7 @@ class ProcessChannel(CoalescingWriter):
                     while not _replied(waiter) and not self.dead and self._read_once(deadline):
                         pass
                 finally:
-                    self._read_lock.release()
-                    if self.pending or self._segments.outbound:
-                        self._need_reader.set()
+                    self._stop_leading()
                 if _replied(waiter):
                     break
                 if self.dead or self.eof or deadline is None:

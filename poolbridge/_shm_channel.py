@@ -50,15 +50,12 @@ class ChannelSegments:
         shm = router.worker_options.get("shm")
         self._prefix = _shm.worker_prefix(shm["prefix"], slot, generation) if shm else None
         self._supervisor = router  # its .lifter, the pool's, is set after the first channels are made
-        # Argument segments of requests whose replies have not been read, by request id (the
-        # channel's readers test it directly, on every reply: a __bool__ call costs more).
+        # Argument segments of requests whose replies have not been read, by request id. While
+        # any is here, replies are still owed that hold segments: the channel's readers read them
+        # even for requests given up (they test this dict on every reply).
         self.outbound: dict[int, list[str]] = {}
         # Result segments this process has finished reading: the worker may write them again.
         self._returned: collections.deque[str] = collections.deque()  # appended by any thread
-
-    def __bool__(self) -> bool:
-        """Replies are still owed for requests that hold segments (read them, even if given up)."""
-        return bool(self.outbound)
 
     def queued(self, req_id: int, frame: bytes) -> bytes:
         """A request frame is being queued: note its segments; hand returned ones back with it."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Callable
 from threading import get_ident
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -76,10 +77,7 @@ class Output:
         id_bytes = pack_plain(req_id)
         size = _OK_FIXED + len(id_bytes) + len(value)
         if size < _BATCH_FRAME and self._batcher == get_ident():  # (the loop's usual reply, inline)
-            self._batch += (HEADER.pack(size), _OK_HEAD, id_bytes, _OK_MIDDLE, value)
-            self._batch_bytes += size
-            if self._batch_bytes >= _BATCH_BYTES:
-                self.flush()
+            self._add((HEADER.pack(size), _OK_HEAD, id_bytes, _OK_MIDDLE, value), size)
         elif size > _PORT_FRAME_MAX:  # too big: the error reply, through write
             self.write(ok_reply(req_id, unpack_plain(value)))
         else:
@@ -100,15 +98,19 @@ class Output:
     def _send(self, data: bytes) -> None:
         """Write the frame of body ``data``: batched on the loop thread, at once elsewhere."""
         if self._batcher == get_ident() and len(data) < _BATCH_FRAME:
-            self._batch += (HEADER.pack(len(data)), data)
-            self._batch_bytes += len(data)
-            if self._batch_bytes >= _BATCH_BYTES:
-                self.flush()
+            self._add((HEADER.pack(len(data)), data), len(data))
             return
         with self.lock:
             if self._batch and self._batcher == get_ident():
                 self._write(self._take())  # a big reply of the loop: after the ones before it
-            self._write_frame(data)
+            self._write(data, write_frame)
+
+    def _add(self, parts: tuple[bytes, ...], size: int) -> None:
+        """(The loop thread) add one frame, in parts, to the batch; write it once it is full."""
+        self._batch += parts
+        self._batch_bytes += size
+        if self._batch_bytes >= _BATCH_BYTES:
+            self.flush()
 
     def flush(self) -> None:
         """Write the loop's batched replies (one ``write`` for all of them)."""
@@ -123,24 +125,15 @@ class Output:
         self._batch_bytes = 0
         return data
 
-    def _write(self, data: bytes) -> None:
-        """Under the lock: write whole frames."""
+    def _write(self, data: bytes, write: Callable[[int, bytes], Any] = write_all) -> None:
+        """Under the lock: write whole frames (``write_frame``: one frame of body ``data``, a big
+        body not copied to prepend its header)."""
         if self.broken:
             return
         try:
-            write_all(self.fd, data)
+            write(self.fd, data)
         except OSError:
             self.broken = True  # the client is gone; the read loop sees EOF and shuts down
-
-    def _write_frame(self, data: bytes) -> None:
-        """Under the lock: write one frame of body ``data``."""
-        if self.broken:
-            return
-        try:
-            write_frame(self.fd, data)  # a big body is not copied to prepend its header
-        except OSError:
-            # The client is gone; the read loop sees EOF and shuts down.
-            self.broken = True
 
 
 class PortReply(Sink):

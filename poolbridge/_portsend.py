@@ -67,8 +67,8 @@ class PortSender:
                 return
             else:
                 self._sent(reply, ch)
-                if lead and self._watched.get(ch.read_fd) is not ch:
-                    self._watch(ch)  # a new channel (restart), or one another reader had taken over
+                if lead:
+                    self._watch_new(ch)
                 return
         self._hold(slot, reply)
 
@@ -96,8 +96,7 @@ class PortSender:
                 if sent and ch is not None:
                     for reply in replies[:sent]:
                         self._sent(reply, ch)
-                    if self._watched.get(ch.read_fd) is not ch:
-                        self._watch(ch)
+                    self._watch_new(ch)
             except Exception as exc:  # never leave a request unanswered
                 log.exception("sending %d requests to slot %d failed in the server", len(replies) - sent, slot)
                 for reply in replies[sent:]:
@@ -105,6 +104,12 @@ class PortSender:
                 continue
             for reply in replies[sent:]:
                 self._dispatch(slot, reply)
+
+    def _watch_new(self, ch: Any) -> None:
+        """The loop reads ``ch``'s replies: watch it unless it already does (a new channel after a
+        restart, or one another reader had taken over, is watched again)."""
+        if self._watched.get(ch.read_fd) is not ch:
+            self._watch(ch)
 
     def _sent(self, reply: PortReply, ch: Any) -> None:
         reply.channel = ch

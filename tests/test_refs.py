@@ -391,6 +391,7 @@ def test_brute_forced_ref_and_stream_ids_are_not_found(pool: Pool) -> None:
 def test_forged_ref_with_wrong_slot_or_generation_is_rejected_locally(pool: Pool) -> None:
     sid = "forge-slot"
     real = pool.options(session=sid).create("pb_testmods.Counter", 1)
+    gc.collect()  # handles earlier tests left in garbage cycles: released now (stats flushes them), not mid-test
     before = total_calls(pool)
     wrong_slot = Ref(pool, sid, real.ref_id, 1 - real.slot, real.generation)
     with pytest.raises(SessionMismatchError):
@@ -446,6 +447,7 @@ def test_dropping_the_last_handle_releases_the_object(pool: Pool) -> None:
     sid, tok = "dropped", token()
     api = pool.options(session=sid)
     ref = api.create("pb_testmods.Recorder", tok)
+    gc.collect()  # handles earlier tests left in garbage cycles: released now, not below with this one
     refs_before = pool.stats().slots[pool.slot_for(sid)].refs
     del ref
     gc.collect()
